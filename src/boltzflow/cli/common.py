@@ -1,0 +1,47 @@
+"""Helpers shared by CLI verbs: system resolution, JSON output, argument types."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLE_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+def add_verb(sub, name: str, help: str, example: str, func) -> argparse.ArgumentParser:
+    """Add a sub-parser with a one-line help and a worked example in its epilog."""
+    p = sub.add_parser(name, help=help, description=help, epilog="Example:\n" + example,
+                       formatter_class=EXAMPLE_FORMATTER)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    p.set_defaults(func=func)
+    return p
+
+
+def print_json(obj: Any) -> None:
+    from ..io import _json_default
+
+    json.dump(obj, sys.stdout, indent=2, default=_json_default)
+    sys.stdout.write("\n")
+
+
+def load_system(spec: str):
+    """A system directory written by `boltzflow prepare`, or a built-in name (alanine-dipeptide, butane)."""
+    from ..errors import InputError
+    from ..systems import MolecularSystem
+
+    p = Path(spec)
+    if p.is_dir() and (p / "metadata.json").is_file():
+        return MolecularSystem.load(p)
+    try:
+        from ..systems.builtin import BUILTIN_SYSTEMS, builtin_system
+    except ImportError:  # pragma: no cover
+        BUILTIN_SYSTEMS, builtin_system = (), None
+    if spec in BUILTIN_SYSTEMS:
+        return builtin_system(spec)
+    raise InputError(
+        f"'{spec}' is neither a system directory (made by `boltzflow prepare`) nor a built-in system "
+        f"({', '.join(BUILTIN_SYSTEMS)})"
+    )

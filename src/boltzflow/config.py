@@ -1,0 +1,178 @@
+"""Configuration: frozen dataclasses, loadable from TOML/dicts; unknown keys are an error.
+
+Usage::
+
+    @dataclass(frozen=True)
+    class TrainConfig:
+        steps: int = 1000
+        optimizer: OptimConfig = OptimConfig()
+
+    cfg = load_config(TrainConfig, "train.toml", overrides={"steps": 10})
+    print(dump_toml(cfg))
+
+Nested dataclass fields map to TOML tables. Overrides use dotted keys ("optimizer.lr").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], _where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping; nested dataclasses from sub-mappings.
+    Raises :class:`ConfigError` naming the unknown key and the valid ones."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section '{_where or cls.__name__}' must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"[{_where}] " if _where else ""
+        raise ConfigError(
+            f"unknown config key(s) {where}{', '.join(map(repr, unknown))}; valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints.get(name)
+        sub = _dataclass_type(tp)
+        if sub is not None and isinstance(value, Mapping):
+            kwargs[name] = from_dict(sub, value, f"{_where}.{name}" if _where else name)
+        else:
+            kwargs[name] = _coerce(value, tp, f"{_where}.{name}" if _where else name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid config for {cls.__name__}: {e}") from e
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Dataclass -> plain nested dict (tuples become lists, None values are dropped)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif v is None:
+            continue
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        elif isinstance(v, Path):
+            out[f.name] = str(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def load_config(
+    cls: type[T], path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
+) -> T:
+    """Defaults of ``cls``, updated from TOML file ``path`` (if given), then by dotted-key ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found; write one with `boltzflow train --print-config > {p.name}`")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from e
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(cls, data)
+
+
+def replace(obj: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that accepts dotted keys for nested fields."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for k, v in changes.items():
+        if "." in k:
+            head, rest = k.split(".", 1)
+            nested.setdefault(head, {})[rest] = v
+        else:
+            flat[k] = v
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(obj, head), **sub)
+    return dataclasses.replace(obj, **flat)
+
+
+def dump_toml(obj: Any) -> str:
+    """Serialise a dataclass (or nested dict) as TOML. Supports scalars, lists of scalars, tables."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    lines: list[str] = []
+    _emit_table(data, [], lines)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _emit_table(data: Mapping[str, Any], prefix: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, Mapping)}
+    tables = {k: v for k, v in data.items() if isinstance(v, Mapping)}
+    if prefix and scalars:
+        lines.append(f"[{'.'.join(prefix)}]")
+    for k, v in scalars.items():
+        lines.append(f"{k} = {_toml_value(v)}")
+    if scalars:
+        lines.append("")
+    for k, v in tables.items():
+        _emit_table(v, prefix + [k], lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and v != v:
+            return "nan"
+        if isinstance(v, float) and v in (float("inf"), float("-inf")):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write value {v!r} of type {type(v).__name__} to TOML")
+
+
+def _dataclass_type(tp: Any):
+    if tp is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Light coercion: lists -> tuples for tuple fields, ints -> floats for float fields."""
+    origin = typing.get_origin(tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (origin is tuple or tp is tuple) and isinstance(value, list):
+        return tuple(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"config key '{where}' must be {tp.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,143 @@
+"""SampleSet: the one container every sampler produces and every estimator consumes.
+
+Flow samples, MD / replica-exchange samples and reference data all travel as SampleSets, saved
+as ``.npz`` and exportable to DCD/PDB through mdtraj.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import atomic_write
+
+FORMAT = "boltzflow-sampleset/1"
+
+
+@dataclass(frozen=True, eq=False)
+class SampleSet:
+    """Samples of one thermodynamic state.
+
+    positions: (n, n_atoms, 3) nm (molecules) or (n, dim) (toy targets), float32/float64.
+    reduced_energy: (n,) u(x) in kT at ``temperature`` (+inf where the energy was invalid), or None.
+    log_q: (n,) log density of the sampler at the samples (flows) or None (MD / replica exchange).
+    log_weights: (n,) log importance weights towards the Boltzmann distribution, or None
+        (unweighted, i.e. already Boltzmann-distributed). For flows: -u - log_q.
+    temperature: K (None for toy targets in reduced units).
+    provenance: free-form dict (sampler, run directory, system fingerprint, command...).
+    """
+
+    positions: np.ndarray
+    reduced_energy: np.ndarray | None = None
+    log_q: np.ndarray | None = None
+    log_weights: np.ndarray | None = None
+    temperature: float | None = None
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        pos = np.asarray(self.positions)
+        if pos.ndim not in (2, 3):
+            raise InputError(f"SampleSet positions must be (n, n_atoms, 3) or (n, dim), got shape {pos.shape}")
+        object.__setattr__(self, "positions", pos)
+        n = pos.shape[0]
+        for name in ("reduced_energy", "log_q", "log_weights"):
+            v = getattr(self, name)
+            if v is not None:
+                v = np.asarray(v, dtype=np.float64).reshape(-1)
+                if v.shape != (n,):
+                    raise InputError(f"SampleSet {name} must have shape ({n},), got {v.shape}")
+                object.__setattr__(self, name, v)
+
+    def __len__(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def weighted(self) -> bool:
+        return self.log_weights is not None
+
+    def normalized_weights(self) -> np.ndarray:
+        """(n,) self-normalised importance weights (uniform when unweighted); -inf log weights -> 0."""
+        if self.log_weights is None:
+            return np.full(len(self), 1.0 / max(len(self), 1))
+        lw = np.where(np.isfinite(self.log_weights), self.log_weights, -np.inf)
+        if not np.any(np.isfinite(lw)):
+            return np.zeros(len(self))
+        w = np.exp(lw - np.max(lw))
+        return w / w.sum()
+
+    def subset(self, idx) -> "SampleSet":
+        def take(a):
+            return None if a is None else a[idx]
+
+        return replace(self, positions=self.positions[idx], reduced_energy=take(self.reduced_energy),
+                       log_q=take(self.log_q), log_weights=take(self.log_weights))
+
+    @staticmethod
+    def concatenate(sets: list["SampleSet"]) -> "SampleSet":
+        if not sets:
+            raise InputError("cannot concatenate an empty list of SampleSets")
+
+        def cat(name):
+            vals = [getattr(s, name) for s in sets]
+            return None if any(v is None for v in vals) else np.concatenate(vals)
+
+        return SampleSet(np.concatenate([s.positions for s in sets]), cat("reduced_energy"), cat("log_q"),
+                         cat("log_weights"), sets[0].temperature, dict(sets[0].provenance))
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write an ``.npz`` atomically."""
+        arrays: dict[str, Any] = {"positions": self.positions}
+        for name in ("reduced_energy", "log_q", "log_weights"):
+            v = getattr(self, name)
+            if v is not None:
+                arrays[name] = v
+        meta = {"format": FORMAT, "temperature": self.temperature, "provenance": self.provenance}
+        arrays["meta_json"] = np.array(json.dumps(meta, default=str))
+        return atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SampleSet":
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"sample file '{p}' not found")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as e:  # np.load raises many types on corrupt files
+            raise InputError(f"'{p}' is not a readable .npz SampleSet ({e})") from e
+        if "positions" not in data:
+            raise InputError(f"'{p}' has no 'positions' array; it is not a boltzflow SampleSet")
+        meta = json.loads(str(data.pop("meta_json"))) if "meta_json" in data else {}
+        return cls(
+            positions=data["positions"],
+            reduced_energy=data.get("reduced_energy"),
+            log_q=data.get("log_q"),
+            log_weights=data.get("log_weights"),
+            temperature=meta.get("temperature"),
+            provenance=meta.get("provenance", {}),
+        )
+
+    def to_mdtraj(self, topology):
+        """mdtraj.Trajectory of the positions; ``topology`` is an OpenMM or mdtraj Topology."""
+        import mdtraj
+
+        if self.positions.ndim != 3:
+            raise InputError("only molecular SampleSets (n, n_atoms, 3) can be exported as trajectories")
+        top = topology if isinstance(topology, mdtraj.Topology) else mdtraj.Topology.from_openmm(topology)
+        return mdtraj.Trajectory(self.positions.astype(np.float32), top)
+
+    def export(self, path: str | Path, topology) -> Path:
+        """Write positions as DCD or PDB (by suffix) through mdtraj."""
+        p = Path(path)
+        traj = self.to_mdtraj(topology)
+        if p.suffix.lower() not in (".dcd", ".pdb", ".xtc", ".h5"):
+            raise InputError(f"unsupported trajectory format '{p.suffix}'; use .dcd, .pdb, .xtc or .h5")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        traj.save(str(p))
+        return p

@@ -1,0 +1,1 @@
+"""Training: Trainer, checkpoints (atomic, resumable), reporters, run directories."""
