@@ -15,12 +15,16 @@ from torch import nn
 
 
 class Bijection(nn.Module):
-    """Base class: subclasses implement ``forward`` and ``inverse``, each returning (out, logdet)."""
+    """Base class: subclasses implement ``forward`` and ``inverse``, each returning (out, logdet).
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+    ``context`` (optional, ``(batch, context_dim)``) conditions the map (conditional flows, e.g.
+    hydrogens given heavy atoms); unconditional layers ignore it.
+    """
+
+    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+    def inverse(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -31,17 +35,17 @@ class Compose(Bijection):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, z):
+    def forward(self, z, context=None):
         logdet = z.new_zeros(z.shape[0])
         for layer in self.layers:
-            z, ld = layer(z)
+            z, ld = layer(z, context=context)
             logdet = logdet + ld
         return z, logdet
 
-    def inverse(self, x):
+    def inverse(self, x, context=None):
         logdet = x.new_zeros(x.shape[0])
         for layer in reversed(self.layers):
-            x, ld = layer.inverse(x)
+            x, ld = layer.inverse(x, context=context)
             logdet = logdet + ld
         return x, logdet
 
@@ -53,11 +57,11 @@ class Inverse(Bijection):
         super().__init__()
         self.bijection = bijection
 
-    def forward(self, z):
-        return self.bijection.inverse(z)
+    def forward(self, z, context=None):
+        return self.bijection.inverse(z, context=context)
 
-    def inverse(self, x):
-        return self.bijection(x)
+    def inverse(self, x, context=None):
+        return self.bijection(x, context=context)
 
 
 class BaseDistribution(nn.Module):
@@ -134,19 +138,21 @@ class Flow(nn.Module):
         self.base = base
         self.bijection = bijection
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        z, ld = self.bijection.inverse(x)
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        z, ld = self.bijection.inverse(x, context=context)
         return self.base.log_prob(z) + ld
 
-    def sample_and_log_prob(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_and_log_prob(
+        self, n: int, generator: torch.Generator | None = None, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass: ``x: (n, dim)`` and ``log q(x): (n,)``, differentiable w.r.t. parameters."""
         z = self.base.sample(n, generator=generator)
         logq_z = self.base.log_prob(z)
-        x, ld = self.bijection(z)
+        x, ld = self.bijection(z, context=context)
         return x, logq_z - ld
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.sample_and_log_prob(n, generator)[0]
+    def sample(self, n: int, generator: torch.Generator | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.sample_and_log_prob(n, generator, context)[0]
 
     def penalty(self, x: torch.Tensor) -> torch.Tensor:
         """Extra per-sample training penalty (e.g. alignment); zero for plain flows. (batch,)"""
