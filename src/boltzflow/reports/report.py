@@ -1,0 +1,149 @@
+"""``build_report(run_dir)``: PNG figures plus one self-contained HTML page for a run directory.
+
+Reads what training and sampling wrote (see :mod:`boltzflow.training.rundir`): the system,
+``samples/generated.npz`` (flow samples with log q, u and log weights), ``samples/reference.npz``
+(reference data, with the generator's log q on it when available), ``metrics.jsonl`` and
+``summary.json``. Optional: a replica-exchange run directory for the comparison table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import atomic_write_text
+from . import html as H
+from . import plots
+
+
+def build_report(run_dir: str | Path, replica_dir: str | Path | None = None) -> Path:
+    """Render plots into ``RUN_DIR/plots`` and write ``RUN_DIR/report.html``; returns its path."""
+    from ..sampling import SampleSet
+    from ..systems import MolecularSystem
+    from ..training.rundir import RunDir
+
+    rd = RunDir(run_dir, create=False)
+    gen_path = rd.path / "samples" / "generated.npz"
+    if not gen_path.is_file() and not rd.metrics_path.is_file():
+        raise InputError(f"'{rd.path}' has neither samples/generated.npz nor metrics.jsonl; run `boltzflow train` "
+                         "and `boltzflow sample` first")
+    system = MolecularSystem.load(rd.system_dir) if (rd.system_dir / "metadata.json").is_file() else None
+    gen = SampleSet.load(gen_path) if gen_path.is_file() else None
+    ref_path = rd.path / "samples" / "reference.npz"
+    ref = SampleSet.load(ref_path) if ref_path.is_file() else None
+    summary = rd.read_summary()
+    rows = rd.read_metrics()
+    sections: list[tuple[str, str]] = []
+    figs = rd.plots_dir
+
+    # headline numbers
+    est = summary.get("estimates", {})
+    if est:
+        sections.append(("Reweighted estimates", H.table([{"quantity": k, **_flat(v)} for k, v in est.items()])))
+    info = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    if info:
+        sections.append(("Run summary", H.table([{"key": k, "value": v} for k, v in info.items()])))
+
+    # torsions
+    if system is not None and gen is not None and gen.positions.ndim == 3:
+        sections.append(("Conformations", _torsion_section(system, gen, ref, figs)))
+
+    # energies
+    if gen is not None and gen.reduced_energy is not None:
+        p = plots.energy_histograms(
+            gen.reduced_energy, ref.reduced_energy if ref is not None else None,
+            -ref.log_q if ref is not None and ref.log_q is not None else None,
+            -gen.log_q if gen.log_q is not None else None, figs / "energies.png")
+        sections.append(("Energies", H.figure(p, "u_B of generated vs reference samples (left); u_G = -log q of "
+                                                  "reference vs generated samples (right), felardos2023 fig. 3 style")))
+
+    # training
+    if rows:
+        modes = system.modes if system is not None else None
+        names = list(modes.names) if modes is not None else []
+        exact = summary.get("reference_mode_fractions")
+        p = plots.training_curves(rows, figs / "training.png", names, exact)
+        sections.append(("Training", H.figure(p, "loss, ESS and mode fractions over training")))
+
+    # comparison
+    comp = summary.get("comparison")
+    if replica_dir is not None:
+        comp = _compare_with_replica(system, gen, replica_dir)
+        rd.update_summary(comparison=comp)
+    if comp:
+        sections.append(("Flow vs replica exchange", H.table(comp if isinstance(comp, list) else [comp])))
+
+    title = f"boltzflow report: {system.name if system is not None else rd.path.name}"
+    out = rd.path / "report.html"
+    atomic_write_text(out, H.page(title, sections))
+    return out
+
+
+def _flat(v: Any) -> dict:
+    if isinstance(v, dict):
+        return {k: v.get(k) for k in ("value", "stderr", "ess", "ci_low", "ci_high", "n") if k in v}
+    return {"value": v}
+
+
+def _torsion_section(system, gen, ref, figs: Path) -> str:
+    from ..systems.modes import dihedral
+    from ..systems.torsions import named_torsions
+
+    tors = named_torsions(system.topology)
+    parts = []
+    w = gen.normalized_weights() if gen.log_weights is not None else None
+    if "phi" in tors and "psi" in tors:
+        panels = []
+        if ref is not None:
+            panels.append(("reference", dihedral(ref.positions, tors["phi"]), dihedral(ref.positions, tors["psi"]), None))
+        gphi, gpsi = dihedral(gen.positions, tors["phi"]), dihedral(gen.positions, tors["psi"])
+        panels.append(("generated", gphi, gpsi, None))
+        if w is not None:
+            panels.append(("reweighted", gphi, gpsi, w))
+        p = plots.ramachandran(panels, figs / "ramachandran.png")
+        parts.append(H.figure(p, "Ramachandran free-energy surfaces: reference vs generated vs reweighted"))
+    elif system.modes is not None and hasattr(system.modes, "atoms"):
+        atoms = system.modes.atoms
+        sets = []
+        if ref is not None:
+            sets.append(("reference", dihedral(ref.positions, atoms), None))
+        ang = dihedral(gen.positions, atoms)
+        sets.append(("generated", ang, None))
+        if w is not None:
+            sets.append(("reweighted", ang, w))
+        p = plots.torsion_histogram(sets, figs / "torsion.png", name="dihedral " + "-".join(map(str, atoms)))
+        parts.append(H.figure(p, "torsion histogram: reference vs generated vs reweighted"))
+    if system.modes is not None:
+        rows = []
+        for label, ss, ww in (("reference", ref, None), ("generated", gen, None), ("reweighted", gen, w)):
+            if ss is None or (label == "reweighted" and ww is None):
+                continue
+            lab = system.modes.assign(ss.positions)
+            weights = ww if ww is not None else np.full(len(lab), 1.0 / len(lab))
+            rows.append({"samples": label, **{n: float(weights[lab == i].sum()) for i, n in enumerate(system.modes.names)}})
+        parts.append(H.table(rows))
+    return "\n".join(parts)
+
+
+def _compare_with_replica(system, gen, replica_dir) -> list[dict]:
+    from ..sampling import SampleSet
+
+    rp = Path(replica_dir)
+    path = rp / "samples.npz" if rp.is_dir() else rp
+    rep = SampleSet.load(path)
+    if system is None or system.modes is None:
+        raise InputError("a comparison needs a system with modes (alanine-dipeptide, butane, or a prepared system)")
+    rows = []
+    for label, ss in (("replica exchange", rep), ("flow (reweighted)", gen)):
+        if ss is None:
+            continue
+        lab = system.modes.assign(ss.positions)
+        w = ss.normalized_weights()
+        ess = 1.0 / np.sum(w ** 2)
+        rows.append({"sampler": label, "n": len(ss), "ess": float(ess),
+                     **{n: float(w[lab == i].sum()) for i, n in enumerate(system.modes.names)}})
+    return rows

@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from boltzflow.errors import InputError
+from boltzflow.sampling import SampleSet
+
+
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    s = SampleSet(rng.normal(size=(5, 4, 3)).astype(np.float32), rng.normal(size=5), rng.normal(size=5),
+                  rng.normal(size=5), 300.0, {"sampler": "test"})
+    p = s.save(tmp_path / "s.npz")
+    t = SampleSet.load(p)
+    np.testing.assert_array_equal(t.positions, s.positions)
+    np.testing.assert_array_equal(t.log_weights, s.log_weights)
+    assert t.temperature == 300.0 and t.provenance == {"sampler": "test"}
+    assert len(t.subset(np.array([0, 2]))) == 2
+    assert len(SampleSet.concatenate([s, t])) == 10
+
+
+def test_normalized_weights_ignore_nonfinite():
+    s = SampleSet(np.zeros((3, 2)), log_weights=np.array([0.0, np.log(3.0), -np.inf]))
+    np.testing.assert_allclose(s.normalized_weights(), [0.25, 0.75, 0.0])
+    u = SampleSet(np.zeros((4, 2)))
+    np.testing.assert_allclose(u.normalized_weights(), 0.25)
+
+
+def test_bad_shapes_and_files(tmp_path):
+    with pytest.raises(InputError):
+        SampleSet(np.zeros(3))
+    with pytest.raises(InputError, match="shape"):
+        SampleSet(np.zeros((3, 2)), reduced_energy=np.zeros(4))
+    with pytest.raises(InputError, match="not found"):
+        SampleSet.load(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_text("junk")
+    with pytest.raises(InputError, match="readable"):
+        SampleSet.load(tmp_path / "junk.npz")
