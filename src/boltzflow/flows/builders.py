@@ -1,0 +1,133 @@
+"""Ready-made flow architectures.
+
+* :func:`realnvp`: felardos2023's architecture, ``blocks`` coupling blocks of 4 affine couplings
+  (CELU MLP conditioners). Toys: 8 x 4 couplings, hidden 64; molecules: 24 x 4, hidden 256.
+* :func:`spline_flow`: ``blocks`` blocks of 2 complementary RQ-spline couplings, circular splines on
+  periodic dims (internal-coordinate flows).
+* :func:`make_flow`: a :class:`~boltzflow.flows.base.Flow` with the right base distribution;
+  ``make_flow(**config)`` is exactly what :func:`boltzflow.flows.checkpoint.load_model` rebuilds.
+
+Masks are drawn from ``torch.Generator().manual_seed(seed)``, so the same arguments give the same
+architecture; masks are also buffers, so checkpoints restore them regardless.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+from ..errors import InputError
+from .base import Compose, Flow, MixedBase, StandardNormal
+from .couplings import AffineCoupling, SplineCoupling, as_mask
+
+FLOW_KINDS = ("realnvp", "spline")
+
+
+def _half_masks(dim: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random half/half masks of a block: a random split, and the alternating split of the
+    same random order (so the two pairs of couplings in a block mix different dimensions)."""
+    perm = torch.randperm(dim, generator=generator)
+    a = torch.zeros(dim, dtype=torch.bool)
+    a[perm[: dim // 2]] = True
+    b = torch.zeros(dim, dtype=torch.bool)
+    b[perm[0::2]] = True
+    if dim == 2:  # only one split exists
+        b = a.clone()
+    return a, b
+
+
+def _check_common(dim: int, blocks: int, context_dim: int) -> None:
+    if int(dim) < 2:
+        raise InputError(f"coupling flows need dim >= 2, got {dim}; pad a 1D problem with a dummy Gaussian dim")
+    if int(blocks) < 1:
+        raise InputError(f"blocks must be >= 1, got {blocks}")
+    if int(context_dim) < 0:
+        raise InputError(f"context_dim must be >= 0, got {context_dim}")
+
+
+def realnvp(
+    dim: int,
+    blocks: int = 8,
+    hidden: int = 64,
+    depth: int = 2,
+    context_dim: int = 0,
+    activation: str = "celu",
+    scale_clamp: float = 2.0,
+    seed: int = 0,
+) -> Compose:
+    """RealNVP: ``blocks`` x 4 affine couplings with masks ``a, ~a, b, ~b`` per block.
+
+    Every dimension is transformed twice per block. ``hidden``/``depth``: conditioner MLP width and
+    number of linear layers. Returns a :class:`Compose` acting on ``(batch, dim)``.
+    """
+    _check_common(dim, blocks, context_dim)
+    g = torch.Generator().manual_seed(int(seed))
+    layers = []
+    for _ in range(int(blocks)):
+        a, b = _half_masks(int(dim), g)
+        for m in (a, ~a, b, ~b):
+            layers.append(AffineCoupling(dim, m, hidden=hidden, depth=depth, context_dim=context_dim,
+                                         activation=activation, scale_clamp=scale_clamp))
+    return Compose(layers)
+
+
+def spline_flow(
+    dim: int,
+    blocks: int = 4,
+    hidden: int = 128,
+    depth: int = 2,
+    bins: int = 8,
+    bound: float = 5.0,
+    circular: Sequence[int] = (),
+    context_dim: int = 0,
+    activation: str = "celu",
+    circular_shift: bool = True,
+    seed: int = 0,
+) -> Compose:
+    """Neural spline flow: ``blocks`` x 2 complementary RQ-spline couplings (random split per block).
+
+    ``circular``: indices of periodic dims in ``[-pi, pi)`` (circular splines + learned rotation);
+    other dims get splines on ``[-bound, bound]`` with identity tails. Every dimension is
+    transformed once per block. Returns a :class:`Compose` acting on ``(batch, dim)``.
+    """
+    _check_common(dim, blocks, context_dim)
+    circ = as_mask(list(circular), int(dim), "circular")
+    g = torch.Generator().manual_seed(int(seed))
+    layers = []
+    for _ in range(int(blocks)):
+        a, _b = _half_masks(int(dim), g)
+        for m in (a, ~a):
+            layers.append(SplineCoupling(dim, m, hidden=hidden, depth=depth, bins=bins, bound=bound, circular=circ,
+                                         context_dim=context_dim, activation=activation,
+                                         circular_shift=circular_shift))
+    return Compose(layers)
+
+
+def make_flow(dim: int, kind: str = "realnvp", circular: Sequence[int] = (), **kw) -> Flow:
+    """A :class:`Flow` over ``(batch, dim)``: ``kind`` "realnvp" or "spline" (keywords go to the
+    builder). Base: :class:`MixedBase` (uniform on ``[-pi, pi)`` for ``circular`` dims) when there
+    are circular dims, else :class:`StandardNormal`. RealNVP cannot handle circular dims."""
+    circular = [int(i) for i in circular]
+    builder = {"realnvp": realnvp, "spline": spline_flow}.get(kind)
+    if builder is not None:
+        allowed = set(inspect.signature(builder).parameters) - {"dim", "circular"}
+        unknown = sorted(set(kw) - allowed)
+        if unknown:
+            raise InputError(f"unknown option(s) {unknown} for a {kind} flow; allowed: {sorted(allowed)}")
+    if kind == "realnvp":
+        if circular:
+            raise InputError("realnvp cannot model circular (periodic) dims; use kind='spline'")
+        bij = realnvp(dim, **kw)
+    elif kind == "spline":
+        bij = spline_flow(dim, circular=circular, **kw)
+    else:
+        raise InputError(f"unknown flow kind {kind!r}; choose one of {FLOW_KINDS}")
+    base = MixedBase(dim, circular) if circular else StandardNormal(dim)
+    return Flow(base, bij)
+
+
+def flow_config(dim: int, kind: str = "realnvp", circular: Sequence[int] = (), **kw) -> dict:
+    """The plain-dict config that :func:`make_flow` accepts (for checkpoints / TOML)."""
+    return {"dim": int(dim), "kind": str(kind), "circular": [int(i) for i in circular], **kw}

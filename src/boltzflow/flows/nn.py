@@ -1,0 +1,77 @@
+"""Conditioner networks for coupling layers.
+
+An :class:`MLP` maps the conditioning part of a vector (plus an optional context) to the
+parameters of a transform. Its last layer is zero-initialised, so every coupling built on it
+starts as the identity map (log-det 0) and training begins from the base distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "celu": nn.CELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+}
+
+
+def activation_module(name: str) -> nn.Module:
+    """A fresh activation module by name (``celu``, ``relu``, ``silu``, ``gelu``, ``tanh``, ``elu``)."""
+    try:
+        return _ACTIVATIONS[str(name).lower()]()
+    except KeyError:
+        raise InputError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
+
+
+class MLP(nn.Module):
+    """Fully connected network ``(batch, in_dim) -> (batch, out_dim)``.
+
+    ``depth`` counts the linear layers (>= 1): depth 2 is ``Linear(in, hidden) - act -
+    Linear(hidden, out)``, the "two layers with internal feature size 64 separated by a CELU" of
+    felardos2023. With ``zero_init_last`` (default) the last layer's weight and bias are zero, so
+    the network outputs 0 at initialisation.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden: int = 64,
+        depth: int = 2,
+        activation: str = "celu",
+        zero_init_last: bool = True,
+    ):
+        super().__init__()
+        in_dim, out_dim, hidden, depth = int(in_dim), int(out_dim), int(hidden), int(depth)
+        if in_dim < 1 or out_dim < 1:
+            raise InputError(f"MLP needs in_dim >= 1 and out_dim >= 1, got {in_dim} and {out_dim}")
+        if depth < 1:
+            raise InputError(f"MLP depth counts linear layers and must be >= 1, got {depth}")
+        if hidden < 1:
+            raise InputError(f"MLP hidden width must be >= 1, got {hidden}")
+        activation_module(activation)  # validate early
+        sizes = [in_dim] + [hidden] * (depth - 1) + [out_dim]
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < depth - 1:
+                layers.append(activation_module(activation))
+        self.net = nn.Sequential(*layers)
+        self.in_dim, self.out_dim = in_dim, out_dim
+        if zero_init_last:
+            last = self.net[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h: (batch, in_dim) -> (batch, out_dim)``."""
+        return self.net(h)
