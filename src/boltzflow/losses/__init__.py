@@ -1,1 +1,43 @@
-"""boltzflow.losses"""
+"""Training losses for Boltzmann generators (science.md section 1).
+
+Every loss returns a :class:`LossOutput`. Data-free losses share the signature
+``loss(gen, energy, n, *, generator=None, penalty_weight=0.0, **options)``; ``klz`` takes data
+instead: ``klz(gen, x_data, *, generator=None, penalty_weight=0.0)``.
+
+``gen`` follows the generator protocol: ``sample_and_log_prob(n, generator) -> (x, log_q)``
+(differentiable), ``log_prob(x) -> (batch,)``, ``penalty(x) -> (batch,)``, ``parameters()``.
+``energy`` is a callable ``u(x) -> (batch,)`` reduced energy in kT (+inf marks invalid samples,
+which are dropped from the loss and counted in ``metrics["n_invalid"]``).
+"""
+
+from __future__ import annotations
+
+from .base import LossOutput, kish_ess
+from .core import klx, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask
+from .fab import fab
+
+#: name -> loss function. "klz" needs data; all others are data-free.
+LOSSES = {
+    "klz": klz,
+    "klx": klx,
+    "klz_df": klz_df,
+    "l2plus": l2plus,
+    "l2plus_nomask": l2plus_nomask,
+    "l2plus_nodetach": l2plus_nodetach,
+    "fab": fab,
+}
+
+DATA_FREE = tuple(k for k in LOSSES if k != "klz")
+
+
+def get_loss(name: str):
+    """The loss function registered as ``name``; InputError listing the valid names otherwise."""
+    from ..errors import InputError
+
+    if name not in LOSSES:
+        raise InputError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+__all__ = ["LOSSES", "DATA_FREE", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klz_df", "l2plus",
+           "l2plus_nomask", "l2plus_nodetach", "fab"]

@@ -1,0 +1,131 @@
+"""KLz (maximum likelihood), KLx (reverse KL), KLz-df (importance weighted) and L2+ (masked L2
+with detached mean) with its two ablations. Formulas: science.md section 1; felardos2023 eqs. 4,
+6, 7, 15 and appendix H. ``r(x) = -u(x) - log p_G(x)``; "detached" = no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import EnergyFn, LossOutput, nan_loss, sample_stats
+
+
+def _penalty(gen, x: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """``weight * mean(gen.penalty(x))`` or None when the weight is 0."""
+    if not weight:
+        return None
+    return weight * gen.penalty(x).mean()
+
+
+def _detached_batch(gen, energy: EnergyFn, n: int, generator, penalty_weight: float):
+    """Sample n detached configurations, their energies (no gradient) and the penalty term.
+
+    Returns (x detached, log_q detached, u detached, penalty or None)."""
+    pen = None
+    if penalty_weight:
+        # the alignment penalty needs the path z -> x to carry gradient
+        x_g, log_q = gen.sample_and_log_prob(n, generator=generator)
+        pen = _penalty(gen, x_g, penalty_weight)
+        x = x_g.detach()
+    else:
+        with torch.no_grad():
+            x, log_q = gen.sample_and_log_prob(n, generator=generator)
+    with torch.no_grad():
+        u = energy(x)
+    return x, log_q.detach(), u.detach(), pen
+
+
+def _finish(loss: torch.Tensor, pen: torch.Tensor | None, metrics: dict[str, float]) -> torch.Tensor:
+    if pen is not None:
+        metrics["penalty"] = float(pen.detach())
+        loss = loss + pen
+    metrics["loss"] = float(loss.detach())
+    return loss
+
+
+def klz(gen, x_data: torch.Tensor, *, generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
+    """Maximum likelihood on data (eq. 4): ``mean(-log p_G(x_data))``.
+
+    x_data: (batch, ...) configurations from p_B (nm for molecules). With ``penalty_weight`` the
+    penalty is taken on a generated batch of the same size."""
+    nll = -gen.log_prob(x_data)
+    ok = torch.isfinite(nll)
+    loss = nll[ok].mean() if ok.any() else nan_loss(nll)
+    metrics = {"nll": float(loss.detach()), "n_invalid": float((~ok).sum())}
+    pen = None
+    if penalty_weight:
+        x_g, _ = gen.sample_and_log_prob(x_data.shape[0], generator=generator)
+        pen = _penalty(gen, x_g, penalty_weight)
+    loss = _finish(loss, pen, metrics)
+    return LossOutput(loss=loss, metrics=metrics, samples=None, log_w=None, energy_evals=0)
+
+
+def klx(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
+    """Reverse KL (eq. 6): ``mean_z[u(G(z)) + log p_G(G(z))]``, differentiated through samples and energy."""
+    x, log_q = gen.sample_and_log_prob(n, generator=generator)
+    u = energy(x)
+    valid, log_w, metrics = sample_stats(u, log_q)
+    per = u + log_q
+    loss = per[valid].mean() if valid.any() else nan_loss(per)
+    pen = _penalty(gen, x, penalty_weight)
+    loss = _finish(loss, pen, metrics)
+    return LossOutput(loss=loss, metrics=metrics, samples=x.detach(), log_w=log_w, energy_evals=n)
+
+
+def klz_df(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
+    """Importance-weighted data-free KLz (eq. 7): ``sum_i w_i * (-log p_G(x_i))`` with detached
+    samples and self-normalised detached weights ``w = softmax(-u - log p_G)`` over the batch."""
+    x, log_q0, u, pen = _detached_batch(gen, energy, n, generator, penalty_weight)
+    valid, log_w, metrics = sample_stats(u, log_q0)
+    if not valid.any():
+        return LossOutput(_finish(nan_loss(u), pen, metrics), metrics, x, log_w, n)
+    w = torch.softmax(log_w[valid], 0).detach()
+    lp = gen.log_prob(x[valid])
+    loss = -(w * lp).sum()
+    metrics["w_max"] = float(w.max())
+    loss = _finish(loss, pen, metrics)
+    return LossOutput(loss=loss, metrics=metrics, samples=x, log_w=log_w, energy_evals=n)
+
+
+def l2plus(
+    gen,
+    energy: EnergyFn,
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    penalty_weight: float = 0.0,
+    mask: bool = True,
+    detach_k: bool = True,
+) -> LossOutput:
+    """Masked L2 loss with detached mean (eq. 15): ``mean(relu(r - K)^2)``, ``K = detach(mean r)``,
+    ``r = -u(x) - log p_G(x)`` on detached samples x, u detached, log p_G evaluated through F.
+
+    Ablations (appendix H): ``mask=False`` gives ``mean((r - K)^2)`` (log-variance / VarGrad);
+    ``detach_k=False`` lets gradient flow through K."""
+    x, log_q0, u, pen = _detached_batch(gen, energy, n, generator, penalty_weight)
+    valid, log_w, metrics = sample_stats(u, log_q0)
+    if not valid.any():
+        return LossOutput(_finish(nan_loss(u), pen, metrics), metrics, x, log_w, n)
+    lp = gen.log_prob(x[valid])
+    r = -u[valid] - lp
+    k = r.mean()
+    if detach_k:
+        k = k.detach()
+    d = r - k
+    if mask:
+        d = torch.relu(d)
+    loss = d.pow(2).mean()
+    metrics["K"] = float(k.detach())
+    metrics["mask_fraction"] = float((r.detach() > k.detach()).double().mean())
+    loss = _finish(loss, pen, metrics)
+    return LossOutput(loss=loss, metrics=metrics, samples=x, log_w=log_w, energy_evals=n)
+
+
+def l2plus_nomask(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
+    """L2+ ablation without the mask: log-variance (VarGrad) loss with detached K."""
+    return l2plus(gen, energy, n, generator=generator, penalty_weight=penalty_weight, mask=False, detach_k=True)
+
+
+def l2plus_nodetach(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
+    """L2+ ablation with K not detached (gradient flows through the batch mean of r)."""
+    return l2plus(gen, energy, n, generator=generator, penalty_weight=penalty_weight, mask=True, detach_k=False)
