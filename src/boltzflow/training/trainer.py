@@ -1,0 +1,415 @@
+"""The Trainer: maximum-likelihood pre-training on data, then data-free fine-tuning with any loss.
+
+Usage::
+
+    cfg = load_config(TrainConfig, "train.toml")            # or TrainConfig(...)
+    trainer = Trainer(gen, energy, cfg, run_dir=RunDir("runs/x"), data=x_ref, modes=system.modes)
+    summary = trainer.run(resume=True)                      # continues a killed run if a checkpoint exists
+
+Steps are numbered globally: steps ``[0, pretrain.steps)`` are pre-training, the next
+``finetune.steps`` fine-tuning; each stage gets a fresh Adam optimizer and learning-rate schedule.
+All randomness comes from the trainer's own ``torch.Generator`` (seeded by ``config.seed``), so
+a resumed run is bitwise identical to an uninterrupted one. Steps whose loss or gradient norm is
+not finite are skipped (no parameter update) and counted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..config import to_dict
+from ..errors import CheckpointError, ConfigError, InputError
+from ..sampling.ais import AISConfig, AnnealedImportanceSampler
+from .checkpoints import load_checkpoint, save_checkpoint
+from .progress import format_postfix, progress_bar
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam. lr: peak learning rate; schedule: "cosine" (decays to lr * min_lr_factor over the
+    stage) or "constant"; warmup_steps: linear warm-up at the start of each stage."""
+
+    lr: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_factor: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optimizer.schedule {self.schedule!r} unknown; choose one of {', '.join(SCHEDULES)}")
+        if not self.lr > 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError("optimizer.warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage. loss: a name in boltzflow.losses.LOSSES ("klz" for pre-training);
+    steps: optimizer steps (0 skips the stage); batch: samples per step;
+    penalty_weight: weight of gen.penalty (alignment penalty, felardos2023: 10 in pre-training);
+    lr: overrides optimizer.lr for this stage when set."""
+
+    loss: str = "l2plus"
+    steps: int = 0
+    batch: int = 256
+    penalty_weight: float = 0.0
+    lr: float | None = None
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """Prioritised replay buffer for FAB (ignored by other losses)."""
+
+    enabled: bool = False
+    capacity: int = 10000
+    min_length: int = 1000
+
+
+@dataclass(frozen=True)
+class CapConfig:
+    """Energy regularisation applied by the trainer to the target u(x) (kT).
+
+    energy_max: log-linear cap of u above this value; grad_max: cap on the per-sample norm of
+    du/dx (kT/nm) of the total energy. For per-term capping build the energy with
+    ``boltzflow.energy.Energy(system, cap=EnergyCap(term_grad_max=...))`` instead."""
+
+    energy_max: float | None = None
+    grad_max: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs besides the generator, energy and data."""
+
+    pretrain: StageConfig = StageConfig(loss="klz", steps=0, batch=256)
+    finetune: StageConfig = StageConfig(loss="l2plus", steps=1000, batch=256)
+    optimizer: OptimConfig = OptimConfig()
+    grad_clip: float | None = 100.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: bool = False
+    progress: bool = True
+    eval_batch: int = 1024
+    ais: AISConfig = AISConfig()
+    replay: ReplayConfig = ReplayConfig()
+    cap: CapConfig = CapConfig()
+
+    def __post_init__(self):
+        from ..losses import LOSSES
+
+        if self.pretrain.loss != "klz":
+            raise ConfigError(f"pretrain.loss must be 'klz' (maximum likelihood on data), got {self.pretrain.loss!r}")
+        if self.finetune.loss not in LOSSES:
+            raise ConfigError(f"finetune.loss {self.finetune.loss!r} unknown; choose one of {', '.join(LOSSES)}")
+        for name, st in (("pretrain", self.pretrain), ("finetune", self.finetune)):
+            if st.steps < 0 or st.batch < 1:
+                raise ConfigError(f"{name}.steps must be >= 0 and {name}.batch >= 1")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise ConfigError("log_every and checkpoint_every must be >= 1")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError("grad_clip must be > 0 (or omitted for no clipping)")
+
+    @property
+    def total_steps(self) -> int:
+        return self.pretrain.steps + self.finetune.steps
+
+
+#: config keys that may differ between a checkpoint and the resuming run
+_RESUME_FREE_KEYS = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch")
+
+
+@dataclass
+class _Counters:
+    skipped_steps: int = 0
+    energy_evals: int = 0
+    n_invalid: int = 0
+    wall_s: float = 0.0
+
+
+class Trainer:
+    """Trains ``gen`` (generator protocol: sample_and_log_prob, log_prob, penalty, parameters)
+    towards ``exp(-energy(x))``.
+
+    gen: the generator (a torch Module); energy: callable ``x -> (batch,)`` reduced energy in kT
+    (+inf for invalid samples); config: :class:`TrainConfig`; run_dir: where metrics.jsonl,
+    checkpoints/ and summary.json go (None: keep nothing on disk, no checkpoints);
+    data: ``(n, ...)`` reference configurations for pre-training (nm); modes: an object with
+    ``fractions(x) -> {name: fraction}`` and ``minor`` (e.g. SignModes / TorsionModes).
+    """
+
+    def __init__(self, gen, energy: Callable[[torch.Tensor], torch.Tensor], config: TrainConfig | None = None,
+                 run_dir=None, data: torch.Tensor | None = None, modes=None, progress: bool | None = None):
+        self.gen = gen
+        self.config = config or TrainConfig()
+        self.run_dir = run_dir
+        self.modes = modes
+        self._energy = energy
+        self.show_progress = self.config.progress if progress is None else progress
+        p = next(iter(gen.parameters()), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        self.dtype = p.dtype if p is not None else torch.get_default_dtype()
+        self.data = None if data is None else torch.as_tensor(data).to(self.device, self.dtype)
+        if self.data is not None and self.data.shape[0] == 0:
+            raise InputError("training data is empty; pass at least one configuration or set pretrain.steps = 0")
+        self.rng = torch.Generator(device=self.device).manual_seed(int(self.config.seed))
+        self.step = 0
+        self.counters = _Counters()
+        self.ais = AnnealedImportanceSampler(self.config.ais)
+        self.buffer = None
+        if self.config.finetune.loss == "fab" and self.config.replay.enabled:
+            from ..sampling.replay import PrioritisedReplayBuffer
+
+            self.buffer = PrioritisedReplayBuffer(self.config.replay.capacity, self.config.replay.min_length)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self._opt_stage: str | None = None
+        self.last_row: dict[str, Any] = {}
+
+    # -- energy ------------------------------------------------------------------------------
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """The (optionally capped) target energy ``u(x): (batch,)`` in kT."""
+        from ..energy.base import cap_gradient, log_linear_cap
+
+        cap = self.config.cap
+        u = self._energy(cap_gradient(x, cap.grad_max) if cap.grad_max is not None else x)
+        return log_linear_cap(u, cap.energy_max)
+
+    # -- stages ------------------------------------------------------------------------------
+    def stage_of(self, step: int) -> str:
+        """"pretrain" for global steps [0, pretrain.steps), else "finetune"."""
+        return "pretrain" if step < self.config.pretrain.steps else "finetune"
+
+    def _stage_cfg(self, stage: str) -> StageConfig:
+        return self.config.pretrain if stage == "pretrain" else self.config.finetune
+
+    def _setup_stage(self, stage: str) -> None:
+        """Fresh Adam + schedule for ``stage``."""
+        oc = self.config.optimizer
+        st = self._stage_cfg(stage)
+        lr = st.lr if st.lr is not None else oc.lr
+        self.optimizer = torch.optim.Adam(self.gen.parameters(), lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+        n_steps = max(st.steps, 1)
+
+        def factor(s: int) -> float:
+            if oc.warmup_steps and s < oc.warmup_steps:
+                return (s + 1) / oc.warmup_steps
+            if oc.schedule == "constant":
+                return 1.0
+            t = min(max(s - oc.warmup_steps, 0) / max(n_steps - oc.warmup_steps, 1), 1.0)
+            return oc.min_lr_factor + (1 - oc.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self._opt_stage = stage
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.gen.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "opt_stage": self._opt_stage,
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "stage": self.stage_of(max(self.step - 1, 0)),
+            "counters": dict(vars(self.counters)),
+            "config": to_dict(self.config),
+            "ais": self.ais.state_dict(),
+            "buffer": self.buffer.state_dict() if self.buffer is not None else None,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        keep = self.run_dir.checkpoint_dir / f"step_{self.step:08d}.pt" if self.config.keep_checkpoints else None
+        save_checkpoint(self.run_dir.latest_checkpoint, self.state_dict(), keep_copy=keep)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (CheckpointError when it belongs to another configuration)."""
+        mine = {k: v for k, v in to_dict(self.config).items() if k not in _RESUME_FREE_KEYS}
+        theirs = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE_KEYS}
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise CheckpointError(f"checkpoint was written with a different configuration (differs in: "
+                                  f"{', '.join(diff)}); use the original config or a new run directory")
+        try:
+            self.gen.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint model does not match this generator: {e}") from e
+        if state["opt_stage"] is not None:
+            self._setup_stage(state["opt_stage"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.counters = _Counters(**state["counters"])
+        self.ais.load_state_dict(state["ais"])
+        if self.buffer is not None and state.get("buffer") is not None:
+            self.buffer.load_state_dict(state["buffer"])
+
+    def resume(self) -> int:
+        """Load run_dir/checkpoints/latest.pt and drop metric rows written after it. Returns the step."""
+        if self.run_dir is None:
+            raise InputError("cannot resume without a run directory")
+        state = load_checkpoint(self.run_dir.latest_checkpoint, map_location=self.device)
+        self.load_state_dict(state)
+        self.run_dir.truncate_metrics(self.step)
+        self.run_dir.log(f"resumed from step {self.step}")
+        return self.step
+
+    # -- one step ----------------------------------------------------------------------------
+    def _loss(self, stage: str):
+        from ..losses import get_loss, klz
+        from ..losses.fab import fab
+
+        st = self._stage_cfg(stage)
+        if stage == "pretrain":
+            idx = torch.randint(0, self.data.shape[0], (st.batch,), generator=self.rng, device=self.device)
+            return klz(self.gen, self.data[idx], generator=self.rng, penalty_weight=st.penalty_weight)
+        if st.loss == "klz":
+            if self.data is None:
+                raise InputError("finetune.loss 'klz' needs data; pass data= or choose a data-free loss")
+            idx = torch.randint(0, self.data.shape[0], (st.batch,), generator=self.rng, device=self.device)
+            return klz(self.gen, self.data[idx], generator=self.rng, penalty_weight=st.penalty_weight)
+        if st.loss == "fab":
+            return fab(self.gen, self.energy, st.batch, self.ais, self.buffer, generator=self.rng,
+                       penalty_weight=st.penalty_weight)
+        return get_loss(st.loss)(self.gen, self.energy, st.batch, generator=self.rng, penalty_weight=st.penalty_weight)
+
+    def train_step(self) -> tuple[Any, float, bool]:
+        """One optimizer step at ``self.step``; returns (LossOutput, grad_norm, applied)."""
+        stage = self.stage_of(self.step)
+        if self._opt_stage != stage:
+            self._setup_stage(stage)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self._loss(stage)
+        self.counters.energy_evals += int(out.energy_evals)
+        self.counters.n_invalid += int(out.metrics.get("n_invalid", 0))
+        applied = False
+        grad_norm = float("nan")
+        if torch.isfinite(out.loss) and out.loss.requires_grad:
+            out.loss.backward()
+            params = [p for p in self.gen.parameters() if p.grad is not None]
+            clip = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
+            gn = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
+            grad_norm = float(gn)
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+                applied = True
+        if not applied:
+            self.counters.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped step still advances the schedule, deliberately
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
+        self.step += 1
+        return out, grad_norm, applied
+
+    # -- metrics -----------------------------------------------------------------------------
+    def _sample_metrics(self, out, stage: str) -> dict[str, Any]:
+        """u statistics, ESS and mode fractions on the loss's own samples, or on a fresh batch
+        (pre-training) drawn with a generator seeded from (seed, step) so logging never changes training."""
+        from ..losses.base import sample_stats
+
+        m: dict[str, Any] = {}
+        x, log_w = out.samples, out.log_w
+        if x is None and self.config.eval_batch > 0:
+            g = torch.Generator(device=self.device).manual_seed(int(self.config.seed) * 1_000_003 + self.step)
+            with torch.no_grad():
+                x, log_q = self.gen.sample_and_log_prob(self.config.eval_batch, generator=g)
+                u = self.energy(x)
+            self.counters.energy_evals += x.shape[0]
+            _, log_w, stats = sample_stats(u, log_q)
+            m.update(stats)
+        if x is not None and self.modes is not None:
+            fr = self.modes.fractions(x)
+            m["modes"] = fr
+            minor = getattr(self.modes, "minor", None)
+            if minor in fr:
+                m["minor_fraction"] = fr[minor]
+                if log_w is not None and torch.isfinite(log_w).any():
+                    w = torch.softmax(log_w.double(), 0).cpu().numpy()
+                    names = list(getattr(self.modes, "names", fr.keys()))
+                    lab = self.modes.assign(x)
+                    m["minor_fraction_rw"] = float(w[lab == names.index(minor)].sum())
+        return m
+
+    def _row(self, out, stage: str, grad_norm: float, t0: float) -> dict[str, Any]:
+        row: dict[str, Any] = {"step": self.step, "stage": stage, "loss_name": self._stage_cfg(stage).loss}
+        row.update({k: v for k, v in out.metrics.items()})
+        row.update(self._sample_metrics(out, stage))
+        row.update({
+            "skipped_steps": self.counters.skipped_steps,
+            "grad_norm": grad_norm,
+            "energy_evals": self.counters.energy_evals,
+            "wall_s": self.counters.wall_s + (time.perf_counter() - t0),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        })
+        return row
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+        """Train to ``config.total_steps`` (or at most ``max_steps`` more steps); returns the summary.
+
+        resume: continue from run_dir's latest checkpoint when there is one."""
+        cfg = self.config
+        if resume and self.run_dir is not None and self.run_dir.latest_checkpoint.is_file():
+            self.resume()
+        elif self.run_dir is not None and self.step == 0:
+            from ..config import dump_toml
+
+            self.run_dir.write_config(dump_toml(cfg))
+            self.run_dir.write_environment()
+            if self.run_dir.metrics_path.exists():
+                self.run_dir.truncate_metrics(-1)
+        if cfg.pretrain.steps > 0 and self.step < cfg.pretrain.steps and self.data is None:
+            raise InputError("pre-training needs reference data (data=...); or set pretrain.steps = 0")
+        total = cfg.total_steps
+        end = total if max_steps is None else min(total, self.step + max_steps)
+        bar = progress_bar(total, initial=self.step, desc="train", enabled=self.show_progress)
+        t0 = time.perf_counter()
+        try:
+            while self.step < end:
+                stage = self.stage_of(self.step)
+                out, grad_norm, _ = self.train_step()
+                stage_end = self.step == cfg.pretrain.steps or self.step == total
+                if self.step % cfg.log_every == 0 or stage_end or self.step == 1:
+                    row = self._row(out, stage, grad_norm, t0)
+                    self.last_row = row
+                    if self.run_dir is not None:
+                        self.run_dir.append_metrics(row)
+                    bar.set_postfix(format_postfix(row))
+                if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or stage_end or self.step == end):
+                    self._checkpoint(t0)
+                    t0 = time.perf_counter()
+                if stage_end and self.run_dir is not None:
+                    self.run_dir.update_summary(**{f"{stage}_final": self.last_row})
+                bar.update(1)
+        finally:
+            bar.close()
+        self.counters.wall_s += time.perf_counter() - t0
+        summary = {
+            "step": self.step, "total_steps": total, "stage": self.stage_of(max(self.step - 1, 0)),
+            "skipped_steps": self.counters.skipped_steps, "energy_evals": self.counters.energy_evals,
+            "n_invalid": self.counters.n_invalid, "wall_s": self.counters.wall_s, "last": self.last_row,
+        }
+        if self.run_dir is not None:
+            self.run_dir.update_summary(**summary)
+        return summary
+
+    def _checkpoint(self, t0: float) -> None:
+        self.counters.wall_s += time.perf_counter() - t0
+        self.save_checkpoint()

@@ -1,0 +1,151 @@
+"""Trainer: stages, skipped steps, checkpoints, bitwise-identical resume, config loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from boltzflow.config import dump_toml, load_config
+from boltzflow.errors import CheckpointError, ConfigError, InputError
+from boltzflow.flows.builders import make_flow
+from boltzflow.sampling.ais import AISConfig
+from boltzflow.systems.modes import SignModes
+from boltzflow.training.rundir import RunDir
+from boltzflow.training.trainer import OptimConfig, ReplayConfig, StageConfig, TrainConfig, Trainer
+
+
+def dw_energy(x: torch.Tensor) -> torch.Tensor:
+    """2D double well, minor mode x0 > 0."""
+    x0 = x[:, 0]
+    return x0**4 / 4 - 3 * x0**2 + 0.5 * x0 + 0.5 * x[:, 1] ** 2
+
+
+def data(n: int = 512) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    sign = torch.where(torch.rand(n, generator=g) < 0.1, 1.0, -1.0)
+    return torch.stack([sign * 2.4 + 0.4 * torch.randn(n, generator=g), torch.randn(n, generator=g)], 1)
+
+
+def flow(seed: int = 0):
+    torch.manual_seed(seed)  # conditioner init only
+    return make_flow(2, "realnvp", blocks=1, hidden=16, seed=0)
+
+
+def cfg(loss: str = "l2plus", **kw) -> TrainConfig:
+    base = dict(pretrain=StageConfig(loss="klz", steps=6, batch=64), finetune=StageConfig(loss=loss, steps=10, batch=64),
+                optimizer=OptimConfig(lr=3e-3, schedule="cosine", warmup_steps=2), log_every=2, checkpoint_every=4,
+                progress=False, eval_batch=64, seed=11, ais=AISConfig(step_size=0.3),
+                replay=ReplayConfig(enabled=(loss == "fab"), capacity=256, min_length=64))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class Killer:
+    """The real energy, but raises (a simulated crash) on call number ``at``."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.calls == self.at:
+            raise RuntimeError("simulated kill")
+        return dw_energy(x)
+
+
+def params(gen) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in gen.parameters()]
+
+
+@pytest.mark.parametrize("loss,kill_at", [("l2plus", 9), ("fab", 70)])
+def test_kill_and_resume_is_bitwise_identical(tmp_path, loss, kill_at):
+    c = cfg(loss)
+    ref_gen = flow(0)
+    ref_dir = RunDir(tmp_path / "ref")
+    Trainer(ref_gen, dw_energy, c, ref_dir, data(), SignModes(0, ("negative", "positive"), "positive")).run()
+
+    run = RunDir(tmp_path / "run")
+    gen = flow(0)
+    killer = Killer(kill_at)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        Trainer(gen, killer, c, run, data()).run()
+    ckpt_step = torch.load(run.latest_checkpoint, weights_only=True)["step"]
+    rows_before = run.read_metrics()
+    assert 6 <= ckpt_step < 16 and max(r["step"] for r in rows_before) > ckpt_step  # rows past the checkpoint exist
+
+    gen2 = flow(123)  # different init: everything must come from the checkpoint
+    summary = Trainer(gen2, dw_energy, c, run, data(), SignModes(0, ("negative", "positive"), "positive")).run(resume=True)
+    assert summary["step"] == 16
+    for a, b in zip(params(ref_gen), params(gen2)):
+        assert torch.equal(a, b)
+    rows = run.read_metrics()
+    ref_rows = ref_dir.read_metrics()
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+
+
+def test_metrics_rows_and_summary(tmp_path):
+    run = RunDir(tmp_path / "r")
+    modes = SignModes(0, ("negative", "positive"), "positive")
+    s = Trainer(flow(), dw_energy, cfg("klx"), run, data(), modes).run()
+    rows = run.read_metrics()
+    assert {r["stage"] for r in rows} == {"pretrain", "finetune"}
+    last = rows[-1]
+    for key in ("step", "stage", "loss", "u_mean", "u_std", "ess", "modes", "minor_fraction", "skipped_steps",
+                "grad_norm", "energy_evals", "wall_s", "lr"):
+        assert key in last, key
+    assert 0.0 <= last["ess"] <= 1.0 and abs(sum(last["modes"].values()) - 1.0) < 1e-9
+    assert last["energy_evals"] == s["energy_evals"] > 10 * 64
+    pre = [r for r in rows if r["stage"] == "pretrain"]
+    assert all("u_mean" in r for r in pre)  # measured on an eval batch during pre-training
+    assert json.loads(run.summary_path.read_text())["step"] == 16
+    lrs = [r["lr"] for r in rows if r["stage"] == "finetune"]
+    assert lrs[-1] < max(lrs)  # cosine decay
+
+
+def test_nonfinite_loss_and_gradient_steps_are_skipped():
+    gen = flow()
+    c = cfg("klx", pretrain=StageConfig(loss="klz", steps=0), finetune=StageConfig(loss="klx", steps=3, batch=32))
+
+    def all_invalid(x):
+        return torch.full((x.shape[0],), float("inf")) + 0 * x.sum(-1)
+
+    before = params(gen)
+    s = Trainer(gen, all_invalid, c).run()
+    assert s["skipped_steps"] == 3 and s["n_invalid"] == 3 * 32
+    assert all(torch.equal(a, b) for a, b in zip(before, params(gen)))
+
+    def nan_grad(x):  # finite energy whose gradient is NaN (sqrt at 0)
+        return dw_energy(x) + torch.sqrt(x[:, 0] ** 2 - x[:, 0] ** 2)
+
+    s = Trainer(gen, nan_grad, c).run()
+    assert s["skipped_steps"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, params(gen)))
+    s = Trainer(gen, dw_energy, c).run()
+    assert s["skipped_steps"] == 0
+    assert not all(torch.equal(a, b) for a, b in zip(before, params(gen)))
+
+
+def test_config_toml_roundtrip_and_errors(tmp_path):
+    c = cfg("fab")
+    p = tmp_path / "train.toml"
+    p.write_text(dump_toml(c))
+    assert load_config(TrainConfig, p) == c
+    p.write_text(dump_toml(c) + "\n[finetune]\nbogus = 1\n")
+    with pytest.raises(ConfigError):
+        load_config(TrainConfig, p)
+    with pytest.raises(ConfigError, match="finetune.loss"):
+        load_config(TrainConfig, overrides={"finetune.loss": "nope"})
+    with pytest.raises(ConfigError, match="schedule"):
+        load_config(TrainConfig, overrides={"optimizer.schedule": "linear"})
+
+
+def test_input_errors(tmp_path):
+    with pytest.raises(InputError, match="pre-training needs reference data"):
+        Trainer(flow(), dw_energy, cfg()).run()
+    run = RunDir(tmp_path / "r")
+    Trainer(flow(), dw_energy, cfg(finetune=StageConfig(loss="klx", steps=2, batch=16)), run, data()).run()
+    with pytest.raises(CheckpointError, match="different configuration"):
+        Trainer(flow(), dw_energy, cfg(seed=3), run, data()).run(resume=True)
