@@ -1,0 +1,787 @@
+"""Native batched CHARMM36m energy in torch: the fast path, checked against OpenMM.
+
+``NativeEnergy(system)`` compiles a MolecularSystem's OpenMM System once into index and
+parameter tensors (registered buffers, so ``.to(device)`` works) and evaluates
+``x: (batch, n_atoms, 3)`` nm -> ``u: (batch,)`` kT in vectorised tensor ops, in x's dtype
+(float32 or float64) and on x's device. Forces come from autograd; double backward works.
+
+Supported forces (everything CHARMM36m produces in vacuum / OBC2 through the ForceField
+route ``charmm36_2024.xml [+ implicit/obc2.xml]`` and through ``CharmmPsfFile``), all NoCutoff,
+non-periodic:
+
+- HarmonicBondForce: 0.5 k (r - r0)^2. A pair not bonded in the topology is reported as
+  ``urey_bradley``, otherwise ``bond``.
+- HarmonicAngleForce: 0.5 k (theta - theta0)^2 (``angle``).
+- PeriodicTorsionForce: k (1 + cos(n phi - phase)), any number of terms (``torsion``).
+- CustomTorsionForce harmonic impropers ``k*min(dtheta, 2*pi-dtheta)^2; dtheta=abs(theta-theta0)``
+  with the expression's own value of ``pi`` (``improper``).
+- CMAPTorsionForce: OpenMM's bicubic patches built from periodic cubic-spline derivatives
+  on the grid ``energy[i + size*j]`` at angles ``(2 pi i/size, 2 pi j/size)`` (``cmap``).
+- NonbondedForce (Coulomb + Lennard-Jones with Lorentz-Berthelot mixing and exceptions),
+  CustomNonbondedForce (e.g. acoef/bcoef tables incl. NBFIX, with exclusions) and CustomBondForce
+  (1-4 LJ): every pair term is reduced to ``A/r^12 - B/r^6`` (``lj``) + ``C/r`` (``coulomb``)
+  on one merged pair list.
+- GB: CustomGBForce in the OBC2 form of ``openmm.app.internal.customgbforces.GBSAOBC2Force``
+  (implicit/obc2.xml and CharmmPsfFile, incl. the ACE surface-area term and salt ``kappa``) and
+  the built-in GBSAOBCForce (``gb``).
+
+Custom expressions are never trusted by spelling: each is evaluated at probe points with
+:mod:`boltzflow.energy.native_expr` and compared with the formula implemented here; anything
+else makes :func:`unsupported_forces` name the force (use ``backend='openmm'`` for it).
+
+Degenerate geometry: distances use ``sqrt(max(r^2, 1e-30))``, angles ``atan2(|u x v|, u.v)``
+with a clamped cross-product norm, dihedrals ``atan2`` with a guarded (0, 0) case. So a
+collinear angle, a zero-length bond or coincident atoms give finite values and finite (zero
+where undefined) gradients. Coincident *non-excluded* atoms give a huge or infinite LJ energy;
+a non-finite energy (or non-finite input) gives ``u = +inf``, ``valid = False`` and a zero
+gradient for that sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import EnergyCap, EnergyResult, cap_gradient, check_positions, log_linear_cap
+
+#: Coulomb constant used by OpenMM's NonbondedForce / GBSAOBCForce, kJ nm / (mol e^2).
+ONE_4PI_EPS0 = 138.93545764438198
+#: Constants hard-coded in openmm.app.internal.customgbforces (the OBC2 CustomGBForce).
+_GB_PREF = 138.935485
+_ACE_COEF = 28.3919551
+_ACE_PROBE = 0.14
+#: Clamp for squared norms (nm^2, nm^4): keeps sqrt/atan2 gradients finite at degenerate geometry.
+_TINY = 1e-30
+#: Clamp for squared distances inside the GB integrals (nm^2).
+_GB_TINY = 1e-12
+
+_IGNORED = ("CMMotionRemover", "AndersenThermostat")
+
+
+def _v(q) -> float:
+    """Strip an openmm.unit Quantity (OpenMM's default units: nm, kJ/mol, rad, e)."""
+    return float(q._value) if hasattr(q, "_value") else float(q)
+
+
+# ------------------------------------------------------------------------------------------
+# compilation: OpenMM System -> numpy arrays
+# ------------------------------------------------------------------------------------------
+@dataclass
+class _Compiled:
+    n: int
+    bonds: list = field(default_factory=list)  # (i, j, r0, k)
+    angles: list = field(default_factory=list)  # (i, j, k, theta0, k)
+    torsions: list = field(default_factory=list)  # (i, j, k, l, n, phase, k)
+    impropers: list = field(default_factory=list)  # (i, j, k, l, k, theta0, two_pi)
+    cmap_maps: list = field(default_factory=list)  # (size, coeff (size*size, 16))
+    cmaps: list = field(default_factory=list)  # (map, a1..a8)
+    pair_A: np.ndarray | None = None  # (n*(n-1)/2,) over triu pairs
+    pair_B: np.ndarray | None = None
+    pair_C: np.ndarray | None = None
+    gb: dict | None = None
+    unsupported: list = field(default_factory=list)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _triu_index(n: int):
+    iu, ju = np.triu_indices(n, k=1)
+    lookup = -np.ones((n, n), dtype=np.int64)
+    lookup[iu, ju] = np.arange(len(iu))
+    lookup[ju, iu] = np.arange(len(iu))
+    return iu, ju, lookup
+
+
+def _check_nocutoff(force, what: str = "NoCutoff") -> None:
+    if force.getNonbondedMethod() != 0:
+        raise _Unsupported(f"nonbonded method {force.getNonbondedMethod()} is not {what}")
+
+
+def _globals(force) -> dict[str, float]:
+    return {force.getGlobalParameterName(i): force.getGlobalParameterDefaultValue(i) for i in range(force.getNumGlobalParameters())}
+
+
+def _tabulated(force) -> dict:
+    import openmm
+
+    funcs = {}
+    for t in range(force.getNumTabulatedFunctions()):
+        name = force.getTabulatedFunctionName(t)
+        fn = force.getTabulatedFunction(t)
+        if isinstance(fn, openmm.Discrete2DFunction):
+            xs, ys, vals = fn.getFunctionParameters()
+            vals = list(vals)
+            funcs[name] = lambda a, b, xs=xs, vals=vals: vals[int(round(a)) + xs * int(round(b))]
+        elif isinstance(fn, openmm.Discrete1DFunction):
+            vals = list(fn.getFunctionParameters())
+            funcs[name] = lambda a, vals=vals: vals[int(round(a))]
+        else:
+            raise _Unsupported(f"tabulated function {name!r} of type {type(fn).__name__}")
+    return funcs
+
+
+_PROBE_R = np.array([0.22, 0.45, 1.1])
+_CHECK_R = np.array([0.3, 0.7, 2.0])
+
+
+def _basis(r: np.ndarray) -> np.ndarray:
+    return np.stack([r**-12.0, -(r**-6.0), 1.0 / r], axis=1)
+
+
+def _fit_pair(fun) -> tuple[float, float, float]:
+    """Fit E(r) = A/r^12 - B/r^6 + C/r from probes; verify elsewhere, else raise."""
+    e = np.array([fun(r) for r in _PROBE_R])
+    coef = np.linalg.solve(_basis(_PROBE_R), e)
+    chk = np.array([fun(r) for r in _CHECK_R])
+    pred = _basis(_CHECK_R) @ coef
+    scale = np.abs(_basis(_CHECK_R) * coef).sum(1) + 1e-12
+    if not np.all(np.abs(chk - pred) <= 1e-8 * scale):
+        raise _Unsupported("energy expression is not of the form A/r^12 - B/r^6 + C/r")
+    return float(coef[0]), float(coef[1]), float(coef[2])
+
+
+def _compile_periodic_cmap_coefficients(size: int, energy: np.ndarray) -> np.ndarray:
+    """OpenMM's CMAP patch coefficients: (size*size, 16), patch index s + size*t, c[4a+b] * da^a * db^b.
+
+    energy: (size*size,) kJ/mol with energy[i + size*j] at angles (2 pi i/size, 2 pi j/size).
+    Derivatives at the knots come from periodic cubic splines (first angle, second angle,
+    then the cross derivative as the first-angle derivative of the second-angle derivative)."""
+    from scipy.interpolate import CubicSpline
+
+    grid = np.asarray(energy, dtype=np.float64).reshape(size, size)  # grid[j, i]: i first angle, j second
+    knots = np.arange(size + 1) * (2 * np.pi / size)
+
+    def dperiodic(values: np.ndarray, axis: int) -> np.ndarray:
+        v = np.moveaxis(values, axis, -1)
+        v = np.concatenate([v, v[..., :1]], axis=-1)
+        d = CubicSpline(knots, v, axis=-1, bc_type="periodic")(knots[:-1], 1)
+        return np.moveaxis(d, -1, axis)
+
+    d1 = dperiodic(grid, 1)  # d/d(first angle)
+    d2 = dperiodic(grid, 0)  # d/d(second angle)
+    d12 = dperiodic(d2, 1)
+    delta = 2 * np.pi / size
+    i = np.arange(size)
+    ii, jj = np.meshgrid(i, i, indexing="xy")  # ii[j, i] = i, jj[j, i] = j
+    ni, nj = (ii + 1) % size, (jj + 1) % size
+    corners = [(ii, jj), (ni, jj), (ni, nj), (ii, nj)]
+
+    def corner_values(f):
+        return np.stack([f[b, a] for a, b in corners], axis=-1)  # (size, size, 4) indexed [j, i]
+
+    # bicubic interpolation: rows of the inverse Hermite matrix, corners ordered (0,0),(1,0),(1,1),(0,1)
+    x = np.concatenate(
+        [corner_values(grid), corner_values(d1) * delta, corner_values(d2) * delta, corner_values(d12) * delta * delta],
+        axis=-1,
+    )  # (size, size, 16)
+    coeff = x @ _bicubic_matrix().T  # (size, size, 16)
+    return coeff.reshape(size * size, 16)  # row j*size + i == s + size*t with s=i, t=j
+
+
+def _bicubic_matrix() -> np.ndarray:
+    """16x16 matrix W with coeff = W @ [f(4), f_a(4), f_b(4), f_ab(4)] (corners (0,0),(1,0),(1,1),(0,1)).
+
+    Derived, not tabulated: solve the Hermite conditions of p(a, b) = sum c[4i+j] a^i b^j."""
+    corners = [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]
+    rows = []
+    for kind in range(4):
+        for a, b in corners:
+            row = np.zeros(16)
+            for i in range(4):
+                for j in range(4):
+                    if kind == 0:
+                        row[4 * i + j] = a**i * b**j
+                    elif kind == 1:
+                        row[4 * i + j] = i * a ** max(i - 1, 0) * b**j if i else 0.0
+                    elif kind == 2:
+                        row[4 * i + j] = j * a**i * b ** max(j - 1, 0) if j else 0.0
+                    else:
+                        row[4 * i + j] = i * j * a ** max(i - 1, 0) * b ** max(j - 1, 0) if i and j else 0.0
+            rows.append(row)
+    return np.linalg.inv(np.array(rows))
+
+
+def _obc_I(r, or1, sr2):
+    if r + sr2 - or1 < 0:
+        return 0.0
+    U = r + sr2
+    L = max(or1, abs(r - sr2))
+    return 0.5 * (1 / L - 1 / U + 0.25 * (r - sr2 * sr2 / r) * (1 / U**2 - 1 / L**2) + 0.5 * math.log(L / U) / r)
+
+
+def _obc2_B(I, or_, offset):
+    psi = I * or_
+    return 1 / (1 / or_ - math.tanh(psi - 0.8 * psi**2 + 4.85 * psi**3) / (or_ + offset))
+
+
+def _close(a: float, b: float, tol: float = 1e-8) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+def _compile_custom_gb(force, c: _Compiled) -> None:
+    import openmm
+
+    from .native_expr import Expression, ExpressionError, numeric_definitions
+
+    _check_nocutoff(force)
+    if force.getNumTabulatedFunctions():
+        raise _Unsupported("tabulated functions")
+    names = [force.getPerParticleParameterName(i) for i in range(force.getNumPerParticleParameters())]
+    if not {"charge", "or", "sr"} <= set(names):
+        raise _Unsupported(f"per-particle parameters {names} are not (charge, or, sr)")
+    glob = _globals(force)
+    pair_noexcl = openmm.CustomGBForce.ParticlePairNoExclusions
+    single = openmm.CustomGBForce.SingleParticle
+    if force.getNumComputedValues() != 2:
+        raise _Unsupported("expected 2 computed values (I, B) of the OBC2 form")
+    nI, eI, tI = force.getComputedValueParameters(0)
+    nB, eB, tB = force.getComputedValueParameters(1)
+    if (nI, nB, tI, tB) != ("I", "B", pair_noexcl, single):
+        raise _Unsupported("computed values are not I (pair, no exclusions) and B (single particle)")
+    try:
+        fI, fB = Expression(eI), Expression(eB)
+        offset = numeric_definitions(eB).get("offset")
+        if offset is None:
+            raise _Unsupported("B expression has no 'offset' definition")
+        for r in (0.05, 0.15, 0.3, 0.6, 1.5):
+            for or1, sr2 in ((0.1, 0.06), (0.15, 0.13), (0.11, 0.16), (0.2, 0.05)):
+                v = dict(glob, r=r, or1=or1, sr2=sr2, or2=0.13, sr1=0.09, charge1=0.3, charge2=-0.4)
+                if not _close(fI(v), _obc_I(r, or1, sr2)):
+                    raise _Unsupported(f"computed value I is not the OBC integral: {eI!r}")
+        for I in (0.3, 2.0, 6.0):
+            for or_ in (0.1, 0.16):
+                if not _close(fB(dict(glob, I=I, sr=0.07, charge=0.2, **{"or": or_})), _obc2_B(I, or_, offset)):
+                    raise _Unsupported(f"computed value B is not the OBC2 Born radius: {eB!r}")
+        gb: dict[str, Any] = {"offset": offset, "sa": None, "pair": None, "self": None}
+        for t in range(force.getNumEnergyTerms()):
+            expr, kind = force.getEnergyTermParameters(t)
+            f = Expression(expr)
+            nd = numeric_definitions(expr)
+            eps_in, eps_out, kappa = nd.get("soluteDielectric"), nd.get("solventDielectric"), nd.get("kappa", 0.0)
+            if kind == single:
+                pts = [(q, or_, B) for q in (0.4, -0.7) for or_ in (0.1, 0.17) for B in (0.12, 0.35)]
+                vals = [f(dict(glob, charge=q, sr=0.08, B=B, **{"or": or_})) for q, or_, B in pts]
+                if eps_in is not None and eps_out is not None:
+                    ref = [-0.5 * _GB_PREF * (1 / eps_in - math.exp(-kappa * B) / eps_out) * q * q / B for q, _, B in pts]
+                    if all(_close(a, b) for a, b in zip(vals, ref)) and gb["self"] is None:
+                        gb["self"] = (eps_in, eps_out, kappa)
+                        continue
+                off = nd.get("offset", offset)
+                ref = [_ACE_COEF * (or_ + off + _ACE_PROBE) ** 2 * ((or_ + off) / B) ** 6 for _, or_, B in pts]
+                if all(_close(a, b) for a, b in zip(vals, ref)) and gb["sa"] is None:
+                    gb["sa"] = (_ACE_COEF, off, _ACE_PROBE)
+                    continue
+                raise _Unsupported(f"single-particle energy term not recognised: {expr!r}")
+            elif kind == pair_noexcl and eps_in is not None and eps_out is not None:
+                pts = [(r, B1, B2) for r in (0.1, 0.3, 0.9) for B1, B2 in ((0.12, 0.2), (0.3, 0.15))]
+                ok = gb["pair"] is None
+                for r, B1, B2 in pts:
+                    fij = math.sqrt(r * r + B1 * B2 * math.exp(-r * r / (4 * B1 * B2)))
+                    ref = -_GB_PREF * (1 / eps_in - math.exp(-kappa * fij) / eps_out) * 0.3 * -0.6 / fij
+                    val = f(dict(glob, r=r, B1=B1, B2=B2, charge1=0.3, charge2=-0.6, or1=0.1, or2=0.12, sr1=0.07, sr2=0.09))
+                    ok = ok and _close(val, ref)
+                if not ok:
+                    raise _Unsupported(f"pair energy term not recognised: {expr!r}")
+                gb["pair"] = (eps_in, eps_out, kappa)
+            else:
+                raise _Unsupported(f"energy term of type {kind} not recognised: {expr!r}")
+    except ExpressionError as e:
+        raise _Unsupported(str(e)) from e
+    except (ValueError, ZeroDivisionError, OverflowError) as e:
+        raise _Unsupported(f"expression could not be checked: {e}") from e
+    if gb["self"] is None or gb["pair"] is None or gb["self"] != gb["pair"]:
+        raise _Unsupported("missing or inconsistent GB self / pair energy terms")
+    params = np.array([force.getParticleParameters(i) for i in range(force.getNumParticles())], dtype=np.float64)
+    col = {nm: k for k, nm in enumerate(names)}
+    _set_gb(c, params[:, col["charge"]], params[:, col["or"]], params[:, col["sr"]], offset, gb["self"], _GB_PREF, gb["sa"])
+
+
+def _set_gb(c: _Compiled, charge, or_, sr, offset, diel, pref, sa) -> None:
+    if c.gb is not None:
+        raise _Unsupported("more than one GB force")
+    eps_in, eps_out, kappa = diel
+    c.gb = {
+        "charge": np.asarray(charge, dtype=np.float64),
+        "or": np.asarray(or_, dtype=np.float64),
+        "sr": np.asarray(sr, dtype=np.float64),
+        "offset": float(offset),
+        "pref": float(pref),
+        "eps_in": float(eps_in),
+        "eps_out": float(eps_out),
+        "kappa": float(kappa),
+        "sa_coef": 0.0 if sa is None else float(sa[0]),
+        "sa_offset": float(offset) if sa is None else float(sa[1]),
+        "probe": _ACE_PROBE if sa is None else float(sa[2]),
+    }
+
+
+def _compile_force(force, c: _Compiled, pairs: dict) -> None:
+    import openmm
+
+    from .native_expr import Expression, ExpressionError, numeric_definitions
+
+    kind = type(force).__name__
+    if hasattr(force, "usesPeriodicBoundaryConditions") and force.usesPeriodicBoundaryConditions():
+        raise _Unsupported("periodic boundary conditions")
+    n = c.n
+    if isinstance(force, openmm.HarmonicBondForce):
+        for b in range(force.getNumBonds()):
+            i, j, r0, k = force.getBondParameters(b)
+            c.bonds.append((i, j, _v(r0), _v(k)))
+    elif isinstance(force, openmm.HarmonicAngleForce):
+        for a in range(force.getNumAngles()):
+            i, j, k_, t0, k = force.getAngleParameters(a)
+            c.angles.append((i, j, k_, _v(t0), _v(k)))
+    elif isinstance(force, openmm.PeriodicTorsionForce):
+        for t in range(force.getNumTorsions()):
+            i, j, k_, l, per, ph, k = force.getTorsionParameters(t)
+            c.torsions.append((i, j, k_, l, float(per), _v(ph), _v(k)))
+    elif isinstance(force, openmm.CustomTorsionForce):
+        expr = force.getEnergyFunction()
+        names = [force.getPerTorsionParameterName(i) for i in range(force.getNumPerTorsionParameters())]
+        if not {"k", "theta0"} <= set(names):
+            raise _Unsupported(f"per-torsion parameters {names} are not (k, theta0): {expr!r}")
+        pi_ = numeric_definitions(expr).get("pi", math.pi)
+        glob = _globals(force)
+        try:
+            f = Expression(expr)
+            for k in (1.3, 50.0):
+                for t0 in (0.0, 0.4, -2.9, math.pi):
+                    for th in np.linspace(-math.pi, math.pi, 13):
+                        d = abs(th - t0)
+                        ref = k * min(d, 2 * pi_ - d) ** 2
+                        extra = {nm: 0.0 for nm in names}
+                        if not _close(f(dict(glob, **extra, theta=float(th), k=k, theta0=t0)), ref):
+                            raise _Unsupported(f"not a harmonic improper k*min(dtheta, 2*pi-dtheta)^2: {expr!r}")
+        except (ExpressionError, ValueError, ZeroDivisionError) as e:
+            raise _Unsupported(f"{e}") from e
+        ik, it0 = names.index("k"), names.index("theta0")
+        for t in range(force.getNumTorsions()):
+            i, j, k_, l, p = force.getTorsionParameters(t)
+            c.impropers.append((i, j, k_, l, float(p[ik]), float(p[it0]), 2 * pi_))
+    elif isinstance(force, openmm.CMAPTorsionForce):
+        base = len(c.cmap_maps)
+        for m in range(force.getNumMaps()):
+            size, energy = force.getMapParameters(m)
+            energy = np.array([_v(e) for e in (energy._value if hasattr(energy, "_value") else energy)], dtype=np.float64)
+            c.cmap_maps.append((int(size), _compile_periodic_cmap_coefficients(int(size), energy)))
+        for t in range(force.getNumTorsions()):
+            m, *atoms = force.getTorsionParameters(t)
+            c.cmaps.append((base + m, *atoms))
+    elif isinstance(force, openmm.NonbondedForce):
+        _check_nocutoff(force)
+        if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
+            raise _Unsupported("parameter offsets")
+        p = np.array([[_v(v) for v in force.getParticleParameters(i)] for i in range(n)])
+        q, sig, eps = p[:, 0], p[:, 1], p[:, 2]
+        iu, ju, lookup = pairs["iu"], pairs["ju"], pairs["lookup"]
+        s = 0.5 * (sig[iu] + sig[ju])
+        e = np.sqrt(eps[iu] * eps[ju])
+        A = 4 * e * s**12
+        B = 4 * e * s**6
+        C = ONE_4PI_EPS0 * q[iu] * q[ju]
+        for x in range(force.getNumExceptions()):
+            i, j, qq, sg, ep = force.getExceptionParameters(x)
+            idx = lookup[i, j]
+            qq, sg, ep = _v(qq), _v(sg), _v(ep)
+            A[idx] = 4 * ep * sg**12
+            B[idx] = 4 * ep * sg**6
+            C[idx] = ONE_4PI_EPS0 * qq
+        pairs["A"] += A
+        pairs["B"] += B
+        pairs["C"] += C
+    elif isinstance(force, openmm.CustomNonbondedForce):
+        _check_nocutoff(force)
+        if force.getNumInteractionGroups():
+            raise _Unsupported("interaction groups")
+        if hasattr(force, "getNumComputedValues") and force.getNumComputedValues():
+            raise _Unsupported("computed values")
+        expr = force.getEnergyFunction()
+        names = [force.getPerParticleParameterName(i) for i in range(force.getNumPerParticleParameters())]
+        glob, funcs = _globals(force), _tabulated(force)
+        params = [tuple(force.getParticleParameters(i)) for i in range(n)]
+        uniq = sorted(set(params))
+        code = {p: k for k, p in enumerate(uniq)}
+        try:
+            f = Expression(expr)
+            table = np.zeros((len(uniq), len(uniq), 3))
+            for a, pa in enumerate(uniq):
+                for b, pb in enumerate(uniq):
+                    var = dict(glob)
+                    var.update({nm + "1": v for nm, v in zip(names, pa)})
+                    var.update({nm + "2": v for nm, v in zip(names, pb)})
+                    table[a, b] = _fit_pair(lambda r: f(dict(var, r=float(r)), funcs))
+        except (ExpressionError, ValueError, ZeroDivisionError, IndexError, OverflowError) as e:
+            raise _Unsupported(f"{e}: {expr!r}") from e
+        tcode = np.array([code[p] for p in params])
+        iu, ju, lookup = pairs["iu"], pairs["ju"], pairs["lookup"]
+        abc = table[tcode[iu], tcode[ju]].copy()
+        for x in range(force.getNumExclusions()):
+            i, j = force.getExclusionParticles(x)
+            abc[lookup[i, j]] = 0.0
+        pairs["A"] += abc[:, 0]
+        pairs["B"] += abc[:, 1]
+        pairs["C"] += abc[:, 2]
+    elif isinstance(force, openmm.CustomBondForce):
+        expr = force.getEnergyFunction()
+        names = [force.getPerBondParameterName(i) for i in range(force.getNumPerBondParameters())]
+        glob = _globals(force)
+        cache: dict = {}
+        try:
+            f = Expression(expr)
+            for b in range(force.getNumBonds()):
+                i, j, p = force.getBondParameters(b)
+                p = tuple(p)
+                if p not in cache:
+                    var = dict(glob, **dict(zip(names, p)))
+                    cache[p] = _fit_pair(lambda r: f(dict(var, r=float(r))))
+                idx = pairs["lookup"][i, j]
+                if idx < 0:
+                    raise _Unsupported(f"bond ({i}, {j}) of a particle with itself")
+                A, B, C = cache[p]
+                pairs["A"][idx] += A
+                pairs["B"][idx] += B
+                pairs["C"][idx] += C
+        except (ExpressionError, ValueError, ZeroDivisionError, OverflowError) as e:
+            raise _Unsupported(f"{e}: {expr!r}") from e
+    elif isinstance(force, openmm.CustomGBForce):
+        _compile_custom_gb(force, c)
+    elif isinstance(force, openmm.GBSAOBCForce):
+        _check_nocutoff(force)
+        p = np.array([[_v(v) for v in force.getParticleParameters(i)] for i in range(n)])
+        offset = 0.009
+        or_ = p[:, 1] - offset
+        sa_energy = _v(force.getSurfaceAreaEnergy())
+        sa = (4 * math.pi * sa_energy, offset, _ACE_PROBE) if sa_energy != 0 else None
+        _set_gb(c, p[:, 0], or_, or_ * p[:, 2], offset, (force.getSoluteDielectric(), force.getSolventDielectric(), 0.0), ONE_4PI_EPS0, sa)
+    elif kind in _IGNORED:
+        pass
+    else:
+        raise _Unsupported("not implemented in the native backend")
+
+
+def _compile(system) -> _Compiled:
+    n = system.getNumParticles()
+    c = _Compiled(n=n)
+    iu, ju, lookup = _triu_index(n)
+    pairs = {"iu": iu, "ju": ju, "lookup": lookup, "A": np.zeros(len(iu)), "B": np.zeros(len(iu)), "C": np.zeros(len(iu))}
+    if any(system.isVirtualSite(i) for i in range(n)):
+        c.unsupported.append("virtual sites (the native backend has no virtual-site construction)")
+    for force in system.getForces():
+        snapshot = (len(c.bonds), len(c.angles), len(c.torsions), len(c.impropers), len(c.cmap_maps), len(c.cmaps))
+        saved = {k: pairs[k].copy() for k in ("A", "B", "C")}
+        try:
+            _compile_force(force, c, pairs)
+        except _Unsupported as e:
+            c.unsupported.append(f"{type(force).__name__} '{force.getName()}' ({e})")
+            # roll back partial additions of this force
+            c.bonds, c.angles, c.torsions = c.bonds[: snapshot[0]], c.angles[: snapshot[1]], c.torsions[: snapshot[2]]
+            c.impropers, c.cmap_maps, c.cmaps = c.impropers[: snapshot[3]], c.cmap_maps[: snapshot[4]], c.cmaps[: snapshot[5]]
+            pairs.update(saved)
+    c.pair_A, c.pair_B, c.pair_C = pairs["A"], pairs["B"], pairs["C"]
+    c.pair_iu, c.pair_ju = iu, ju  # type: ignore[attr-defined]
+    return c
+
+
+def unsupported_forces(openmm_system) -> list[str]:
+    """Forces of ``openmm_system`` (an ``openmm.System``) the native backend cannot evaluate; [] when all are supported."""
+    return _compile(openmm_system).unsupported
+
+
+# ------------------------------------------------------------------------------------------
+# geometry kernels: x (batch, n_atoms, 3) -> per-term values, safe at degenerate geometry
+# ------------------------------------------------------------------------------------------
+def _safe_norm(v: torch.Tensor, tiny: float = _TINY) -> torch.Tensor:
+    return torch.sqrt((v * v).sum(-1).clamp_min(tiny))
+
+
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a0, a1, a2 = a.unbind(-1)
+    b0, b1, b2 = b.unbind(-1)
+    return torch.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], dim=-1)
+
+
+def _dihedral(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """IUPAC dihedral angle in (-pi, pi] of atoms idx: (n, 4) -> (batch, n); 0 where undefined."""
+    p = x.index_select(1, idx.reshape(-1)).reshape(x.shape[0], idx.shape[0], 4, 3)
+    b1 = p[:, :, 1] - p[:, :, 0]
+    b2 = p[:, :, 2] - p[:, :, 1]
+    b3 = p[:, :, 3] - p[:, :, 2]
+    n1 = _cross(b1, b2)
+    n2 = _cross(b2, b3)
+    yy = _safe_norm(b2) * (b1 * n2).sum(-1)
+    xx = (n1 * n2).sum(-1)
+    bad = (xx.abs() + yy.abs()) < 1e-18
+    return torch.atan2(torch.where(bad, torch.zeros_like(yy), yy), torch.where(bad, torch.ones_like(xx), xx))
+
+
+def _angle(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Angle i-j-k in [0, pi] for idx: (n, 3) -> (batch, n)."""
+    p = x.index_select(1, idx.reshape(-1)).reshape(x.shape[0], idx.shape[0], 3, 3)
+    u = p[:, :, 0] - p[:, :, 1]
+    v = p[:, :, 2] - p[:, :, 1]
+    return torch.atan2(_safe_norm(_cross(u, v)), (u * v).sum(-1))
+
+
+def _distance(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, tiny: float = _TINY) -> torch.Tensor:
+    return _safe_norm(x.index_select(1, i) - x.index_select(1, j), tiny)
+
+
+# ------------------------------------------------------------------------------------------
+# the module
+# ------------------------------------------------------------------------------------------
+class NativeEnergy(torch.nn.Module):
+    """Batched torch evaluation of a MolecularSystem's OpenMM System (see module docstring).
+
+    system: :class:`~boltzflow.systems.MolecularSystem` (its OpenMM System must be fully supported,
+        see :func:`unsupported_forces`; otherwise UnsupportedForceError).
+    cap: optional :class:`EnergyCap` (per-term gradient cap, log-linear total-energy cap).
+    dtype: storage dtype of the parameter buffers (computation always follows x's dtype).
+    device: where the buffers live initially (``.to(device)`` moves them later).
+
+    ``forward(x) -> (batch,) kT``; ``evaluate(x) -> EnergyResult(u, valid)``;
+    ``terms(x) -> {name: (batch,) kT}`` (uncapped values; sum == u before the log-linear cap).
+    """
+
+    def __init__(self, system, cap: EnergyCap | None = None, dtype: torch.dtype = torch.float64, device=None):
+        super().__init__()
+        from ..errors import UnsupportedForceError
+
+        comp = _compile(system.system)
+        if comp.unsupported:
+            raise UnsupportedForceError(
+                f"native energy does not support {'; '.join(comp.unsupported)} of system {system.name!r}; "
+                "use backend='openmm' (CLI: --backend openmm)"
+            )
+        self.n_atoms = comp.n
+        self.beta = float(system.beta)
+        self.temperature = float(system.temperature)
+        self.cap = cap if cap is not None else EnergyCap()
+        bonded = {tuple(sorted((b[0].index, b[1].index))) for b in system.topology.bonds()}
+        ub = [b for b in comp.bonds if bonded and tuple(sorted(b[:2])) not in bonded]
+        bd = [b for b in comp.bonds if not (bonded and tuple(sorted(b[:2])) not in bonded)]
+
+        def buf(name: str, arr, kind: str = "f"):
+            arr = np.asarray(arr)
+            t = torch.as_tensor(arr, dtype=torch.long if kind == "i" else dtype, device=device)
+            self.register_buffer(name, t, persistent=False)
+
+        self._terms: list[str] = []
+        for name, rows in (("bond", bd), ("urey_bradley", ub)):
+            if rows:
+                a = np.array(rows)
+                buf(f"{name}_i", a[:, 0].astype(np.int64), "i")
+                buf(f"{name}_j", a[:, 1].astype(np.int64), "i")
+                buf(f"{name}_r0", a[:, 2])
+                buf(f"{name}_k", a[:, 3])
+                self._terms.append(name)
+        if comp.angles:
+            a = np.array(comp.angles)
+            buf("angle_idx", a[:, :3].astype(np.int64), "i")
+            buf("angle_t0", a[:, 3])
+            buf("angle_k", a[:, 4])
+            self._terms.append("angle")
+        if comp.torsions:
+            a = np.array(comp.torsions)
+            a = a[a[:, 6] != 0.0] if np.any(a[:, 6] != 0.0) else a[:1]
+            buf("torsion_idx", a[:, :4].astype(np.int64), "i")
+            buf("torsion_n", a[:, 4])
+            buf("torsion_phase", a[:, 5])
+            buf("torsion_k", a[:, 6])
+            self._terms.append("torsion")
+        if comp.impropers:
+            a = np.array(comp.impropers)
+            buf("improper_idx", a[:, :4].astype(np.int64), "i")
+            buf("improper_k", a[:, 4])
+            buf("improper_t0", a[:, 5])
+            buf("improper_2pi", a[:, 6])
+            self._terms.append("improper")
+        if comp.cmaps:
+            a = np.array(comp.cmaps, dtype=np.int64)
+            offsets = np.cumsum([0] + [s * s for s, _ in comp.cmap_maps])[:-1]
+            sizes = np.array([s for s, _ in comp.cmap_maps])
+            buf("cmap_coeff", np.concatenate([cf for _, cf in comp.cmap_maps]).reshape(-1, 4, 4))
+            buf("cmap_idx", a[:, 1:9], "i")
+            buf("cmap_base", offsets[a[:, 0]], "i")
+            buf("cmap_size", sizes[a[:, 0]], "i")
+            buf("cmap_delta", 2 * np.pi / sizes[a[:, 0]])
+            self._terms.append("cmap")
+        keep = (comp.pair_A != 0) | (comp.pair_B != 0) | (comp.pair_C != 0)
+        if keep.any():
+            buf("pair_i", comp.pair_iu[keep], "i")
+            buf("pair_j", comp.pair_ju[keep], "i")
+            buf("pair_A", comp.pair_A[keep])
+            buf("pair_B", comp.pair_B[keep])
+            buf("pair_C", comp.pair_C[keep])
+            self._has_lj = bool(np.any(comp.pair_A[keep] != 0) or np.any(comp.pair_B[keep] != 0))
+            self._has_coul = bool(np.any(comp.pair_C[keep] != 0))
+            self._terms += [t for t, h in (("lj", self._has_lj), ("coulomb", self._has_coul)) if h]
+        if comp.gb is not None:
+            g = comp.gb
+            buf("gb_i", comp.pair_iu, "i")
+            buf("gb_j", comp.pair_ju, "i")
+            buf("gb_q", g["charge"])
+            buf("gb_or", g["or"])
+            buf("gb_sr", g["sr"])
+            self._gb_const = {k: g[k] for k in ("offset", "pref", "eps_in", "eps_out", "kappa", "sa_coef", "sa_offset", "probe")}
+            self._terms.append("gb")
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _p(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        t = getattr(self, name)
+        if t.is_floating_point() and t.dtype != x.dtype:
+            return t.to(x.dtype)
+        return t
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """Names (from TERM_NAMES) of the terms this System has."""
+        return tuple(self._terms)
+
+    # ---- terms in kJ/mol ----------------------------------------------------------------
+    def _bondlike(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        r = _distance(x, getattr(self, f"{name}_i"), getattr(self, f"{name}_j"))
+        return (0.5 * self._p(f"{name}_k", x) * (r - self._p(f"{name}_r0", x)) ** 2).sum(-1)
+
+    def _angle_e(self, x: torch.Tensor) -> torch.Tensor:
+        th = _angle(x, self.angle_idx)
+        return (0.5 * self._p("angle_k", x) * (th - self._p("angle_t0", x)) ** 2).sum(-1)
+
+    def _torsion_e(self, x: torch.Tensor) -> torch.Tensor:
+        phi = _dihedral(x, self.torsion_idx)
+        return (self._p("torsion_k", x) * (1 + torch.cos(self._p("torsion_n", x) * phi - self._p("torsion_phase", x)))).sum(-1)
+
+    def _improper_e(self, x: torch.Tensor) -> torch.Tensor:
+        th = _dihedral(x, self.improper_idx)
+        d = (th - self._p("improper_t0", x)).abs()
+        d = torch.minimum(d, self._p("improper_2pi", x) - d)
+        return (self._p("improper_k", x) * d * d).sum(-1)
+
+    def _cmap_e(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.cmap_idx
+        ang = _dihedral(x, idx.reshape(-1, 4)).reshape(x.shape[0], idx.shape[0], 2)
+        two_pi = 2 * math.pi
+        ang = torch.remainder(ang + two_pi, two_pi)
+        delta = self._p("cmap_delta", x)[:, None]
+        scaled = ang / delta
+        size = self.cmap_size[:, None]
+        st = torch.minimum(scaled.detach().floor().long(), size - 1).clamp_min(0)
+        frac = scaled - st.to(x.dtype)
+        patch = self.cmap_base + st[..., 0] + self.cmap_size * st[..., 1]  # (batch, n)
+        c = self._p("cmap_coeff", x)[patch]  # (batch, n, 4, 4)
+        pw = torch.stack([torch.ones_like(frac), frac, frac * frac, frac * frac * frac], dim=-1)  # (batch, n, 2, 4)
+        e = torch.einsum("bni,bnij,bnj->bn", pw[:, :, 0], c, pw[:, :, 1])
+        return e.sum(-1)
+
+    def _pair_e(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = x.index_select(1, self.pair_i) - x.index_select(1, self.pair_j)
+        r2 = (d * d).sum(-1).clamp_min(_TINY)
+        inv_r2 = 1.0 / r2
+        inv_r6 = inv_r2 * inv_r2 * inv_r2
+        lj = ((self._p("pair_A", x) * inv_r6 - self._p("pair_B", x)) * inv_r6).sum(-1)
+        coul = (self._p("pair_C", x) * torch.sqrt(inv_r2)).sum(-1)
+        return lj, coul
+
+    def _gb_e(self, x: torch.Tensor) -> torch.Tensor:
+        k = self._gb_const
+        i, j = self.gb_i, self.gb_j
+        r = _distance(x, i, j, _GB_TINY)  # (batch, P)
+        q, or_, sr = self._p("gb_q", x), self._p("gb_or", x), self._p("gb_sr", x)
+
+        def integral(rr, or1, sr2):
+            U = rr + sr2
+            L = torch.maximum(or1.expand_as(rr), (rr - sr2).abs())
+            val = 0.5 * (1 / L - 1 / U + 0.25 * (rr - sr2 * sr2 / rr) * (1 / (U * U) - 1 / (L * L)) + 0.5 * torch.log(L / U) / rr)
+            return torch.where(rr + sr2 - or1 >= 0, val, torch.zeros_like(val))
+
+        I = torch.zeros(x.shape[0], self.n_atoms, dtype=x.dtype, device=x.device)
+        I = I.index_add(1, i, integral(r, or_[i], sr[j])).index_add(1, j, integral(r, or_[j], sr[i]))
+        psi = I * or_
+        radius = or_ + k["offset"]
+        B = 1 / (1 / or_ - torch.tanh(psi - 0.8 * psi**2 + 4.85 * psi**3) / radius)
+        pref = k["pref"]
+        e = (-0.5 * pref * (1 / k["eps_in"] - torch.exp(-k["kappa"] * B) / k["eps_out"]) * q * q / B).sum(-1)
+        if k["sa_coef"]:
+            rad = or_ + k["sa_offset"]
+            e = e + (k["sa_coef"] * (rad + k["probe"]) ** 2 * (rad / B) ** 6).sum(-1)
+        Bi, Bj = B[:, i], B[:, j]
+        bb = Bi * Bj
+        f = torch.sqrt(r * r + bb * torch.exp(-r * r / (4 * bb)))
+        e = e + (-pref * (1 / k["eps_in"] - torch.exp(-k["kappa"] * f) / k["eps_out"]) * (q[i] * q[j]) / f).sum(-1)
+        return e
+
+    def _terms_kj(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        g = self.cap.term_grad_max
+        xin = (lambda: cap_gradient(x, g)) if g is not None else (lambda: x)
+        out: dict[str, torch.Tensor] = {}
+        for name in ("bond", "urey_bradley"):
+            if name in self._terms:
+                out[name] = self._bondlike(xin(), name)
+        if "angle" in self._terms:
+            out["angle"] = self._angle_e(xin())
+        if "torsion" in self._terms:
+            out["torsion"] = self._torsion_e(xin())
+        if "improper" in self._terms:
+            out["improper"] = self._improper_e(xin())
+        if "cmap" in self._terms:
+            out["cmap"] = self._cmap_e(xin())
+        if hasattr(self, "pair_i"):
+            if g is None:
+                lj, coul = self._pair_e(x)
+            else:
+                lj, _ = self._pair_e(xin()) if self._has_lj else (None, None)
+                _, coul = self._pair_e(xin()) if self._has_coul else (None, None)
+            if self._has_lj:
+                out["lj"] = lj
+            if self._has_coul:
+                out["coulomb"] = coul
+        if "gb" in self._terms:
+            out["gb"] = self._gb_e(xin())
+        return out
+
+    # ---- public API -----------------------------------------------------------------------
+    def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-term reduced energies {name: (batch,) kT} for x: (batch, n_atoms, 3) nm (gradient-capped if cap set)."""
+        x = check_positions(x, self.n_atoms)
+        return {k: v * self.beta for k, v in self._terms_kj(x).items()}
+
+    def evaluate(self, x: torch.Tensor) -> EnergyResult:
+        """EnergyResult(u: (batch,) kT, valid: (batch,) bool); invalid rows get u=+inf and zero gradient."""
+        x = check_positions(x, self.n_atoms)
+        mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        xm = _MaskGrad.apply(x, mask)
+        parts = self._terms_kj(xm)
+        u = torch.stack(list(parts.values()), 0).sum(0) * self.beta if parts else x.new_zeros(x.shape[0])
+        u = log_linear_cap(u, self.cap.energy_max)
+        finite_x = torch.isfinite(x.detach()).flatten(1).all(1)
+        valid = finite_x & torch.isfinite(u.detach())
+        mask.copy_(valid)
+        u = torch.where(valid, u, torch.full_like(u, math.inf))
+        return EnergyResult(u, valid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """u: (batch,) kT for x: (batch, n_atoms, 3) nm."""
+        return self.evaluate(x).u
+
+    def extra_repr(self) -> str:
+        return f"n_atoms={self.n_atoms}, T={self.temperature} K, terms={self._terms}"
+
+
+class _MaskGrad(torch.autograd.Function):
+    """Identity; backward zeroes the gradient rows whose ``mask`` entry is False (filled after forward)."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.mask = mask  # not saved_for_backward: it is filled in place after the forward pass
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        m = ctx.mask.view(-1, *([1] * (g.dim() - 1)))
+        return torch.where(m, g, torch.zeros_like(g)), None
