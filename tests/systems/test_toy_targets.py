@@ -150,7 +150,7 @@ def test_lj_energy_values_and_invariances():
     x = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
     u = two.energy(x)
     # LJ minimum -eps at r = rm; harmonic term 0.5 * (0.5^2 + 0.5^2)
-    assert float(u) == pytest.approx(-1.0 + 0.25, abs=1e-12)
+    assert float(u.detach()) == pytest.approx(-1.0 + 0.25, abs=1e-12)
     (g,) = torch.autograd.grad(u, x)
     # at r = rm only the harmonic restraint pulls the pair together: force = x - com
     assert torch.allclose(g, torch.tensor([[-0.5, 0, 0, 0.5, 0, 0]], dtype=torch.float64), atol=1e-12)
