@@ -1,0 +1,95 @@
+"""`boltzflow train`: pre-train on reference data, fine-tune data-free; resumable."""
+
+from __future__ import annotations
+
+from .common import add_verb, load_system, print_json
+
+EXAMPLE = """\
+  boltzflow train --print-config > train.toml           # every option with its default
+  boltzflow train alanine-dipeptide --config train.toml -o runs/adp
+  boltzflow train alanine-dipeptide -o runs/quick --pretrain-steps 200 --finetune-steps 500 --loss l2plus
+  boltzflow train --resume runs/adp                      # continue a killed run
+  boltzflow train my_system/ -o runs/x --set generator.hidden=128 --set training.optimizer.lr=5e-4
+"""
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``["a.b=3", "c=x"]`` -> ``{"a.b": 3, "c": "x"}`` (values parsed as TOML scalars when possible)."""
+    import tomllib
+
+    from ..errors import InputError
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise InputError(f"--set expects KEY=VALUE (e.g. training.finetune.steps=100), got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = tomllib.loads(f"v = {v}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def register(sub) -> None:
+    p = add_verb(sub, "train", "train a Boltzmann generator (KLz pre-training, then data-free fine-tuning)", EXAMPLE, run)
+    p.add_argument("system", nargs="?", help="system directory (from `boltzflow prepare`) or built-in name")
+    p.add_argument("-o", "--output", help="run directory to create")
+    p.add_argument("--config", help="TOML configuration (see --print-config)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the full default configuration and exit")
+    p.add_argument("--pretrain-steps", type=int, help="KLz steps on reference data")
+    p.add_argument("--finetune-steps", type=int, help="data-free fine-tuning steps")
+    p.add_argument("--loss", help="fine-tuning loss: klx, klz_df, l2plus, l2plus_nomask, l2plus_nodetach, fab")
+    p.add_argument("--batch", type=int, help="batch size of both stages")
+    p.add_argument("--pipeline", help="generator pipeline: conditional (unbiased), hnet (biased), internal-all")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", help="energy backend: auto, native, openmm")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def overrides_from_args(args) -> dict:
+    ov = parse_set(args.set)
+    for key, val in (("training.pretrain.steps", args.pretrain_steps), ("training.finetune.steps", args.finetune_steps),
+                     ("training.finetune.loss", args.loss), ("training.pretrain.batch", args.batch),
+                     ("training.finetune.batch", args.batch), ("generator.pipeline", args.pipeline),
+                     ("device", args.device), ("seed", args.seed), ("training.seed", args.seed),
+                     ("energy.backend", args.backend)):
+        if val is not None:
+            ov[key] = val
+    return ov
+
+
+def run(args) -> int:
+    from .. import pipeline
+    from ..errors import InputError
+
+    if args.print_config:
+        print(pipeline.default_config_toml(), end="")
+        return 0
+    if args.resume:
+        from ..systems import MolecularSystem
+        from ..training.rundir import RunDir
+
+        rd = RunDir(args.resume, create=False)
+        if not rd.config_path.is_file():
+            raise InputError(f"'{rd.path}' is not a training run directory (no config.toml)")
+        config = pipeline.load_run_config(rd.config_path, overrides_from_args(args))
+        system = MolecularSystem.load(rd.system_dir)
+        summary = pipeline.train(system, config, rd.path, resume=True, progress=False if args.no_progress else None)
+    else:
+        if not args.system or not args.output:
+            raise InputError("train needs SYSTEM and -o RUN_DIR (or --resume RUN_DIR); see `boltzflow train --help`")
+        system = load_system(args.system)
+        config = pipeline.load_run_config(args.config, overrides_from_args(args))
+        summary = pipeline.train(system, config, args.output, progress=False if args.no_progress else None)
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"trained {summary.get('system')}: {summary.get('training_steps')} steps, "
+              f"{summary.get('energy_evals_training')} energy evaluations, {summary.get('skipped_steps')} skipped steps; "
+              f"run directory {args.resume or args.output}")
+    return 0

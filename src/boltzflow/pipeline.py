@@ -1,0 +1,457 @@
+"""End-to-end workflow: train a generator for a system, sample it, reweight, report.
+
+This is the Python API behind ``boltzflow train``, ``sample`` and ``demo``; every function takes
+plain objects and writes into a run directory (:class:`boltzflow.training.rundir.RunDir`)::
+
+    from boltzflow.pipeline import RunConfig, train, sample, estimate
+    from boltzflow.systems.builtin import builtin_system
+    system = builtin_system("alanine-dipeptide")
+    train(system, RunConfig(), "runs/adp")        # pre-train on reference data, fine-tune data-free
+    gen_samples = sample("runs/adp", n=20000)      # SampleSet with log q, u and log weights
+    print(estimate("runs/adp")["phi_positive"])    # reweighted population with error bar
+
+A killed ``train`` continues with ``train(..., resume=True)`` (CLI: ``boltzflow train --resume RUN_DIR``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import dump_toml, from_dict, load_config, to_dict
+from .errors import InputError
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+def _generator_config_cls():
+    from .flows.generator import GeneratorConfig
+
+    return GeneratorConfig
+
+
+def _train_config_cls():
+    from .training.trainer import TrainConfig
+
+    return TrainConfig
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    """Target energy. backend: "auto" (native torch when supported), "native" or "openmm";
+    platform / n_workers: OpenMM bridge options; term_grad_max: per-term gradient cap (kT/nm, 0 = off);
+    energy_max: log-linear cap of u above this many kT (0 = off)."""
+
+    backend: str = "auto"
+    platform: str = "CPU"
+    n_workers: int = 1
+    term_grad_max: float = 0.0
+    energy_max: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data. reference: a SampleSet .npz ("" = the system's shipped reference_300K.npz);
+    max_samples: use at most this many frames (0 = all); holdout: fraction kept out for evaluation."""
+
+    reference: str = ""
+    max_samples: int = 0
+    holdout: float = 0.1
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampling after training: n samples in batches of batch_size."""
+
+    n: int = 20000
+    batch_size: int = 2000
+
+
+def _default_generator():
+    return _generator_config_cls()()
+
+
+def _default_training():
+    return _train_config_cls()()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `boltzflow train` needs. device: "auto" (CUDA when available) | "cpu" | "cuda";
+    dtype: "float32" | "float64"."""
+
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    generator: Any = field(default_factory=_default_generator)
+    training: Any = field(default_factory=_default_training)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SampleConfig = field(default_factory=SampleConfig)
+
+
+def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """RunConfig from a nested dict (TOML); unknown keys anywhere are an error."""
+    data = dict(data)
+    sub = {}
+    if "generator" in data:
+        sub["generator"] = from_dict(_generator_config_cls(), data.pop("generator"), "generator")
+    if "training" in data:
+        sub["training"] = from_dict(_train_config_cls(), data.pop("training"), "training")
+    base = from_dict(RunConfig, data)
+    from dataclasses import replace
+
+    return replace(base, **sub)
+
+
+def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, updated by a TOML file and by dotted-key overrides (``{"training.finetune.steps": 10}``)."""
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"config file '{p}' not found; write one with `boltzflow train --print-config > {p.name}`")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise InputError(f"config file '{p}' is not valid TOML: {e}") from e
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return run_config_from_dict(data)
+
+
+def default_config_toml() -> str:
+    return dump_toml(RunConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def _dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "float64": torch.float64}[name]
+    except KeyError:
+        raise InputError(f"dtype must be 'float32' or 'float64', got {name!r}") from None
+
+
+def make_energy(system, cfg: EnergyConfig, device=None, dtype=None):
+    """The target energy module for training/sampling, on ``device``."""
+    from .energy import Energy, EnergyCap
+
+    cap = EnergyCap(term_grad_max=cfg.term_grad_max or None, energy_max=cfg.energy_max or None)
+    opts: dict[str, Any] = {}
+    if cfg.backend == "openmm":
+        opts = {"platform": cfg.platform, "n_workers": cfg.n_workers}
+    energy = Energy(system, backend=cfg.backend, cap=cap if cap.active else None, **opts)
+    if device is not None and hasattr(energy, "to") and cfg.backend != "openmm":
+        energy = energy.to(device=device)
+    return energy
+
+
+def load_reference(system, cfg: DataConfig):
+    """The reference SampleSet for training (positions (n, n_atoms, 3) nm)."""
+    from .sampling import SampleSet
+
+    if cfg.reference:
+        path = Path(cfg.reference)
+    else:
+        from .systems.builtin import builtin_dir
+
+        try:
+            path = builtin_dir(system.name) / "reference_300K.npz"
+        except Exception as e:
+            raise InputError(f"system {system.name!r} ships no reference data; pass data.reference = PATH "
+                             "(a SampleSet .npz, e.g. from `boltzflow simulate`)") from e
+    ref = SampleSet.load(path)
+    system.check_coordinates(ref.positions, what=f"reference data '{path}'")
+    if ref.temperature is not None and abs(ref.temperature - system.temperature) > 1e-6:
+        raise InputError(f"reference data '{path}' is at {ref.temperature} K but the system is at "
+                         f"{system.temperature} K")
+    if cfg.max_samples and len(ref) > cfg.max_samples:
+        idx = np.linspace(0, len(ref) - 1, cfg.max_samples).astype(int)
+        ref = ref.subset(idx)
+    return ref, path
+
+
+def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    k = int(round(n * holdout))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+# ---------------------------------------------------------------------------------------------
+# train / sample / estimate
+# ---------------------------------------------------------------------------------------------
+def build(system, config: RunConfig, data_positions=None):
+    """(generator, energy) for ``system`` on the configured device; ``data_positions`` (n, n_atoms, 3)
+    nm fit data-dependent parts (internal-coordinate standardisation)."""
+    import torch
+
+    from .flows.generator import build_generator
+
+    device, dtype = resolve_device(config.device), _dtype(config.dtype)
+    torch.manual_seed(config.seed)  # parameter initialisation only; training draws from its own generator
+    data_t = None if data_positions is None else torch.as_tensor(np.asarray(data_positions), dtype=torch.float64)
+    gen = build_generator(system, config.generator, data_t).to(device=device, dtype=dtype)
+    energy = make_energy(system, config.energy, device=device, dtype=dtype)
+    return gen, energy
+
+
+def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
+          max_steps: int | None = None) -> dict[str, Any]:
+    """Pre-train on reference data (KLz), then fine-tune data-free, in ``run_dir``.
+
+    Writes config.toml, environment.json, system/, checkpoints/, metrics.jsonl, generator.pt and
+    summary.json. With ``resume=True`` continues from the last checkpoint (same parameters as an
+    uninterrupted run). Returns the summary dict."""
+    import torch
+
+    from .flows.checkpoint import save_model
+    from .training.rundir import RunDir
+    from .training.trainer import Trainer
+
+    rd = RunDir(run_dir)
+    if resume and not rd.latest_checkpoint.is_file():
+        raise InputError(f"nothing to resume in '{rd.path}' (no checkpoints/latest.pt); start without --resume")
+    if not resume and rd.latest_checkpoint.is_file():
+        raise InputError(f"'{rd.path}' already holds a training run; use --resume to continue it or choose a new -o")
+    rd.write_config(dump_toml(config))
+    rd.write_environment()
+    system.save(rd.system_dir)
+    ref, ref_path = load_reference(system, config.data)
+    train_idx, test_idx = _split(len(ref), config.data.holdout, config.seed)
+    gen, energy = build(system, config, ref.positions[train_idx])
+    device, dtype = resolve_device(config.device), _dtype(config.dtype)
+    data = torch.as_tensor(ref.positions[train_idx], dtype=dtype, device=device)
+    rd.log(f"{'resuming' if resume else 'starting'} training of {system.name} on {device} "
+           f"({len(train_idx)} training frames from {ref_path})")
+    trainer = Trainer(gen, energy, config.training, run_dir=rd, data=data, modes=system.modes, progress=progress)
+    t0 = time.time()
+    summary = trainer.run(resume=resume, max_steps=max_steps)
+    finished = trainer.step >= config.training.total_steps
+    save_model(rd.path / "generator.pt", gen, kind="molecular", config=to_dict(config.generator),
+               fingerprint=system.fingerprint())
+    rd.log(f"training {'finished' if finished else 'stopped'} at step {trainer.step} after {time.time() - t0:.1f} s")
+    ref_modes = None
+    if system.modes is not None:
+        ref_modes = system.modes.fractions(ref.positions)
+    rd.update_summary(system=system.name, temperature_k=system.temperature, pipeline=config.generator.pipeline,
+                      training_steps=trainer.step, training_finished=finished,
+                      reference_path=str(ref_path), reference_mode_fractions=ref_modes,
+                      energy_evals_training=int(trainer.counters.energy_evals),
+                      skipped_steps=int(trainer.counters.skipped_steps), training=summary)
+    return rd.read_summary()
+
+
+def load_trained(run_dir: str | Path, device: str | None = None):
+    """(system, config, generator, energy) of a trained run directory."""
+    import torch
+
+    from .flows.checkpoint import load_model
+    from .systems import MolecularSystem
+    from .training.rundir import RunDir
+
+    rd = RunDir(run_dir, create=False)
+    if not (rd.path / "generator.pt").is_file():
+        raise InputError(f"'{rd.path}' has no trained generator (generator.pt); run `boltzflow train` first")
+    system = MolecularSystem.load(rd.system_dir)
+    config = load_run_config(rd.config_path)
+    dev = resolve_device(device or config.device)
+    gen = load_model(rd.path / "generator.pt", expected_fingerprint=system.fingerprint(), system=system)
+    gen = gen.to(device=dev, dtype=_dtype(config.dtype)).eval()
+    energy = make_energy(system, config.energy, device=dev)
+    return system, config, gen, energy
+
+
+def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = None, device: str | None = None,
+           seed: int = 1, progress: bool = True):
+    """Draw ``n`` samples from a trained run; writes samples/generated.npz (with log q, u, log weights)
+    and samples/reference.npz (reference data with the generator's log q, for reports). Returns the
+    generated SampleSet."""
+    import torch
+
+    from .sampling import SampleSet
+    from .training.rundir import RunDir
+
+    rd = RunDir(run_dir, create=False)
+    system, config, gen, energy = load_trained(rd.path, device)
+    n = int(n or config.sampling.n)
+    bs = int(batch_size or config.sampling.batch_size)
+    if n < 1 or bs < 1:
+        raise InputError("the number of samples and the batch size must be >= 1")
+    t0 = time.time()
+    g = torch.Generator(device=next(gen.parameters()).device).manual_seed(seed)
+    samples = gen.sample(n, energy=energy, batch_size=bs, generator=g, progress=progress)
+    wall = time.time() - t0
+    prov = dict(samples.provenance)
+    prov.update(sampler=f"flow:{config.generator.pipeline}", run_dir=str(rd.path), wall_s=wall, energy_evals=n,
+                fingerprint=system.fingerprint(), biased=bool(getattr(gen, "biased", False)))
+    samples = SampleSet(samples.positions, samples.reduced_energy, samples.log_q, samples.log_weights,
+                        system.temperature, prov)
+    samples.save(rd.samples_dir / "generated.npz")
+    # reference data with the generator's log q, for the u_G histogram
+    try:
+        ref, _ = load_reference(system, config.data)
+    except InputError:
+        ref = None
+    if ref is not None:
+        idx = np.linspace(0, len(ref) - 1, min(len(ref), 5000)).astype(int)
+        x = torch.as_tensor(ref.positions[idx], dtype=next(gen.parameters()).dtype,
+                            device=next(gen.parameters()).device)
+        with torch.no_grad():
+            logq = torch.cat([gen.log_prob(x[i:i + bs]) for i in range(0, len(x), bs)]).double().cpu().numpy()
+            u = torch.cat([energy(x[i:i + bs]) for i in range(0, len(x), bs)]).double().cpu().numpy()
+        SampleSet(ref.positions[idx], u, logq, None, system.temperature,
+                  {"sampler": "reference", "log_q": "generator"}).save(rd.samples_dir / "reference.npz")
+    rd.log(f"sampled {n} configurations in {wall:.1f} s")
+    return samples
+
+
+def estimate(run_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+    """Reweighted mode populations, ESS and log Z of a run's generated samples; stored in summary.json
+    under "estimates" and returned as ``{name: Estimate}``."""
+    from .estimators import kish_ess, log_z, mode_populations, population_free_energy
+    from .sampling import SampleSet
+    from .systems import MolecularSystem
+    from .training.rundir import RunDir
+
+    rd = RunDir(run_dir, create=False)
+    path = rd.path / "samples" / "generated.npz"
+    if not path.is_file():
+        raise InputError(f"'{rd.path}' has no samples/generated.npz; run `boltzflow sample {rd.path}` first")
+    s = SampleSet.load(path)
+    system = MolecularSystem.load(rd.system_dir)
+    lw = s.log_weights
+    out: dict[str, Any] = {}
+    if lw is not None:
+        out["ess"] = kish_ess(lw)
+        out["log_Z"] = log_z(lw, seed=seed)
+    if system.modes is not None:
+        pops = mode_populations(system.modes, s.positions, lw, seed=seed)
+        out.update(pops)
+        minor = system.modes.minor
+        major = [m for m in system.modes.names if m != minor]
+        if len(major) == 1:
+            from .estimators import conformational_free_energy
+
+            lab = system.modes.assign(s.positions)
+            names = list(system.modes.names)
+            out[f"dF_{major[0]}_to_{minor}"] = conformational_free_energy(
+                lab == names.index(major[0]), lab == names.index(minor), lw,
+                name=f"dF_{major[0]}_to_{minor}", temperature_k=system.temperature)
+    rd.update_summary(estimates={k: v.to_full_dict() for k, v in out.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo: the README's main job
+# ---------------------------------------------------------------------------------------------
+def demo_config(quick: bool = False) -> RunConfig:
+    """The demo's configuration: alanine dipeptide, unbiased pipeline, KLz then L2+.
+
+    ``quick`` is a toy-size version (seconds) used by the smoke test."""
+    from dataclasses import replace
+
+    cfg = RunConfig()
+    tr = cfg.training
+    if quick:
+        tr = replace(tr, pretrain=replace(tr.pretrain, steps=20, batch=64), finetune=replace(tr.finetune, loss="l2plus", steps=10, batch=64),
+                     log_every=5, checkpoint_every=10, eval_batch=128)
+        gen = _quick_generator(cfg.generator)
+        return replace(cfg, training=tr, generator=gen, sampling=SampleConfig(n=500, batch_size=250),
+                       data=replace(cfg.data, max_samples=2000))
+    return cfg
+
+
+def _quick_generator(gcfg):
+    from dataclasses import fields, replace
+
+    small = {}
+    names = {f.name for f in fields(gcfg)}
+    for key, val in (("blocks", 1), ("hidden", 32), ("h_blocks", 1), ("h_hidden", 32), ("hnet_hidden", 32)):
+        if key in names:
+            small[key] = val
+    return replace(gcfg, **small)
+
+
+def reference_population(system, data_cfg: DataConfig | None = None) -> dict[str, Any]:
+    """The minor-mode population of the shipped reference data with a block-averaged error bar."""
+    from .estimators import block_average
+
+    ref, path = load_reference(system, data_cfg or DataConfig())
+    lab = system.modes.assign(ref.positions)
+    minor = list(system.modes.names).index(system.modes.minor)
+    est = block_average((lab == minor).astype(float), n_blocks=10, name=system.modes.minor)
+    return {"value": est.value, "stderr": est.stderr, "n": len(ref), "source": str(path),
+            "sampler": ref.provenance.get("sampler", ref.provenance.get("method", "replica exchange"))}
+
+
+def demo(run_dir: str | Path = "runs/demo", quick: bool = False, device: str = "auto", progress: bool | None = None,
+         config: RunConfig | None = None) -> dict[str, Any]:
+    """The main job: prepare alanine dipeptide (vacuum, 300 K), pre-train on the shipped reference
+    data, fine-tune data-free with L2+, sample, reweight, report. Re-running with the same
+    ``run_dir`` resumes a killed demo. Returns the JSON-able result of ``boltzflow demo --json``."""
+    from dataclasses import replace
+
+    from .reports.report import build_report
+    from .systems.builtin import builtin_system
+    from .training.rundir import RunDir
+
+    t0 = time.time()
+    system = builtin_system("alanine-dipeptide", solvent="vacuum", temperature=300.0)
+    cfg = config or demo_config(quick)
+    cfg = replace(cfg, device=device)
+    rd = RunDir(run_dir)
+    summary = rd.read_summary()
+    if not summary.get("training_finished"):
+        resume = rd.latest_checkpoint.is_file()
+        if resume:
+            cfg = load_run_config(rd.config_path, {"device": device})
+        summary = train(system, cfg, rd.path, resume=resume, progress=progress)
+    s = sample(rd.path, cfg.sampling.n, cfg.sampling.batch_size, device=device, progress=progress is not False)
+    est = estimate(rd.path)
+    ref = reference_population(system, cfg.data)
+    rd.update_summary(reference_population=ref)
+    report = build_report(rd.path)
+    minor = est[system.modes.minor]
+    wall = time.time() - t0
+    result = {
+        "phi_positive": {"value": minor.value, "stderr": minor.stderr, "ess": est["ess"].value if "ess" in est else None,
+                         "ci_low": minor.ci_low, "ci_high": minor.ci_high},
+        "reference": {"value": ref["value"], "stderr": ref["stderr"]},
+        "energy_evals": int(rd.read_summary().get("energy_evals_training", 0)) + len(s),
+        "wall_s": wall,
+        "report": str(report),
+    }
+    rd.update_summary(demo=result)
+    return result
