@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from .exchange import CONFIG_NAME, _quiet_openmmtools, storage_path
+from .exchange import CONFIG_NAME, COST_NAME, _quiet_openmmtools, storage_path
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,9 @@ def read_replica(storage: str | Path) -> ReplicaData:
     cfg_path = path.parent / CONFIG_NAME
     record = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     cfg = record.get("config", {})
+    cost_path = path.parent / COST_NAME
+    if cost_path.is_file():
+        wall = float(json.loads(cost_path.read_text()).get("wall_time_s", wall))
     temps = np.asarray(record.get("temperatures_k", []), dtype=np.float64)
     if temps.size != energies.shape[2]:
         temps = _temperatures_from_storage(path)
@@ -86,8 +89,8 @@ def read_replica(storage: str | Path) -> ReplicaData:
 
 
 def _wall_time(stamps: list[str]) -> float:
-    """Seconds spent, from per-iteration ctime stamps; gaps > 20x the median step (a kill and a
-    resume) count as one median step."""
+    """Seconds between the first and last per-iteration ctime stamps (fallback when replica_cost.json
+    is missing; includes any pause between a kill and a resume)."""
     import time as _time
 
     try:
@@ -96,9 +99,7 @@ def _wall_time(stamps: list[str]) -> float:
         return float("nan")
     if t.size < 2:
         return float("nan")
-    d = np.diff(t)
-    med = max(float(np.median(d)), 1e-3)
-    return float(np.sum(np.where(d > 20 * med, med, d)))
+    return float(t[-1] - t[0])
 
 
 def _temperatures_from_storage(path: Path) -> np.ndarray:

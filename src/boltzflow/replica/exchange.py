@@ -7,6 +7,7 @@ One run directory holds::
     OUT_DIR/replica_checkpoint.nc  checkpoint storage (positions + velocities every
                                    ``checkpoint_interval`` iterations: what a resume restarts from)
     OUT_DIR/replica_config.json    the ReplicaExchangeConfig and the system fingerprint
+    OUT_DIR/replica_cost.json      wall time spent sampling (accumulated over resumes)
 
 Resuming after a kill restarts from the last checkpoint iteration (iterations after it are
 recomputed). MPI: launched as ``mpirun -n K boltzflow simulate ...`` with mpi4py installed,
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from ..io import atomic_write_json
 METHODS = ("parallel-tempering", "replica-exchange")
 STORAGE_NAME = "replica.nc"
 CONFIG_NAME = "replica_config.json"
+COST_NAME = "replica_cost.json"  # accumulated wall time of the sampling (survives resumes)
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ def _make_sampler(config: ReplicaExchangeConfig):
     cls = multistate.ParallelTemperingSampler if config.method == "parallel-tempering" else multistate.ReplicaExchangeSampler
     sampler = cls(mcmc_moves=move, number_of_iterations=int(config.n_iterations),
                   online_analysis_interval=(200 if config.online_analysis else None))
+    sampler._global_citation_silence = True  # no citation banner on stdout
     _set_caches(sampler, config)
     return sampler
 
@@ -217,6 +221,7 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
         reporter = multistate.MultiStateReporter(str(path), open_mode="a")
         cls = multistate.ParallelTemperingSampler if config.method == "parallel-tempering" else multistate.ReplicaExchangeSampler
         sampler = cls.from_storage(reporter)
+        sampler._global_citation_silence = True
         _set_caches(sampler, config)
         if sampler.number_of_iterations < config.n_iterations:
             sampler.number_of_iterations = int(config.n_iterations)
@@ -246,6 +251,14 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
     atomic_write_json(cfg_path, record)
 
     total = int(sampler.number_of_iterations)
+    cost_path = out / COST_NAME
+    prior = json.loads(cost_path.read_text()).get("wall_time_s", 0.0) if (resume and cost_path.is_file()) else 0.0
+    t_start = time.perf_counter()
+
+    def save_cost() -> None:
+        atomic_write_json(cost_path, {"wall_time_s": prior + time.perf_counter() - t_start,
+                                      "iteration": int(sampler.iteration)})
+
     bar = None
     if progress:
         from tqdm import tqdm
@@ -257,7 +270,10 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
             sampler.run(1)
             if bar is not None:
                 bar.update(1)
+            if sampler.iteration % config.checkpoint_interval == 0:
+                save_cost()
     finally:
+        save_cost()
         if bar is not None:
             bar.close()
         reporter.close()
