@@ -46,10 +46,10 @@ def population(indicator, lw=None, name: str = "population", n_bootstrap: int = 
     if a.size == 0:
         raise InputError("no samples: a population needs at least one sample")
     w = _weights(a.size, lw)
-    p = float(np.sum(w * a))
+    p = float(min(1.0, max(0.0, np.sum(w * a))))
     se = float(np.sqrt(np.sum(w * w * (a - p) ** 2)))
     if lw is None and a.size > 1:
-        se = float(np.sqrt(p * (1 - p) / (a.size - 1)))
+        se = float(np.sqrt(max(p * (1 - p), 0.0) / (a.size - 1)))
     lo, hi = _bootstrap_ci(lambda i: float(np.sum(w[i] * a[i]) / np.sum(w[i])) if w[i].sum() > 0 else np.nan,
                            a.size, n_bootstrap, level, seed)
     return Estimate(name, p, se, float(1.0 / np.sum(w * w)), lo, hi, int(a.size), unit="probability",
