@@ -1,0 +1,230 @@
+"""CHARMM36m systems from PDB files (OpenMM ``charmm36_2024.xml``; ``implicit/obc2.xml`` for OBC2).
+
+What the builder does to a user's PDB:
+
+* **Caps.** Amber-style ``ACE`` / ``NME`` (alias ``NMA``) residues are merged into the residue they
+  cap, with CHARMM atom names (ACE: CH3->CAY, C->CY, O->OY, H1/H2/H3->HY1/HY2/HY3; NME: N->NT,
+  H->HNT, C->CAT, H1/H2/H3->HT1/HT2/HT3), so OpenMM applies CHARMM's ACE / CT3 patches and the
+  residue's impropers. Atom order is unchanged by the merge.
+* **Histidine.** HID/HSD, HIE/HSE, HIP/HSP name the tautomer; with hydrogens present the
+  tautomer follows the hydrogens (HD1 / HE2 / both).
+* **Hydrogens.** If the file already holds every hydrogen, the atom order is exactly the file's.
+  If hydrogens are missing (and ``add_hydrogens``), OpenMM's Modeller adds them: each residue's
+  heavy atoms keep their file order and every hydrogen (old or new) is placed right after the
+  heavy atom it is bonded to. The prepared system's ``topology.pdb`` is then the authoritative
+  atom order (``boltzflow prepare`` writes it).
+* Vacuum = NoCutoff; no constraints; no CMMotionRemover.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, SystemBuildError
+from .molecular import SOLVENTS, MolecularSystem, hydrogen_bookkeeping
+
+FORCE_FIELD_FILES = ("charmm36_2024.xml",)
+SOLVENT_FILES = {"vacuum": (), "obc2": ("implicit/obc2.xml",)}
+
+_ACE_NAMES = {"CH3": "CAY", "C": "CY", "O": "OY", "H1": "HY1", "H2": "HY2", "H3": "HY3"}
+_NME_NAMES = {"N": "NT", "H": "HNT", "C": "CAT", "H1": "HT1", "H2": "HT2", "H3": "HT3"}
+_HIS_VARIANT = {"HID": "HID", "HSD": "HID", "HIE": "HIE", "HSE": "HIE", "HIP": "HIP", "HSP": "HIP"}
+
+
+def check_solvent_temperature(solvent: str, temperature: float) -> None:
+    """Raise InputError for an unknown solvent or a non-positive temperature (K)."""
+    if solvent not in SOLVENTS:
+        raise InputError(f"unknown solvent {solvent!r}; choose one of {', '.join(SOLVENTS)}")
+    try:
+        ok = float(temperature) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"temperature must be a positive number in K, got {temperature!r}")
+
+
+@functools.lru_cache(maxsize=4)
+def charmm_forcefield(solvent: str = "vacuum", force_field: tuple[str, ...] = FORCE_FIELD_FILES):
+    """The (cached, read-only by convention) OpenMM ForceField ``force_field`` + ``solvent`` files."""
+    import openmm.app as app
+
+    check_solvent_temperature(solvent, 300.0)
+    return app.ForceField(*force_field, *SOLVENT_FILES[solvent])
+
+
+def read_pdb(path: str | Path):
+    """``openmm.app.PDBFile`` for ``path``; InputError if missing, empty or malformed."""
+    import openmm.app as app
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"PDB file '{p}' not found; give the path to an existing .pdb file")
+    try:
+        pdb = app.PDBFile(str(p))
+    except Exception as e:  # OpenMM raises bare Exceptions/ValueErrors for malformed files
+        raise InputError(f"could not read PDB file '{p}': {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                         "check that it is a valid PDB (ATOM/HETATM records)") from e
+    if pdb.topology.getNumAtoms() == 0:
+        raise InputError(f"PDB file '{p}' contains no atoms (no ATOM/HETATM records)")
+    pos = np.array(pdb.getPositions(asNumpy=True)._value, dtype=np.float64)
+    if not np.all(np.isfinite(pos)):
+        raise InputError(f"PDB file '{p}' has non-finite coordinates")
+    return pdb
+
+
+def _file_residue_names(path: Path) -> list[str]:
+    """Residue names in file order (first model), as written in the file (before OpenMM renames)."""
+    names, last = [], None
+    for line in path.read_text(errors="replace").splitlines():
+        rec = line[:6]
+        if rec.startswith("ENDMDL"):
+            break
+        if rec in ("ATOM  ", "HETATM"):
+            key = (line[21:22], line[22:27], line[17:20])
+            if key != last:
+                names.append(line[17:20].strip())
+                last = key
+    return names
+
+
+def _has_missing_hydrogens(topology, positions) -> tuple[bool, Any, Any, list]:
+    """Run Modeller.addHydrogens on a copy; return (added_any, topology, positions, variants)."""
+    import openmm.app as app
+
+    variants = []
+    for res in topology.residues():
+        variants.append(_HIS_VARIANT.get(getattr(res, "_file_name", res.name)))
+    mod = app.Modeller(topology, positions)
+    mod.addHydrogens(variants=variants)
+    added = mod.topology.getNumAtoms() != topology.getNumAtoms()
+    return added, mod.topology, mod.positions, variants
+
+
+def convert_caps(topology) -> tuple[Any, list[str]]:
+    """Merge Amber-style ACE/NME residues into the residue they cap (CHARMM ACE/CT3 form).
+
+    Returns (new topology with the same atoms in the same order, list of conversions made).
+    Raises SystemBuildError for a cap that is not next to a residue in its chain."""
+    import openmm.app as app
+
+    new = app.Topology()
+    new.setPeriodicBoxVectors(topology.getPeriodicBoxVectors())
+    atom_map = {}
+    notes: list[str] = []
+    for chain in topology.chains():
+        residues = list(chain.residues())
+        nchain = new.addChain(chain.id)
+        pending_ace = None  # ACE residue waiting for the next residue
+        current = None  # last residue created in the new topology
+        for k, res in enumerate(residues):
+            rname = res.name.upper()
+            if rname == "ACE":
+                if k + 1 >= len(residues) or residues[k + 1].name.upper() in ("ACE", "NME", "NMA"):
+                    raise SystemBuildError(
+                        f"ACE cap (chain {chain.id}, residue {res.id}) is not followed by an amino acid; "
+                        "an ACE cap must precede the residue it caps")
+                pending_ace = res
+                continue
+            if rname in ("NME", "NMA"):
+                if current is None or k == 0:
+                    raise SystemBuildError(
+                        f"{res.name} cap (chain {chain.id}, residue {res.id}) does not follow an amino acid; "
+                        "an NME cap must follow the residue it caps")
+                for a in res.atoms():
+                    atom_map[a] = new.addAtom(_NME_NAMES.get(a.name, a.name), a.element, current, a.id)
+                notes.append(f"NME {chain.id}:{res.id} -> CT3 patch on {current.name} {current.id}")
+                continue
+            current = new.addResidue(res.name, nchain, res.id, res.insertionCode)
+            if pending_ace is not None:
+                for a in pending_ace.atoms():
+                    atom_map[a] = new.addAtom(_ACE_NAMES.get(a.name, a.name), a.element, current, a.id)
+                notes.append(f"ACE {chain.id}:{pending_ace.id} -> ACE patch on {res.name} {res.id}")
+                pending_ace = None
+            for a in res.atoms():
+                atom_map[a] = new.addAtom(a.name, a.element, current, a.id)
+    old_order = [a.index for a in topology.atoms()]
+    new_order = [atom_map[a].index for a in topology.atoms()]
+    if old_order != new_order:
+        raise SystemBuildError("capping residues are not adjacent to the residues they cap in the atom order; "
+                               "put each ACE right before and each NME right after its residue in the file")
+    for b in topology.bonds():
+        new.addBond(atom_map[b[0]], atom_map[b[1]], b.type, b.order)
+    return new, notes
+
+
+def create_charmm_system(topology, solvent: str, force_field: tuple[str, ...] = FORCE_FIELD_FILES):
+    """``openmm.System`` for ``topology`` with CHARMM36m in ``solvent``; NoCutoff, no constraints,
+    no CMMotionRemover. Raises SystemBuildError naming the residue that has no template."""
+    import openmm.app as app
+
+    ff = charmm_forcefield(solvent, tuple(force_field))
+    try:
+        system = ff.createSystem(topology, nonbondedMethod=app.NoCutoff, constraints=None,
+                                 rigidWater=False, removeCMMotion=False)
+    except ValueError as e:
+        msg = " ".join(str(e).split())
+        raise SystemBuildError(
+            f"CHARMM36m cannot parametrise this molecule: {msg[:300]} "
+            "(supported: standard amino acids incl. HSD/HSE/HSP, ACE/NME caps, zwitterionic termini, "
+            "CHARMM residues such as BUTA; fix or remove unknown residues)") from e
+    for i in reversed(range(system.getNumForces())):
+        if type(system.getForce(i)).__name__ == "CMMotionRemover":
+            system.removeForce(i)
+    return system
+
+
+def from_pdb(path: str | Path, solvent: str = "vacuum", temperature: float = 300.0, name: str | None = None,
+             add_hydrogens: bool = True, force_field: tuple[str, ...] = FORCE_FIELD_FILES) -> MolecularSystem:
+    """Build a CHARMM36m :class:`MolecularSystem` from a PDB file.
+
+    path: PDB file (Amber-style ACE/NME caps, zwitterionic termini and HIS tautomer names allowed).
+    solvent: "vacuum" or "obc2". temperature: K. name: defaults to the file stem.
+    add_hydrogens: add missing hydrogens with OpenMM's Modeller (see module docstring for the
+    resulting atom order). Positions are in nm, in the (possibly hydrogen-extended) file order.
+    force_field: OpenMM force-field files (default CHARMM36m ``charmm36_2024.xml``; butane's BUTA
+    residue template is only in the older ``charmm36.xml``)."""
+    import openmm
+    import openmm.app as app
+
+    check_solvent_temperature(solvent, temperature)
+    p = Path(path)
+    pdb = read_pdb(p)
+    topology, positions = pdb.topology, pdb.positions
+    file_names = _file_residue_names(p)
+    residues = list(topology.residues())
+    if len(file_names) == len(residues):
+        for res, fname in zip(residues, file_names):
+            res._file_name = fname.upper()
+            if fname.upper() in _HIS_VARIANT or res.name == "HSE":
+                res.name = "HIS"  # Modeller's hydrogen definitions use HIS (+ variant)
+    n_added = 0
+    if add_hydrogens:
+        try:
+            added, top2, pos2, _ = _has_missing_hydrogens(topology, positions)
+        except Exception as e:
+            raise SystemBuildError(f"could not add hydrogens to '{p}': {' '.join(str(e).split())[:300]}; "
+                                   "add them yourself (e.g. with pdbfixer) or pass add_hydrogens=False") from e
+        if added:
+            n_added = top2.getNumAtoms() - topology.getNumAtoms()
+            topology, positions = top2, pos2
+    topology, notes = convert_caps(topology)
+    system = create_charmm_system(topology, solvent, tuple(force_field))
+    pos = np.array(positions.value_in_unit(openmm.unit.nanometer) if hasattr(positions, "value_in_unit")
+                   else positions, dtype=np.float64).reshape(-1, 3)
+    heavy, hyd, parents = hydrogen_bookkeeping(topology)
+    meta = {
+        "builder": "pdb",
+        "source": str(p.resolve()),
+        "force_field": list(force_field) + list(SOLVENT_FILES[solvent]),
+        "nonbonded": "NoCutoff",
+        "hydrogens_added": n_added,
+        "caps_converted": notes,
+        "openmm_version": openmm.__version__,
+    }
+    return MolecularSystem(name=name or p.stem, topology=topology, system=system, positions=pos,
+                           temperature=float(temperature), solvent=solvent, heavy_indices=heavy,
+                           hydrogen_indices=hyd, hydrogen_parents=parents, metadata=meta)
