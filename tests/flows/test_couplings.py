@@ -199,3 +199,11 @@ def test_flow_config_rebuilds_same_architecture():
     f1, f2 = make_flow(**cfg), make_flow(**cfg)
     assert [k for k in f1.state_dict()] == [k for k in f2.state_dict()]
     assert all(v.shape == f2.state_dict()[k].shape for k, v in f1.state_dict().items())
+
+
+def test_circular_dims_accept_indices_or_bool_mask():
+    as_bool = flow_config(5, "spline", circular=torch.tensor([False, True, False, False, True]))
+    assert as_bool["circular"] == [1, 4] == flow_config(5, "spline", circular=(4, 1))["circular"]
+    assert flow_config(5, "spline", circular=[-1])["circular"] == [4]
+    with pytest.raises(InputError, match="out of range"):
+        flow_config(5, "spline", circular=[5])

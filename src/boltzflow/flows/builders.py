@@ -38,6 +38,16 @@ def _half_masks(dim: int, generator: torch.Generator) -> tuple[torch.Tensor, tor
     return a, b
 
 
+def _indices(circular, dim: int) -> list[int]:
+    """Circular dims as a sorted list of non-negative indices (accepts indices or a bool mask)."""
+    if isinstance(circular, torch.Tensor) and circular.dtype != torch.bool:
+        circular = circular.tolist()
+    if not isinstance(circular, torch.Tensor):
+        circular = list(circular)
+    mask = as_mask(circular, int(dim), "circular")
+    return [int(i) for i in torch.nonzero(mask).flatten()]
+
+
 def _check_common(dim: int, blocks: int, context_dim: int) -> None:
     if int(dim) < 2:
         raise InputError(f"coupling flows need dim >= 2, got {dim}; pad a 1D problem with a dummy Gaussian dim")
@@ -93,7 +103,7 @@ def spline_flow(
     transformed once per block. Returns a :class:`Compose` acting on ``(batch, dim)``.
     """
     _check_common(dim, blocks, context_dim)
-    circ = as_mask(list(circular), int(dim), "circular")
+    circ = as_mask(_indices(circular, dim), int(dim), "circular")
     g = torch.Generator().manual_seed(int(seed))
     layers = []
     for _ in range(int(blocks)):
@@ -109,7 +119,7 @@ def make_flow(dim: int, kind: str = "realnvp", circular: Sequence[int] = (), **k
     """A :class:`Flow` over ``(batch, dim)``: ``kind`` "realnvp" or "spline" (keywords go to the
     builder). Base: :class:`MixedBase` (uniform on ``[-pi, pi)`` for ``circular`` dims) when there
     are circular dims, else :class:`StandardNormal`. RealNVP cannot handle circular dims."""
-    circular = [int(i) for i in circular]
+    circular = _indices(circular, dim)
     builder = {"realnvp": realnvp, "spline": spline_flow}.get(kind)
     if builder is not None:
         allowed = set(inspect.signature(builder).parameters) - {"dim", "circular"}
@@ -130,4 +140,4 @@ def make_flow(dim: int, kind: str = "realnvp", circular: Sequence[int] = (), **k
 
 def flow_config(dim: int, kind: str = "realnvp", circular: Sequence[int] = (), **kw) -> dict:
     """The plain-dict config that :func:`make_flow` accepts (for checkpoints / TOML)."""
-    return {"dim": int(dim), "kind": str(kind), "circular": [int(i) for i in circular], **kw}
+    return {"dim": int(dim), "kind": str(kind), "circular": _indices(circular, dim), **kw}
