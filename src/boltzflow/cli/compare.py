@@ -1,0 +1,309 @@
+"""``boltzflow compare``: a replica-exchange run and a generator's samples, side by side."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import add_verb, print_json
+
+EXAMPLE = """\
+  boltzflow compare --replica runs/adp-pt --samples runs/adp-flow/samples/generated.npz \\
+      --system alanine-dipeptide -o runs/compare-adp
+  boltzflow compare --replica runs/butane-pt --samples gen.npz --system butane --json --target-stderr 0.002
+
+Reports for each sampler: mode populations (replica exchange: block errors on the target-state
+series; generator: self-normalised importance weights), the minor mode's conformational dF,
+Ramachandran KL(replica || generator) on a 64x64 phi/psi grid (or a 64-bin torsion histogram for
+systems without phi/psi), reduced-energy statistics, ESS, and the cost (energy evaluations, wall
+time from provenance) to reach --target-stderr on the minor-mode population, extrapolated as
+cost * (stderr / target)^2. Plots go to OUT_DIR (default RUN_DIR/compare).
+"""
+
+
+def register(sub) -> None:
+    p = add_verb(sub, "compare", "compare a replica-exchange run with a generator's samples", EXAMPLE, run)
+    p.add_argument("--replica", required=True, metavar="RUN_DIR", help="run directory of `boltzflow simulate` "
+                   "(or a SampleSet .npz)")
+    p.add_argument("--samples", required=True, metavar="GEN_SAMPLES.npz", help="generator SampleSet (with log weights)")
+    p.add_argument("--system", required=True, help="system directory or built-in name")
+    p.add_argument("--target-stderr", type=float, default=0.005,
+                   help="standard error on the minor-mode population to cost out (default 0.005)")
+    p.add_argument("-o", "--output", metavar="OUT_DIR", help="directory for plots and compare.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+
+def _cost(prov: dict, keys: tuple[str, ...]) -> float:
+    total, found = 0.0, False
+    for k in keys:
+        v = prov.get(k)
+        if isinstance(v, (int, float)) and v == v:
+            total += float(v)
+            found = True
+    return total if found else float("nan")
+
+
+def compare(replica: str | Path, generated, system, target_stderr: float = 0.005, seed: int = 0,
+            plot_dir: str | Path | None = None) -> dict[str, Any]:
+    """The comparison as a dict (see module docstring); writes plots into ``plot_dir`` if given."""
+    import numpy as np
+
+    from ..errors import InputError
+    from ..estimators import (conformational_free_energy, histogram_kl, kish_ess, mode_populations,
+                              population_free_energy)
+    from ..replica import state_populations
+    from ..replica.exchange import storage_path
+    from ..sampling.sampleset import SampleSet
+    from ..systems.modes import dihedral
+    from ..systems.torsions import named_torsions
+
+    if not target_stderr > 0:
+        raise InputError(f"--target-stderr must be > 0, got {target_stderr}")
+    modes = system.modes
+    if modes is None:
+        raise InputError(f"system {system.name!r} declares no modes; compare needs them (alanine-dipeptide, butane)")
+    rp = Path(replica)
+    ref_path = rp / "samples.npz" if rp.is_dir() else rp
+    ref = SampleSet.load(ref_path)
+    gen = generated
+    for label, ss in (("replica", ref), ("generator", gen)):
+        system.check_coordinates(ss.positions[:1], f"{label} sample positions")
+    if ref.temperature and gen.temperature and abs(ref.temperature - gen.temperature) > 1e-6:
+        raise InputError(f"replica samples are at {ref.temperature} K but generator samples at {gen.temperature} K")
+    minor = modes.minor
+    names = list(modes.names)
+    imin = names.index(minor)
+    out: dict[str, Any] = {"system": system.name, "temperature_k": ref.temperature or system.temperature,
+                           "minor_mode": minor, "target_stderr": target_stderr}
+
+    # --- populations -------------------------------------------------------------------------
+    storage = storage_path(rp) if rp.is_dir() else None
+    if storage is not None and storage.is_file():
+        ind = {nm: (lambda x, i=i: modes.assign(x) == i) for i, nm in enumerate(names)}
+        ref_pops = state_populations(storage, ind, n_blocks=10, seed=seed)
+        ref_err = "block"
+    else:
+        ref_pops = mode_populations(modes, ref.positions, None, seed=seed)
+        ref_err = "binomial (decorrelated samples)"
+    gen_pops = mode_populations(modes, gen.positions, gen.log_weights, seed=seed)
+    gen_raw = mode_populations(modes, gen.positions, None, seed=seed, n_bootstrap=0)
+    kt = ref.temperature or system.temperature
+
+    def dF(pops, lab=None, lw=None):
+        try:
+            if lab is not None:
+                return conformational_free_energy(lab != imin, lab == imin, lw, name=f"dF(rest->{minor})",
+                                                  temperature_k=kt, seed=seed)
+            return population_free_energy(pops[minor], name=f"dF(rest->{minor})")
+        except InputError:
+            return None
+
+    ref_df = dF(ref_pops)
+    gen_df = dF(None, modes.assign(gen.positions), gen.log_weights)
+
+    # --- ESS and cost ---------------------------------------------------------------------------
+    ref_prov, gen_prov = ref.provenance or {}, gen.provenance or {}
+    ref_ess = float(ref_pops[minor].ess) if ref_pops[minor].ess == ref_pops[minor].ess else float(len(ref))
+    gen_ess = kish_ess(gen.log_weights).value if gen.log_weights is not None else float(len(gen))
+    ref_evals = _cost(ref_prov, ("energy_evaluations",))
+    gen_evals_sampling = _cost(gen_prov, ("energy_evaluations", "sampling_energy_evaluations"))
+    if gen_evals_sampling != gen_evals_sampling:
+        gen_evals_sampling = float(len(gen))  # one energy per generated sample for its weight
+    gen_evals_train = _cost(gen_prov, ("training_energy_evaluations",))
+    ref_wall = _cost(ref_prov, ("wall_time_s",))
+    gen_wall = _cost(gen_prov, ("wall_time_s", "sampling_wall_time_s"))
+    gen_wall_train = _cost(gen_prov, ("training_wall_time_s",))
+
+    def to_target(se, cost):
+        if not (se == se and se > 0 and cost == cost):
+            return float("nan")
+        return float(cost * (se / target_stderr) ** 2)
+
+    # --- KL and energies --------------------------------------------------------------------------
+    tors = named_torsions(system.topology)
+    bins = 64
+    wg = gen.normalized_weights()
+    if "phi" in tors and "psi" in tors:
+        def hist(ss, w):
+            phi = np.degrees(dihedral(ss.positions, tors["phi"]))
+            psi = np.degrees(dihedral(ss.positions, tors["psi"]))
+            e = np.linspace(-180, 180, bins + 1)
+            return np.histogram2d(phi, psi, bins=[e, e], weights=w)[0], phi, psi
+        kl_name = "ramachandran_kl_64x64"
+    else:
+        atoms = getattr(modes, "atoms", None)
+        if atoms is None:
+            raise InputError("no phi/psi and no torsion modes: nothing to histogram for the KL")
+
+        def hist(ss, w):
+            a = np.degrees(dihedral(ss.positions, atoms))
+            return np.histogram(a, bins=np.linspace(-180, 180, bins + 1), weights=w)[0], a, None
+        kl_name = "torsion_kl_64"
+    h_ref, rx, ry = hist(ref, None)
+    h_gen_w, gx, gy = hist(gen, wg)
+    h_gen_raw, _, _ = hist(gen, None)
+    kl_w = histogram_kl(h_ref, h_gen_w)
+    kl_raw = histogram_kl(h_ref, h_gen_raw)
+
+    def estats(u, w=None):
+        if u is None:
+            return None
+        ok = np.isfinite(u)
+        if not ok.any():
+            return None
+        ww = np.ones(ok.sum()) if w is None else w[ok]
+        ww = ww / ww.sum()
+        m = float(np.sum(ww * u[ok]))
+        return {"mean_kT": m, "std_kT": float(np.sqrt(np.sum(ww * (u[ok] - m) ** 2))),
+                "fraction_finite": float(ok.mean())}
+
+    def side(pops, df, ess, n, evals, wall, err, extra=None):
+        se = pops[minor].stderr
+        d = {"n": n, "ess": ess, "population_error": err,
+             "populations": {k: v.to_dict() for k, v in pops.items()},
+             "dF": df.to_dict() if df is not None else None,
+             "dF_kj_mol": (df.value * _kt(kt) if df is not None else None),
+             "energy_evaluations": evals, "wall_time_s": wall,
+             "energy_evaluations_to_target": to_target(se, evals), "wall_time_s_to_target": to_target(se, wall)}
+        d.update(extra or {})
+        return d
+
+    out["replica_exchange"] = side(ref_pops, ref_df, ref_ess, len(ref), ref_evals, ref_wall, ref_err,
+                                   {"statistical_inefficiency": ref_prov.get("statistical_inefficiency"),
+                                    "energy": estats(ref.reduced_energy)})
+    out["generator"] = side(gen_pops, gen_df, float(gen_ess), len(gen), gen_evals_sampling, gen_wall,
+                            "self-normalised importance sampling (delta method)",
+                            {"ess_fraction": float(gen_ess / len(gen)),
+                             "populations_unweighted": {k: v.value for k, v in gen_raw.items()},
+                             "training_energy_evaluations": gen_evals_train,
+                             "training_wall_time_s": gen_wall_train,
+                             "energy": estats(gen.reduced_energy, wg),
+                             "energy_unweighted": estats(gen.reduced_energy)})
+    out[kl_name] = {"reweighted": kl_w, "unweighted": kl_raw}
+
+    if plot_dir is not None:
+        out["plots"] = _plots(Path(plot_dir), rx, ry, gx, gy, wg, ref, gen, kl_name)
+    return out
+
+
+def _kt(t: float) -> float:
+    from ..units import kt_kj_per_mol
+
+    return kt_kj_per_mol(t)
+
+
+def _plots(d: Path, rx, ry, gx, gy, wg, ref, gen, kl_name: str) -> list[str]:
+    import numpy as np
+
+    from ..reports import plots
+
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if ry is not None:
+        p = plots.ramachandran([("replica exchange", np.radians(rx), np.radians(ry), None),
+                                ("generator", np.radians(gx), np.radians(gy), None),
+                                ("generator reweighted", np.radians(gx), np.radians(gy), wg)], d / "ramachandran.png")
+    else:
+        p = plots.torsion_histogram([("replica exchange", np.radians(rx), None), ("generator", np.radians(gx), None),
+                                     ("generator reweighted", np.radians(gx), wg)], d / "torsion.png")
+    paths.append(str(p))
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, u, w in (("replica exchange", ref.reduced_energy, None), ("generator", gen.reduced_energy, None),
+                        ("generator reweighted", gen.reduced_energy, wg)):
+        if u is None:
+            continue
+        ok = np.isfinite(u)
+        if ok.sum() < 2:
+            continue
+        lo, hi = np.quantile(ref.reduced_energy[np.isfinite(ref.reduced_energy)], [0.001, 0.999]) \
+            if ref.reduced_energy is not None else np.quantile(u[ok], [0.001, 0.999])
+        span = hi - lo
+        ax.hist(u[ok], bins=60, range=(lo - 0.3 * span, hi + 0.3 * span), weights=None if w is None else w[ok],
+                density=True, histtype="step", label=label)
+    ax.set_xlabel("reduced energy u (kT)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    e = d / "energies.png"
+    fig.savefig(e, dpi=110)
+    plt.close(fig)
+    paths.append(str(e))
+    return paths
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != v:
+            return "-"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def print_table(res: dict[str, Any]) -> None:
+    r, g = res["replica_exchange"], res["generator"]
+    minor = res["minor_mode"]
+    rows = []
+    for name in r["populations"]:
+        pr, pg = r["populations"][name], g["populations"][name]
+        rows.append((f"P({name})", f"{_fmt(pr['value'])} +- {_fmt(pr['stderr'], 2)}",
+                     f"{_fmt(pg['value'])} +- {_fmt(pg['stderr'], 2)}"))
+    for key, label in (("dF", f"dF(rest->{minor}) kT"),):
+        a, b = r[key], g[key]
+        rows.append((label, f"{_fmt(a['value'])} +- {_fmt(a['stderr'], 2)}" if a else "-",
+                     f"{_fmt(b['value'])} +- {_fmt(b['stderr'], 2)}" if b else "-"))
+    rows.append((f"dF(rest->{minor}) kJ/mol", _fmt(r["dF_kj_mol"]), _fmt(g["dF_kj_mol"])))
+    kl_key = next(k for k in res if k.endswith("_kl_64x64") or k.endswith("_kl_64"))
+    rows.append((f"{kl_key} vs replica", "0", f"{_fmt(res[kl_key]['reweighted'])} (raw {_fmt(res[kl_key]['unweighted'])})"))
+    for label, key in (("mean u (kT)", "mean_kT"), ("std u (kT)", "std_kT")):
+        rows.append((label, _fmt((r.get("energy") or {}).get(key)), _fmt((g.get("energy") or {}).get(key))))
+    rows.append(("n samples", str(r["n"]), str(g["n"])))
+    rows.append(("ESS", _fmt(r["ess"]), f"{_fmt(g['ess'])} ({100 * g['ess_fraction']:.1f}%)"))
+    rows.append(("energy evaluations", _fmt(r["energy_evaluations"]), _fmt(g["energy_evaluations"])
+                 + (f" (+{_fmt(g['training_energy_evaluations'])} training)"
+                    if g["training_energy_evaluations"] == g["training_energy_evaluations"] else "")))
+    rows.append(("wall time (s)", _fmt(r["wall_time_s"]), _fmt(g["wall_time_s"])
+                 + (f" (+{_fmt(g['training_wall_time_s'])} training)"
+                    if g["training_wall_time_s"] == g["training_wall_time_s"] else "")))
+    rows.append((f"evals to stderr {res['target_stderr']:g} on P({minor})", _fmt(r["energy_evaluations_to_target"]),
+                 _fmt(g["energy_evaluations_to_target"])))
+    rows.append((f"wall s to stderr {res['target_stderr']:g}", _fmt(r["wall_time_s_to_target"]),
+                 _fmt(g["wall_time_s_to_target"])))
+    w0 = max(len(x[0]) for x in rows)
+    w1 = max(len(x[1]) for x in rows + [("", "replica exchange")])
+    print(f"{res['system']} at {res['temperature_k']:g} K")
+    print(f"  {'':<{w0}}  {'replica exchange':<{w1}}  generator")
+    for a, b, c in rows:
+        print(f"  {a:<{w0}}  {b:<{w1}}  {c}")
+    print(f"  (replica errors: {r['population_error']}; generator errors: {g['population_error']})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import atomic_write_json
+    from ..sampling.sampleset import SampleSet
+    from .common import load_system
+
+    system = load_system(args.system)
+    gen = SampleSet.load(args.samples)
+    rp = Path(args.replica)
+    if not rp.exists():
+        from ..errors import InputError
+
+        raise InputError(f"--replica '{rp}' not found; run `boltzflow simulate SYSTEM -o {rp}` first")
+    out_dir = Path(args.output) if args.output else (rp / "compare" if rp.is_dir() else rp.parent / "compare")
+    res = compare(rp, gen, system, target_stderr=args.target_stderr, seed=args.seed, plot_dir=out_dir)
+    atomic_write_json(out_dir / "compare.json", res)
+    if args.json:
+        print_json(res)
+    else:
+        print_table(res)
+        print(f"plots and compare.json in {out_dir}")
+    return 0
