@@ -176,6 +176,8 @@ class Trainer:
         self.scheduler = None
         self._opt_stage: str | None = None
         self.last_row: dict[str, Any] = {}
+        #: metric rows logged by this Trainer object (in memory; the run directory has them all)
+        self.history: list[dict[str, Any]] = []
 
     # -- energy ------------------------------------------------------------------------------
     def energy(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +315,7 @@ class Trainer:
             self.counters.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped step still advances the schedule, deliberately
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
             self.scheduler.step()
         self.step += 1
         return out, grad_norm, applied
@@ -389,6 +391,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or stage_end or self.step == 1:
                     row = self._row(out, stage, grad_norm, t0)
                     self.last_row = row
+                    self.history.append(row)
                     if self.run_dir is not None:
                         self.run_dir.append_metrics(row)
                     bar.set_postfix(format_postfix(row))
