@@ -47,26 +47,10 @@ class _OMM(torch.autograd.Function):
 
 
 def alanine_dipeptide():
-    """MolecularSystem of alanine dipeptide in vacuum, CHARMM36m, 300 K."""
-    try:
-        from boltzflow.systems.builtin import builtin_system
-    except ImportError:
-        builtin_system = None
-    if builtin_system is not None:
-        return builtin_system("alanine-dipeptide")
-    import openmm.app as app
-    from openmmtools.testsystems import AlanineDipeptideVacuum
+    """MolecularSystem of alanine dipeptide in vacuum, CHARMM36m, 300 K (shipped PSF route: fast)."""
+    from boltzflow.systems.builtin import builtin_system
 
-    from boltzflow.systems.molecular import MolecularSystem, hydrogen_bookkeeping
-
-    t = AlanineDipeptideVacuum()
-    sys_ = app.ForceField("charmm36_2024.xml").createSystem(t.topology, nonbondedMethod=app.NoCutoff, constraints=None)
-    for i in reversed(range(sys_.getNumForces())):
-        if sys_.getForce(i).__class__.__name__ == "CMMotionRemover":
-            sys_.removeForce(i)
-    heavy, hyd, par = hydrogen_bookkeeping(t.topology)
-    return MolecularSystem("alanine-dipeptide", t.topology, sys_, np.asarray(t.positions.value_in_unit(t.positions.unit)),
-                           300.0, "vacuum", heavy, hyd, par)
+    return builtin_system("alanine-dipeptide", route="psf")
 
 
 def md_frames(system, n, seed, stride=100):
@@ -175,7 +159,7 @@ def test_biased_population_known_answers(adp):
     mask = np.zeros(len(data), dtype=bool)
     mask[:24] = True
     # an energy that ignores hydrogens: weights all equal, P_bar = fraction in the region
-    heavy = torch.as_tensor(system.heavy_indices)
+    heavy = torch.as_tensor(np.array(system.heavy_indices))
     u_heavy = lambda x: (x[:, heavy] ** 2).sum((-1, -2))  # noqa: E731
     est = biased_population(data, u_heavy, hnet, mask)
     assert abs(est.value - 0.25) < 1e-12 and est.ess == pytest.approx(1.0)

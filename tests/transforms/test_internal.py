@@ -1,5 +1,6 @@
 """Internal coordinates on real molecules: round trips, exact log-dets, mirror-image detection."""
 
+import functools
 import math
 
 import numpy as np
@@ -12,20 +13,15 @@ from boltzflow.transforms.internal import (InternalCoordinates, LocalFrames, bon
 from boltzflow.transforms.zmatrix import bond_graph, build_zmatrix, hydrogen_zmatrix
 
 
+@functools.lru_cache(maxsize=None)
 def _topology_positions(name):
     """(topology, positions (n, 3) nm, heavy, hydrogens, parents) of a builtin molecule."""
     from boltzflow.systems.molecular import hydrogen_bookkeeping
 
-    if name == "alanine-dipeptide":
-        from openmmtools.testsystems import AlanineDipeptideVacuum
+    from boltzflow.systems.builtin import builtin_system
 
-        t = AlanineDipeptideVacuum()
-        top, pos = t.topology, np.asarray(t.positions.value_in_unit(t.positions.unit), dtype=np.float64)
-    else:
-        from boltzflow.systems.builtin import builtin_system
-
-        s = builtin_system(name)
-        top, pos = s.topology, np.asarray(s.positions)
+    s = builtin_system(name, route="psf")
+    top, pos = s.topology, np.array(s.positions)
     heavy, hyd, par = hydrogen_bookkeeping(top)
     return top, pos, heavy, hyd, par
 

@@ -39,7 +39,7 @@ class HeavyFeatures(nn.Module):
     def __init__(self, system, reference: np.ndarray | None = None):
         super().__init__()
         heavy = np.array(system.heavy_indices)
-        ref = np.asarray(system.positions if reference is None else reference, dtype=np.float64)
+        ref = np.array(system.positions if reference is None else reference, dtype=np.float64)
         self.register_buffer("heavy", torch.as_tensor(heavy))
         self.ic = InternalCoordinates(build_zmatrix(bond_graph(system.topology), heavy), ref[heavy], atoms=heavy)
         self.feature_dim = self.ic.feature_dim
@@ -59,7 +59,7 @@ def hydrogen_frames(system, reference: np.ndarray | None = None) -> LocalFrames:
         raise InputError(f"system {system.name!r} has no hydrogens; use an all-atom (no hydrogen model) pipeline")
     zm = hydrogen_zmatrix(bond_graph(system.topology), system.heavy_indices, system.hydrogen_indices,
                           system.hydrogen_parents)
-    ref = np.asarray(system.positions if reference is None else reference, dtype=np.float64)
+    ref = np.array(system.positions if reference is None else reference, dtype=np.float64)
     return LocalFrames(zm, ref)
 
 
@@ -86,11 +86,12 @@ class HydrogenNet(nn.Module):
         self.n_h = n_h
         self.register_buffer("heavy", torch.as_tensor(np.array(system.heavy_indices)))
         self.register_buffer("hydrogens", torch.as_tensor(np.array(system.hydrogen_indices)))
-        ref = torch.as_tensor(np.asarray(system.positions if reference is None else reference, dtype=np.float64))
+        ref = torch.as_tensor(np.array(system.positions if reference is None else reference, dtype=np.float64))
         _, _, t = self.frames.measure(ref[None])
         self.register_buffer("torsion_ref", t[0].clone())
         self.mlp = MLP(self.features.feature_dim, 3 * n_h, hidden=hidden, depth=depth, activation=activation,
                        zero_init_last=True)
+        self.to(torch.get_default_dtype())  # buffers follow the parameters' dtype (checkpoints use one dtype)
 
     def fit(self, x: torch.Tensor) -> "HydrogenNet":
         """Fit heavy-feature and local-frame standardisations and the torsion offsets on data
@@ -138,12 +139,13 @@ class ConditionalHydrogenFlow(nn.Module):
         self.features = HeavyFeatures(system, reference)
         self.frames = hydrogen_frames(system, reference)
         self.register_buffer("hydrogens", torch.as_tensor(np.array(system.hydrogen_indices)))
-        ref = torch.as_tensor(np.asarray(system.positions if reference is None else reference, dtype=np.float64))
+        ref = torch.as_tensor(np.array(system.positions if reference is None else reference, dtype=np.float64))
         _, _, t = self.frames.measure(ref[None])
         # torsions are modelled relative to the reference torsion (periodic shift: log-det 0)
         self.register_buffer("torsion_ref", t[0].clone())
         self.flow = make_flow(self.frames.dim, kind="spline", circular=self.frames.circular,
                               context_dim=self.features.feature_dim, **flow_kw)
+        self.to(torch.get_default_dtype())
 
     def fit(self, x: torch.Tensor) -> "ConditionalHydrogenFlow":
         """Fit the standardisations (heavy features, hydrogen bonds/angles, torsion offsets) on data."""

@@ -144,7 +144,7 @@ class InternalCoordinates(Bijection):
         rest = rows[3:]
         self._levels = [torch.as_tensor(lv + 3) for lv in _levels(rest, set(rows[:3, 0].tolist()))] if m > 3 else []
         self.atoms = atoms
-        ref = torch.as_tensor(np.asarray(reference, dtype=np.float64)).reshape(1, m, 3)
+        ref = torch.as_tensor(np.array(reference, dtype=np.float64)).reshape(1, m, 3)
         b, a, _, _ = self._measure(ref)
         self.std = _Standardizer(b[0], a[0], bond_std, angle_std)
         self.circular = list(range(2 * m - 3, 3 * m - 6))
@@ -266,7 +266,7 @@ class LocalFrames(nn.Module):
         self._levels = [torch.as_tensor(lv) for lv in zmatrix.levels]
         self.n_h = int(zmatrix.rows.shape[0])
         self.dim = 3 * self.n_h
-        ref = torch.as_tensor(np.asarray(reference, dtype=np.float64))[None]
+        ref = torch.as_tensor(np.array(reference, dtype=np.float64))[None]
         b, a, _ = self.measure(ref)
         self.std = _Standardizer(b[0], a[0], bond_std, angle_std)
         self.circular = list(range(2 * self.n_h, 3 * self.n_h))

@@ -1,0 +1,330 @@
+"""MolecularGenerator: heavy-atom flow + hydrogen model -> all-atom configurations with log q.
+
+Pipelines (``GeneratorConfig.pipeline``; docs/pipelines.md has the bias of each):
+
+* ``"hnet"`` (felardos2023): heavy-atom flow G, hydrogens by the placement net h.
+  ``log_q`` is the heavy-atom density; ``biased = True``: weights -u(x_C, h(x_C)) - log q(x_C)
+  target p_bar(x_C) ~ p_B(x_C, h(x_C)), not the heavy-atom marginal of p_B.
+* ``"conditional"``: heavy-atom flow x conditional hydrogen flow q(x_H | x_C): exact all-atom
+  density, unbiased.
+* ``"internal-all"``: one flow over the all-atom internal coordinates (3n-6 dims, torsions
+  circular): exact density (modulo rigid motions), unbiased. ``representation`` is not used.
+
+Heavy-atom representation (``representation``): ``"cartesian"`` (3 n_heavy dims, per-coordinate
+standardisation fitted on centred + aligned data, alignment penalty) or ``"internal"``
+(Z-matrix bonds/angles/torsions, 3 n_heavy - 6 dims, exact log-det).
+
+Protocol used by :mod:`boltzflow.losses`: ``sample_and_log_prob(n, generator)``, ``log_prob(x)``,
+``penalty(x)``, ``parameters()``. Coordinates ``(n, n_atoms, 3)`` nm in input atom order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, InputError
+from ..transforms.cartesian import alignment_penalty, prepare_cartesian
+from ..transforms.internal import InternalCoordinates, chiral_centers, mirror_image_mask
+from ..transforms.zmatrix import ZMatrix, _levels, bond_graph, build_zmatrix, hydrogen_zmatrix
+
+PIPELINES = ("hnet", "conditional", "internal-all")
+REPRESENTATIONS = ("cartesian", "internal")
+FLOW_KINDS = ("auto", "realnvp", "spline")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Architecture of a :class:`MolecularGenerator` (TOML table ``[generator]``).
+
+    pipeline: "hnet" | "conditional" | "internal-all". representation: heavy atoms "cartesian" |
+    "internal". flow: "auto" (realnvp for Cartesian, spline for internal coordinates), "realnvp"
+    (Cartesian only) or "spline". blocks / hidden / depth / bins: main flow (realnvp: blocks x 4
+    affine couplings; spline: blocks x 2 RQ-spline couplings). lambda_align: alignment penalty weight
+    (Cartesian), max_rotation: cap of its Kabsch rotation (rad). hnet_hidden / hnet_depth: hydrogen
+    net MLP. h_blocks / h_hidden / h_depth / h_bins: conditional hydrogen spline flow. seed: masks.
+    """
+
+    pipeline: str = "hnet"
+    representation: str = "cartesian"
+    flow: str = "auto"
+    blocks: int = 8
+    hidden: int = 256
+    depth: int = 2
+    bins: int = 8
+    lambda_align: float = 10.0
+    max_rotation: float = math.pi / 3
+    hnet_hidden: int = 512
+    hnet_depth: int = 3
+    h_blocks: int = 4
+    h_hidden: int = 128
+    h_depth: int = 2
+    h_bins: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.pipeline not in PIPELINES:
+            raise ConfigError(f"unknown pipeline {self.pipeline!r}; choose one of {', '.join(PIPELINES)}")
+        if self.representation not in REPRESENTATIONS:
+            raise ConfigError(f"unknown representation {self.representation!r}; choose one of {', '.join(REPRESENTATIONS)}")
+        if self.flow not in FLOW_KINDS:
+            raise ConfigError(f"unknown flow {self.flow!r}; choose one of {', '.join(FLOW_KINDS)}")
+        if self.flow == "realnvp" and (self.representation == "internal" or self.pipeline == "internal-all"):
+            raise ConfigError("internal coordinates have periodic torsions; use flow='spline' (or 'auto') with them")
+        for name in ("blocks", "hidden", "depth", "bins", "hnet_hidden", "hnet_depth", "h_blocks", "h_hidden",
+                     "h_depth", "h_bins"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lambda_align < 0 or not 0 < self.max_rotation <= math.pi:
+            raise ConfigError("lambda_align must be >= 0 and max_rotation in (0, pi]")
+
+    @property
+    def heavy_kind(self) -> str:
+        """The main flow kind after resolving "auto"."""
+        if self.flow != "auto":
+            return self.flow
+        internal = self.representation == "internal" or self.pipeline == "internal-all"
+        return "spline" if internal else "realnvp"
+
+
+def all_atom_zmatrix(adjacency, heavy, hydrogens, parents) -> ZMatrix:
+    """Heavy-atom Z-matrix (bond-graph BFS) followed by the hydrogens in local frames."""
+    zh = build_zmatrix(adjacency, heavy)
+    zhh = hydrogen_zmatrix(adjacency, heavy, hydrogens, parents)
+    rows = np.concatenate([zh.rows, zhh.rows])
+    return ZMatrix(rows[:, 0].copy(), rows, _levels(rows, set()))
+
+
+class MolecularGenerator(nn.Module):
+    """All-atom Boltzmann generator for a :class:`~boltzflow.systems.MolecularSystem`.
+
+    Build with :func:`build_generator`. Attributes: ``config``, ``system``, ``biased`` (True for the
+    "hnet" pipeline), ``heavy_flow`` / ``all_flow``, ``hnet`` or ``h_flow``.
+    """
+
+    def __init__(self, system, config: GeneratorConfig):
+        super().__init__()
+        from .builders import make_flow
+        from .hydrogen import ConditionalHydrogenFlow, HydrogenNet
+
+        self.system = system
+        self.config = config
+        self.biased = config.pipeline == "hnet"
+        n = int(system.n_atoms)
+        self.n_atoms = n
+        heavy = np.array(system.heavy_indices)
+        self.register_buffer("heavy", torch.as_tensor(heavy))
+        self.register_buffer("hydrogens", torch.as_tensor(np.array(system.hydrogen_indices)))
+        ref = np.array(system.positions, dtype=np.float64)
+        adj = bond_graph(system.topology)
+        self._chiral = chiral_centers(adj, heavy)
+        c = config
+        kind = c.heavy_kind
+        kw = dict(blocks=c.blocks, hidden=c.hidden, depth=c.depth, seed=c.seed)
+        if kind == "spline":
+            kw["bins"] = c.bins
+        if c.pipeline == "internal-all":
+            zm = all_atom_zmatrix(adj, heavy, system.hydrogen_indices, system.hydrogen_parents)
+            self.all_ic = InternalCoordinates(zm, ref, atoms=np.arange(n))
+            self.all_flow = make_flow(self.all_ic.dim, kind=kind, circular=self.all_ic.circular, **kw)
+            self.to(torch.get_default_dtype())
+            return
+        n_heavy = len(heavy)
+        ref_heavy = ref[heavy] - ref[heavy].mean(0, keepdims=True)
+        self.register_buffer("ref_heavy", torch.as_tensor(ref_heavy))
+        if c.representation == "cartesian":
+            self.register_buffer("cart_mean", torch.as_tensor(ref_heavy.reshape(-1).copy()))
+            self.register_buffer("cart_std", torch.full((3 * n_heavy,), 0.05, dtype=torch.float64))
+            self.heavy_flow = make_flow(3 * n_heavy, kind=kind, **kw)
+        else:
+            self.heavy_ic = InternalCoordinates(build_zmatrix(adj, heavy), ref[heavy], atoms=heavy)
+            self.heavy_flow = make_flow(self.heavy_ic.dim, kind=kind, circular=self.heavy_ic.circular, **kw)
+        if c.pipeline == "hnet":
+            self.hnet = HydrogenNet(system, hidden=c.hnet_hidden, depth=c.hnet_depth)
+        else:
+            self.h_flow = ConditionalHydrogenFlow(system, blocks=c.h_blocks, hidden=c.h_hidden, depth=c.h_depth,
+                                                  bins=c.h_bins, seed=c.seed + 1)
+        self.to(torch.get_default_dtype())  # float buffers follow the parameters (one dtype per checkpoint)
+
+    # ---- data ------------------------------------------------------------------------------------
+    def _as_x(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(np.asarray(x))
+        if x.dim() == 2:
+            x = x[None]
+        if x.dim() != 3 or x.shape[1:] != (self.n_atoms, 3):
+            raise InputError(f"coordinates must have shape (n, {self.n_atoms}, 3) in nm for {self.system.name}, "
+                             f"got {tuple(x.shape)}")
+        return x
+
+    def prepare_data(self, x) -> torch.Tensor:
+        """Bring data x (n, n_atoms, 3) nm into the generator's frame: for Cartesian heavy atoms, centre
+        the heavy atoms and Kabsch-align them to the reference (do this before KLz training);
+        internal-coordinate pipelines return x unchanged (their density is rigid-motion invariant)."""
+        x = self._as_x(x)
+        if self.config.pipeline != "internal-all" and self.config.representation == "cartesian":
+            return prepare_cartesian(x, self.heavy, self.ref_heavy)
+        return x
+
+    @torch.no_grad()
+    def fit(self, data) -> "MolecularGenerator":
+        """Fit the standardisations (Cartesian mean/std, internal-coordinate bond/angle mean/std,
+        hydrogen local frames) on data (n, n_atoms, 3) nm; n >= 2."""
+        x = self.prepare_data(data).to(torch.float64)
+        if x.shape[0] < 2:
+            raise InputError("fitting a generator's standardisation needs at least 2 configurations")
+        if self.config.pipeline == "internal-all":
+            self.all_ic.fit(x)
+            return self
+        if self.config.representation == "cartesian":
+            flat = x[:, self.heavy].reshape(x.shape[0], -1)
+            self.cart_mean.copy_(flat.mean(0).to(self.cart_mean))
+            self.cart_std.copy_(flat.std(0).clamp_min(0.01).to(self.cart_std))
+        else:
+            self.heavy_ic.fit(x[:, self.heavy])
+        if self.config.pipeline == "hnet":
+            self.hnet.fit(x)
+        else:
+            self.h_flow.fit(x)
+        return self
+
+    # ---- heavy atoms -----------------------------------------------------------------------------
+    def _heavy_sample(self, n: int, generator):
+        """(x_heavy (n, n_heavy, 3), log q(x_heavy) (n,))."""
+        y, logq = self.heavy_flow.sample_and_log_prob(n, generator=generator)
+        if self.config.representation == "cartesian":
+            xh = (self.cart_mean.to(y) + self.cart_std.to(y) * y).reshape(n, -1, 3)
+            return xh, logq - torch.log(self.cart_std.to(y)).sum()
+        xh, ld = self.heavy_ic(y)
+        xh = xh - xh.mean(dim=1, keepdim=True)  # centre (translation: density unchanged)
+        return xh, logq - ld
+
+    def _heavy_log_prob(self, xh: torch.Tensor) -> torch.Tensor:
+        if self.config.representation == "cartesian":
+            y = (xh.reshape(xh.shape[0], -1) - self.cart_mean.to(xh)) / self.cart_std.to(xh)
+            return self.heavy_flow.log_prob(y) - torch.log(self.cart_std.to(xh)).sum()
+        z, ld = self.heavy_ic.inverse(xh)
+        return self.heavy_flow.log_prob(z) + ld
+
+    # ---- protocol ----------------------------------------------------------------------------------
+    def sample_and_log_prob(self, n: int, generator: torch.Generator | None = None):
+        """x: (n, n_atoms, 3) nm all atoms in input order, log_q: (n,) (heavy-atom density for "hnet").
+        Differentiable w.r.t. the parameters."""
+        if self.config.pipeline == "internal-all":
+            z, logq = self.all_flow.sample_and_log_prob(n, generator=generator)
+            x, ld = self.all_ic(z)
+            return x - x[:, self.heavy].mean(dim=1, keepdim=True), logq - ld
+        xh, logq = self._heavy_sample(n, generator)
+        x = xh.new_zeros(n, self.n_atoms, 3).index_copy(1, self.heavy, xh)
+        if self.config.pipeline == "hnet":
+            return self.hnet(x), logq
+        x, logq_h = self.h_flow.sample_and_log_prob(x, generator=generator)
+        return x, logq + logq_h
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log q(x) (n,) for x (n, n_atoms, 3) nm; "hnet": heavy-atom density (hydrogens ignored)."""
+        x = self._as_x(x)
+        if self.config.pipeline == "internal-all":
+            z, ld = self.all_ic.inverse(x)
+            return self.all_flow.log_prob(z) + ld
+        lp = self._heavy_log_prob(x[:, self.heavy])
+        if self.config.pipeline == "conditional":
+            lp = lp + self.h_flow.log_prob(x)
+        return lp
+
+    def penalty(self, x: torch.Tensor) -> torch.Tensor:
+        """(n,) lambda_align x alignment distance of the heavy atoms (Cartesian), else zeros."""
+        if self.config.pipeline == "internal-all" or self.config.representation != "cartesian":
+            return x.new_zeros(x.shape[0])
+        c = self.config
+        return alignment_penalty(x[:, self.heavy], self.ref_heavy.to(x), c.lambda_align, c.max_rotation)
+
+    def mirror_images(self, x) -> np.ndarray:
+        """(n,) bool: samples whose chiral centres (e.g. CA) have the opposite handedness of the input
+        structure (D-amino acids), which internal-coordinate flows can produce."""
+        return mirror_image_mask(x, self._chiral, self.system.positions)
+
+    @torch.no_grad()
+    def sample(self, n: int, energy: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 1024,
+               generator: torch.Generator | None = None):
+        """Draw n samples as a :class:`~boltzflow.sampling.SampleSet` (positions float32 nm, log_q;
+        with ``energy`` (callable (b, n_atoms, 3) -> (b,) kT) also reduced_energy and
+        log_weights = -u - log_q; for the "hnet" pipeline the weights target the hydrogen-minimised
+        distribution, recorded in provenance["biased"])."""
+        from ..sampling.sampleset import SampleSet
+
+        if n < 1 or batch_size < 1:
+            raise InputError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+        xs, lqs, us = [], [], []
+        for s in range(0, n, batch_size):
+            b = min(batch_size, n - s)
+            x, lq = self.sample_and_log_prob(b, generator=generator)
+            xs.append(x.detach().cpu())
+            lqs.append(lq.detach().cpu().double())
+            if energy is not None:
+                us.append(energy(x).detach().cpu().double())
+        x = torch.cat(xs)
+        lq = torch.cat(lqs)
+        u = torch.cat(us) if us else None
+        lw = None if u is None else torch.where(torch.isfinite(u), -u - lq, torch.full_like(u, -math.inf))
+        prov = {"sampler": "MolecularGenerator", "pipeline": self.config.pipeline,
+                "representation": self.config.representation, "biased": self.biased,
+                "system": self.system.name, "fingerprint": self.system.fingerprint()}
+        return SampleSet(positions=x.numpy().astype(np.float32), reduced_energy=None if u is None else u.numpy(),
+                         log_q=lq.numpy(), log_weights=None if lw is None else lw.numpy(),
+                         temperature=float(self.system.temperature), provenance=prov)
+
+
+def build_generator(system, config: GeneratorConfig | None = None, data=None) -> MolecularGenerator:
+    """A :class:`MolecularGenerator` for ``system``; ``data`` (n, n_atoms, 3) nm (optional) fits the
+    standardisations (Cartesian mean/std after alignment, bond/angle mean/std, hydrogen frames)."""
+    gen = MolecularGenerator(system, config or GeneratorConfig())
+    if data is not None:
+        gen.fit(data)
+    return gen
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+def _build_molecular(config: dict, system=None, **_ignored) -> MolecularGenerator:
+    from ..config import from_dict
+
+    if system is None:
+        raise InputError("loading a 'molecular' checkpoint needs the system: load_model(path, system=...)")
+    return MolecularGenerator(system, from_dict(GeneratorConfig, config))
+
+
+def register() -> None:
+    """Register the "molecular" builder with :mod:`boltzflow.flows.checkpoint` (idempotent)."""
+    from .checkpoint import register_builder
+
+    register_builder("molecular", _build_molecular, overwrite=True)
+
+
+def save_generator(path: str | Path, gen: MolecularGenerator, extra: dict | None = None) -> Path:
+    """Atomically save weights, config and the system fingerprint."""
+    from ..config import to_dict
+    from .checkpoint import save_model
+
+    register()
+    return save_model(path, gen, "molecular", to_dict(gen.config), fingerprint=gen.system.fingerprint(), extra=extra)
+
+
+def load_generator(path: str | Path, system) -> MolecularGenerator:
+    """Load a generator saved by :func:`save_generator`; CheckpointError if made for another system."""
+    from .checkpoint import load_model
+
+    register()
+    return load_model(path, expected_fingerprint=system.fingerprint(), system=system)
+
+
+# make checkpoint.load_model(path, system=...) work as soon as this module is imported (a dict insert)
+register()
+
+__all__ = ["GeneratorConfig", "MolecularGenerator", "build_generator", "save_generator", "load_generator",
+           "all_atom_zmatrix", "PIPELINES", "REPRESENTATIONS"]
