@@ -94,6 +94,12 @@ def test_many_well_log_z_matches_literature_and_quadrature():
     se = math.sqrt(exact_minor * (1 - exact_minor) / len(x))
     assert float((frac - exact_minor).abs().max()) < 4.5 * se
     assert t.modes.fractions(x)["negative"] == pytest.approx(float(frac[0]))
+    # 256 wells: the occupancy of well k is prod over pairs of P(sign); the all-positive well is the largest
+    labels = t.mode_labels(x)
+    assert t.n_modes == 256 and labels.min() >= 0 and labels.max() < 256
+    p_all_pos = (1 - exact_minor) ** 8
+    assert abs(float(np.mean(labels == 255)) - p_all_pos) < 4.5 * math.sqrt(p_all_pos * (1 - p_all_pos) / len(x))
+    assert float(np.mean(labels == 0)) < 1e-3  # all-negative well: 0.156^8 ~ 3e-7
 
 
 def _grid_log_z(target, lo, hi, n):
@@ -112,8 +118,8 @@ def test_gmm_is_normalised_and_sampler_covers_modes_evenly():
     assert not np.allclose(GaussianMixture2D(seed=1).means, t.means)
     assert abs(_grid_log_z(t, -50.0, 50.0, 500) - t.log_z) < 1e-6
     x = t.sample(80_000, generator=torch.Generator().manual_seed(2)).double()
-    d = torch.cdist(x, torch.as_tensor(t.means))
-    counts = np.bincount(d.argmin(1).numpy(), minlength=40)
+    counts = np.bincount(t.mode_labels(x), minlength=40)
+    assert t.n_modes == 40
     # nearest-mean counts ~ uniform (a few overlapping modes blur this only slightly)
     chi2 = float(((counts - 2000.0) ** 2 / 2000.0).sum())
     assert chi2 < stats.chi2.ppf(0.9999, 39) * 1.5

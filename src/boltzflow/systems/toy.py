@@ -142,7 +142,7 @@ class ManyWell(ToyTarget):
     Per pair ``(x_{2k}, x_{2k+1})``: ``u = x^4 - 6 x^2 - 0.5 x + 0.5 y^2`` (the FAB parameters; log Z
     of the 32D version is 164.6957). The minor mode of each pair is ``x < 0``; ``modes`` labels
     the sign of coordinate 0 and ``exact_minor_fraction`` is P(x_0 < 0). The full target has
-    ``2^(dim/2)`` modes.
+    ``2^(dim/2)`` modes, labelled by :meth:`mode_labels`.
     """
 
     def __init__(self, dim: int = 32):
@@ -159,6 +159,15 @@ class ManyWell(ToyTarget):
     @staticmethod
     def u1_numpy(t: np.ndarray) -> np.ndarray:
         return t**4 - 6.0 * t**2 - 0.5 * t
+
+    @property
+    def n_modes(self) -> int:
+        return 2 ** (self.dim // 2)
+
+    def mode_labels(self, x) -> np.ndarray:
+        """Well index in ``[0, 2^(dim/2))`` per sample: bit k set when ``x_{2k} > 0``. ``(batch,)`` int."""
+        a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)[:, 0::2] > 0
+        return (a.astype(np.int64) << np.arange(a.shape[1], dtype=np.int64)).sum(-1)
 
     def energy(self, x):
         x = _as_batch(x, self.dim, self.name)
@@ -192,6 +201,15 @@ class GaussianMixture2D(ToyTarget):
         self.name = "gmm-2d"
         self.log_z = 0.0
         self.has_exact_sampler = True
+
+    @property
+    def n_modes(self) -> int:
+        return len(self.means)
+
+    def mode_labels(self, x) -> np.ndarray:
+        """Index of the nearest component mean per sample, ``(batch,)`` int."""
+        a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
+        return ((a[:, None, :] - self.means[None]) ** 2).sum(-1).argmin(-1)
 
     def energy(self, x):
         import torch
