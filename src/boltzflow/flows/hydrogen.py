@@ -33,7 +33,9 @@ class HeavyFeatures(nn.Module):
     """Rigid-motion invariant features of the heavy atoms of full coordinates.
 
     ``forward(x: (batch, n_atoms, 3) nm) -> (batch, feature_dim)``: standardised heavy bonds and
-    angles, cos/sin of heavy torsions (heavy-atom Z-matrix from the topology bonds).
+    angles, softly clipped to (-5, 5) (``5 tanh(z / 5)``: distorted geometries from an untrained
+    Cartesian flow would otherwise give features of O(100) and ill-conditioned conditioners), and
+    cos/sin of heavy torsions (heavy-atom Z-matrix from the topology bonds).
     """
 
     def __init__(self, system, reference: np.ndarray | None = None):
@@ -50,7 +52,9 @@ class HeavyFeatures(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ic.features(x[:, self.heavy])
+        f = self.ic.features(x[:, self.heavy])
+        nb = 2 * self.ic.m - 3  # bonds and angles come first
+        return torch.cat([5.0 * torch.tanh(f[:, :nb] / 5.0), f[:, nb:]], dim=-1)
 
 
 def hydrogen_frames(system, reference: np.ndarray | None = None) -> LocalFrames:

@@ -8,8 +8,8 @@ frame (6 rigid-body degrees of freedom) and carry fewer coordinates (see
 
 Rules used here (all from the topology bonds, no atom-name heuristics):
 
-* heavy atoms: breadth-first tree from a central heavy atom (the one with most heavy
-  neighbours, lowest index on ties); ``j`` = tree parent, ``k`` = parent of ``j`` (or another
+* heavy atoms: breadth-first tree from the graph centre (smallest eccentricity; then most
+  neighbours, lowest index), which keeps placement chains short; ``j`` = tree parent, ``k`` = parent of ``j`` (or another
   placed neighbour of ``j``), ``l`` = an earlier placed sibling of ``i`` when there is one
   (improper-like torsion, nearly constant), else the parent of ``k``, else any placed
   neighbour of ``j`` / ``k`` / placed atom not in ``{i, j, k}``.
@@ -73,6 +73,19 @@ def _levels(rows: np.ndarray, fixed: set[int]) -> tuple:
     return tuple(np.array(v, dtype=np.int64) for v in out if v)
 
 
+def _eccentricity(adj: dict[int, list[int]], a: int) -> int:
+    """Longest bond-graph distance from a (large for unreachable atoms)."""
+    dist = {a: 0}
+    queue = deque([a])
+    while queue:
+        b = queue.popleft()
+        for c in adj[b]:
+            if c not in dist:
+                dist[c] = dist[b] + 1
+                queue.append(c)
+    return max(dist.values()) + len(adj) * (len(dist) < len(adj))
+
+
 def build_zmatrix(adjacency: dict[int, list[int]], atoms, root: int | None = None) -> ZMatrix:
     """Z-matrix over the connected atom subset ``atoms`` using only bonds inside that subset.
 
@@ -84,7 +97,7 @@ def build_zmatrix(adjacency: dict[int, list[int]], atoms, root: int | None = Non
         raise InputError(f"internal coordinates need at least 3 atoms, got {len(atoms)}")
     adj = {a: [b for b in adjacency[a] if b in aset] for a in atoms}
     if root is None:
-        root = max(atoms, key=lambda a: (len(adj[a]), -a))
+        root = min(atoms, key=lambda a: (_eccentricity(adj, a), -len(adj[a]), a))
     if root not in aset:
         raise InputError(f"root atom {root} is not in the atom subset")
     parent: dict[int, int] = {root: -1}
