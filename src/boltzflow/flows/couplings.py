@@ -83,28 +83,32 @@ class _Coupling(Bijection):
         cond_circ = ar[mask & circ]
         trans_lin = ar[~mask & ~circ]
         trans_circ = ar[~mask & circ]
-        order = torch.cat([cond_lin, cond_circ, trans_lin, trans_circ])
         self.register_buffer("mask", mask)
         self.register_buffer("circular", circ)
         self.register_buffer("cond_lin", cond_lin)
         self.register_buffer("cond_circ", cond_circ)
         self.register_buffer("trans_lin", trans_lin)
         self.register_buffer("trans_circ", trans_circ)
-        self.register_buffer("inv_order", torch.argsort(order))
         self.n_cond_features = len(cond_lin) + 2 * len(cond_circ) + self.context_dim
 
     def _features(self, z: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        parts = [z[:, self.cond_lin]]
+        parts = [z.index_select(1, self.cond_lin)]
         if len(self.cond_circ):
-            c = z[:, self.cond_circ]
+            c = z.index_select(1, self.cond_circ)
             parts += [torch.cos(c), torch.sin(c)]
         if self.context_dim:
             parts.append(context.to(z.dtype))
         return torch.cat(parts, dim=-1)
 
-    def _assemble(self, z: torch.Tensor, y_lin: torch.Tensor, y_circ: torch.Tensor) -> torch.Tensor:
-        out = torch.cat([z[:, self.cond_lin], z[:, self.cond_circ], y_lin, y_circ], dim=-1)
-        return out[:, self.inv_order]
+    def _assemble(self, z: torch.Tensor, y_lin: torch.Tensor | None, y_circ: torch.Tensor | None) -> torch.Tensor:
+        """``z`` with its transformed dims replaced (index_select/index_copy: much faster than
+        advanced indexing on CPU)."""
+        out = z
+        if y_lin is not None and len(self.trans_lin):
+            out = out.index_copy(1, self.trans_lin, y_lin)
+        if y_circ is not None and len(self.trans_circ):
+            out = out.index_copy(1, self.trans_circ, y_circ)
+        return out
 
 
 class AffineCoupling(_Coupling):
@@ -143,15 +147,15 @@ class AffineCoupling(_Coupling):
         _check_input(z, self.dim, "AffineCoupling")
         _check_context(context, z.shape[0], self.context_dim, "AffineCoupling")
         s, t = self._params(z, context)
-        y = z[:, self.trans_lin] * torch.exp(s) + t
-        return self._assemble(z, y, z[:, self.trans_circ]), s.sum(-1)
+        y = z.index_select(1, self.trans_lin) * torch.exp(s) + t
+        return self._assemble(z, y, None), s.sum(-1)
 
     def inverse(self, x, context=None):
         _check_input(x, self.dim, "AffineCoupling")
         _check_context(context, x.shape[0], self.context_dim, "AffineCoupling")
         s, t = self._params(x, context)
-        y = (x[:, self.trans_lin] - t) * torch.exp(-s)
-        return self._assemble(x, y, x[:, self.trans_circ]), -s.sum(-1)
+        y = (x.index_select(1, self.trans_lin) - t) * torch.exp(-s)
+        return self._assemble(x, y, None), -s.sum(-1)
 
 
 class SplineCoupling(_Coupling):
@@ -209,14 +213,13 @@ class SplineCoupling(_Coupling):
         _check_context(context, z.shape[0], self.context_dim, name)
         p_lin, p_circ, k = self._split(z, context)
         logdet = z.new_zeros(z.shape[0])
-        y_lin = z[:, self.trans_lin]
+        y_lin = y_circ = None
         if self.n_lin:
-            y_lin, ld = unconstrained_rq_spline(
-                y_lin, p_lin[..., :k], p_lin[..., k : 2 * k], p_lin[..., 2 * k :], self.bound, inverse=inverse
-            )
+            w, h, d = p_lin[..., :k], p_lin[..., k : 2 * k], p_lin[..., 2 * k :]
+            y_lin, ld = unconstrained_rq_spline(z.index_select(1, self.trans_lin), w, h, d, self.bound, inverse=inverse)
             logdet = logdet + ld.sum(-1)
-        y_circ = z[:, self.trans_circ]
         if self.n_circ:
+            y_circ = z.index_select(1, self.trans_circ)
             w, h, d = p_circ[..., :k], p_circ[..., k : 2 * k], p_circ[..., 2 * k : 3 * k]
             shift = p_circ[..., 3 * k] if self.circular_shift else None
             if inverse:
@@ -259,11 +262,11 @@ class Permute(Bijection):
 
     def forward(self, z, context=None):
         _check_input(z, self.dim, "Permute")
-        return z[:, self.perm], z.new_zeros(z.shape[0])
+        return z.index_select(1, self.perm), z.new_zeros(z.shape[0])
 
     def inverse(self, x, context=None):
         _check_input(x, self.dim, "Permute")
-        return x[:, self.inv_perm], x.new_zeros(x.shape[0])
+        return x.index_select(1, self.inv_perm), x.new_zeros(x.shape[0])
 
 
 class Reverse(Permute):
