@@ -176,3 +176,29 @@ def test_bad_coordinates(ad):
     gen = build_generator(system, _small("hnet", "cartesian"))
     with pytest.raises(InputError):
         gen.log_prob(torch.zeros(2, 5, 3))
+
+
+@pytest.mark.parametrize("pipeline,representation", [("hnet", "cartesian"), ("conditional", "internal"),
+                                                     ("internal-all", "internal")])
+def test_works_with_losses(ad, pipeline, representation):
+    """The generator follows the losses' protocol: KLz on prepared data lowers the NLL; L2+ runs."""
+    from boltzflow.losses import klz, l2plus
+
+    system, data = ad
+    torch.manual_seed(0)
+    gen = build_generator(system, _small(pipeline, representation), data)
+    x = gen.prepare_data(data).float()
+    opt = torch.optim.Adam(gen.parameters(), lr=1e-3)
+    first = None
+    for _ in range(15):
+        out = klz(gen, x, penalty_weight=1.0, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        first = float(out.loss.detach()) if first is None else first
+    assert float(klz(gen, x).loss.detach()) < first
+    heavy = torch.as_tensor(np.array(system.heavy_indices))
+    energy = lambda y: ((y[:, heavy] - x[:1, heavy]) ** 2).sum((-1, -2)) * 100.0  # noqa: E731
+    out = l2plus(gen, energy, 16, generator=torch.Generator().manual_seed(1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
