@@ -39,6 +39,11 @@ def _case(name: str):
         return SplineCoupling(DIM, MASK2, hidden=16, bins=5, circular=[1, 3, 4], circular_shift=False), [1, 3, 4], 0
     if name == "spline-circular-conditional":
         return SplineCoupling(DIM, MASK, hidden=16, bins=4, bound=2.0, circular=[0, 4], context_dim=2), [0, 4], 2
+    if name == "spline-context-only":  # all dims transformed, conditioned on the context alone
+        return SplineCoupling(DIM, torch.zeros(DIM, dtype=torch.bool), hidden=8, bins=4, bound=2.0,
+                              circular=[2], context_dim=3), [2], 3
+    if name == "affine-context-only-1d":
+        return AffineCoupling(1, torch.tensor([False]), hidden=8, context_dim=2), [], 2
     if name == "permute":
         return Permute([3, 0, 4, 1, 2]), [], 0
     if name == "reverse":
@@ -68,7 +73,7 @@ def _case(name: str):
 
 CASES = [
     "affine", "affine-conditional", "spline", "spline-circular", "spline-circular-noshift",
-    "spline-circular-conditional", "permute", "reverse", "actnorm", "circular-shift", "realnvp-builder",
+    "spline-circular-conditional", "spline-context-only", "affine-context-only-1d", "permute", "reverse", "actnorm", "circular-shift", "realnvp-builder",
     "realnvp-builder-conditional", "spline-builder-circular", "compose-mixed", "inverse-spline", "inverse-compose",
 ]
 PARAMETER_FREE = {"permute", "reverse"}
@@ -82,12 +87,12 @@ def _build(name: str, seed: int = 0):
     with torch.no_grad():  # move away from the identity initialisation
         for p in bij.parameters():
             p.add_(0.25 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return bij, circ, ctx_dim
+    return bij, circ, ctx_dim, getattr(bij, "dim", DIM)
 
 
-def _inputs(circ, ctx_dim, n=16, seed=1):
+def _inputs(circ, ctx_dim, dim, n=16, seed=1):
     g = torch.Generator().manual_seed(seed)
-    z = 1.5 * torch.randn(n, DIM, generator=g, dtype=torch.float64)  # some beyond bound=2 (tails)
+    z = 1.5 * torch.randn(n, dim, generator=g, dtype=torch.float64)  # some beyond bound=2 (tails)
     if circ:
         u = (2 * torch.rand(n, len(circ), generator=g, dtype=torch.float64) - 1) * math.pi
         z[:, circ] = u
@@ -101,8 +106,8 @@ def _angle_diff(a, b):
 
 @pytest.mark.parametrize("name", CASES)
 def test_inverse_roundtrip_and_logdets_cancel(name):
-    bij, circ, ctx_dim = _build(name)
-    z, ctx = _inputs(circ, ctx_dim)
+    bij, circ, ctx_dim, dim = _build(name)
+    z, ctx = _inputs(circ, ctx_dim, dim)
     x, ld = bij(z, context=ctx)
     assert x.shape == z.shape and ld.shape == (z.shape[0],)
     assert torch.isfinite(x).all() and torch.isfinite(ld).all()
@@ -119,8 +124,8 @@ def test_inverse_roundtrip_and_logdets_cancel(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_logdet_matches_autograd_jacobian(name):
-    bij, circ, ctx_dim = _build(name)
-    z, ctx = _inputs(circ, ctx_dim, n=6)
+    bij, circ, ctx_dim, dim = _build(name)
+    z, ctx = _inputs(circ, ctx_dim, dim, n=6)
     with torch.no_grad():
         x, ld = bij(z, context=ctx)
         _, ld_inv = bij.inverse(x, context=ctx)
@@ -137,13 +142,13 @@ def test_logdet_matches_autograd_jacobian(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_gradients_reach_every_parameter(name):
-    bij, circ, ctx_dim = _build(name)
+    bij, circ, ctx_dim, dim = _build(name)
     params = dict(bij.named_parameters())
     if name in PARAMETER_FREE:
         assert params == {}
         return
     assert params
-    z, ctx = _inputs(circ, ctx_dim)
+    z, ctx = _inputs(circ, ctx_dim, dim)
     for direction in ("forward", "inverse"):
         bij.zero_grad()
         fn = bij if direction == "forward" else bij.inverse
@@ -163,8 +168,8 @@ def _contract_builder(config, **kw):
 @pytest.mark.parametrize("name", CASES)
 def test_save_load_roundtrip(name, tmp_path):
     register_builder("contract-test-bijection", _contract_builder, overwrite=True)
-    bij, circ, ctx_dim = _build(name)
-    z, ctx = _inputs(circ, ctx_dim)
+    bij, circ, ctx_dim, dim = _build(name)
+    z, ctx = _inputs(circ, ctx_dim, dim)
     x, ld = bij(z, context=ctx)
     path = save_model(tmp_path / "m.pt", bij, "contract-test-bijection", {"case": name}, fingerprint="fp-1")
     loaded = load_model(path, expected_fingerprint="fp-1")

@@ -146,8 +146,10 @@ def test_builders_structure_and_seeded_masks():
 
 
 def test_bad_inputs_raise_input_error():
-    with pytest.raises(InputError, match="mask"):
+    with pytest.raises(InputError, match="every dimension"):
         AffineCoupling(3, torch.tensor([True, True, True]))
+    with pytest.raises(InputError, match="only allowed for conditional"):
+        SplineCoupling(3, torch.tensor([False, False, False]))
     with pytest.raises(InputError, match="shape"):
         AffineCoupling(3, torch.tensor([True, False]))
     with pytest.raises(InputError, match="circular"):

@@ -3,7 +3,9 @@
 A coupling layer splits the dimensions with a boolean ``mask`` of shape ``(dim,)``: dimensions
 where ``mask`` is True *condition* the transform and pass through unchanged; the others are
 transformed elementwise with parameters predicted by an :class:`~boltzflow.flows.nn.MLP` from the
-conditioning dimensions (and an optional ``context``, concatenated to the MLP input). The MLP's
+conditioning dimensions (and an optional ``context``, concatenated to the MLP input). A
+conditional layer (``context_dim > 0``) may have an all-False mask: it then transforms every
+dimension, conditioned on the context only. The MLP's
 last layer is zero-initialised, so every coupling is the identity at initialisation.
 
 Circular (periodic, e.g. torsion) dimensions: :class:`SplineCoupling` transforms them with circular
@@ -68,16 +70,19 @@ class _Coupling(Bijection):
     def __init__(self, dim: int, mask, circular, context_dim: int):
         super().__init__()
         dim = int(dim)
-        if dim < 2:
-            raise InputError(f"a coupling layer needs dim >= 2, got {dim}")
-        mask = as_mask(mask, dim, "mask")
-        circ = as_mask(circular, dim, "circular")
-        if bool(mask.all()) or not bool(mask.any()):
-            raise InputError("coupling mask must mark some (not all) dimensions as conditioning (True)")
-        self.dim = dim
         self.context_dim = int(context_dim)
         if self.context_dim < 0:
             raise InputError(f"context_dim must be >= 0, got {context_dim}")
+        if dim < 1:
+            raise InputError(f"a coupling layer needs dim >= 1, got {dim}")
+        mask = as_mask(mask, dim, "mask")
+        circ = as_mask(circular, dim, "circular")
+        if bool(mask.all()):
+            raise InputError("coupling mask marks every dimension as conditioning (True); leave some to transform")
+        if not bool(mask.any()) and self.context_dim == 0:
+            raise InputError("coupling mask marks no dimension as conditioning (True); "
+                             "that is only allowed for conditional layers (context_dim > 0)")
+        self.dim = dim
         ar = torch.arange(dim)
         cond_lin = ar[mask & ~circ]
         cond_circ = ar[mask & circ]
