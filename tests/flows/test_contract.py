@@ -56,6 +56,8 @@ def _case(name: str):
         return realnvp(DIM, blocks=2, hidden=16), [], 0
     if name == "realnvp-builder-conditional":
         return realnvp(DIM, blocks=1, hidden=16, context_dim=4), [], 4
+    if name == "spline-builder-1d-conditional":
+        return spline_flow(1, blocks=2, hidden=8, bins=4, bound=2.0, context_dim=2), [], 2
     if name == "spline-builder-circular":
         return spline_flow(DIM, blocks=2, hidden=16, bins=4, bound=2.0, circular=[1, 2]), [1, 2], 0
     if name == "compose-mixed":
@@ -74,7 +76,7 @@ def _case(name: str):
 CASES = [
     "affine", "affine-conditional", "spline", "spline-circular", "spline-circular-noshift",
     "spline-circular-conditional", "spline-context-only", "affine-context-only-1d", "permute", "reverse", "actnorm", "circular-shift", "realnvp-builder",
-    "realnvp-builder-conditional", "spline-builder-circular", "compose-mixed", "inverse-spline", "inverse-compose",
+    "realnvp-builder-conditional", "spline-builder-1d-conditional", "spline-builder-circular", "compose-mixed", "inverse-spline", "inverse-compose",
 ]
 PARAMETER_FREE = {"permute", "reverse"}
 
@@ -87,7 +89,8 @@ def _build(name: str, seed: int = 0):
     with torch.no_grad():  # move away from the identity initialisation
         for p in bij.parameters():
             p.add_(0.25 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return bij, circ, ctx_dim, getattr(bij, "dim", DIM)
+    first = bij.layers[0] if isinstance(bij, Compose) else bij
+    return bij, circ, ctx_dim, getattr(first, "dim", DIM)
 
 
 def _inputs(circ, ctx_dim, dim, n=16, seed=1):

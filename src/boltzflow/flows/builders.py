@@ -29,6 +29,9 @@ def _half_masks(dim: int, generator: torch.Generator) -> tuple[torch.Tensor, tor
     """Two random half/half masks of a block: a random split, and the alternating split of the
     same random order (so the two pairs of couplings in a block mix different dimensions)."""
     perm = torch.randperm(dim, generator=generator)
+    if dim == 1:  # conditional 1D flow: every coupling transforms the single dim given the context
+        none = torch.zeros(1, dtype=torch.bool)
+        return none, none
     a = torch.zeros(dim, dtype=torch.bool)
     a[perm[: dim // 2]] = True
     b = torch.zeros(dim, dtype=torch.bool)
@@ -49,8 +52,9 @@ def _indices(circular, dim: int) -> list[int]:
 
 
 def _check_common(dim: int, blocks: int, context_dim: int) -> None:
-    if int(dim) < 2:
-        raise InputError(f"coupling flows need dim >= 2, got {dim}; pad a 1D problem with a dummy Gaussian dim")
+    if int(dim) < 1 or (int(dim) == 1 and int(context_dim) == 0):
+        raise InputError(f"coupling flows need dim >= 2 (or dim 1 with a context), got dim {dim}; "
+                         "pad a 1D problem with a dummy Gaussian dim")
     if int(blocks) < 1:
         raise InputError(f"blocks must be >= 1, got {blocks}")
     if int(context_dim) < 0:
@@ -77,7 +81,7 @@ def realnvp(
     layers = []
     for _ in range(int(blocks)):
         a, b = _half_masks(int(dim), g)
-        for m in (a, ~a, b, ~b):
+        for m in ((a, ~a, b, ~b) if int(dim) > 1 else (a,) * 4):
             layers.append(AffineCoupling(dim, m, hidden=hidden, depth=depth, context_dim=context_dim,
                                          activation=activation, scale_clamp=scale_clamp))
     return Compose(layers)
@@ -108,7 +112,7 @@ def spline_flow(
     layers = []
     for _ in range(int(blocks)):
         a, _b = _half_masks(int(dim), g)
-        for m in (a, ~a):
+        for m in ((a, ~a) if int(dim) > 1 else (a, a)):
             layers.append(SplineCoupling(dim, m, hidden=hidden, depth=depth, bins=bins, bound=bound, circular=circ,
                                          context_dim=context_dim, activation=activation,
                                          circular_shift=circular_shift))
