@@ -188,8 +188,8 @@ class SplineCoupling(_Coupling):
         circular_shift: bool = True,
     ):
         super().__init__(dim, mask, circular, context_dim)
-        if int(bins) < 2:
-            raise InputError(f"spline bins must be >= 2, got {bins}")
+        if not 2 <= int(bins) <= 256:
+            raise InputError(f"spline bins must be in [2, 256], got {bins}")
         if not bound > 0:
             raise InputError(f"spline bound must be > 0, got {bound}")
         self.bins = int(bins)
