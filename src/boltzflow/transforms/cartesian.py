@@ -37,14 +37,15 @@ def centre(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor
 def kabsch_rotation(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Proper rotations R (batch, 3, 3) minimising sum_i |R x_i - ref_i|^2 for centred x (batch, m, 3)
     and centred reference (m, 3). Aligned coordinates: ``x @ R.transpose(-1, -2)``."""
-    h = x.transpose(-1, -2) @ reference.to(x)[None]  # (batch, 3, 3) = sum x_i ref_i^T
+    # SVD in float64: its backward divides by s_i^2 - s_j^2, which float32 resolves poorly
+    h = x.to(torch.float64).transpose(-1, -2) @ reference.to(x.device, torch.float64)[None]  # sum x_i ref_i^T
     u, _, vh = torch.linalg.svd(h)
     v = vh.transpose(-1, -2)
-    d = torch.sign(torch.linalg.det(v @ u.transpose(-1, -2)))
+    d = torch.sign(torch.linalg.det(v @ u.transpose(-1, -2))).detach()
     d = torch.where(d == 0, torch.ones_like(d), d)
-    diag = torch.ones(x.shape[0], 3, dtype=x.dtype, device=x.device)
+    diag = torch.ones(x.shape[0], 3, dtype=h.dtype, device=x.device)
     diag[:, 2] = d
-    return v @ torch.diag_embed(diag) @ u.transpose(-1, -2)
+    return (v @ torch.diag_embed(diag) @ u.transpose(-1, -2)).to(x.dtype)
 
 
 def rotation_angle(r: torch.Tensor) -> torch.Tensor:
@@ -70,18 +71,20 @@ def cap_rotation(r: torch.Tensor, max_angle: float = MAX_ROTATION) -> torch.Tens
     over = theta > max_angle
     if not bool(over.any()):
         return r
-    ro, to = r[over], theta[over]
+    ro = r[over]
     eye = torch.eye(3, dtype=r.dtype, device=r.device)
-    # axis from the symmetric part (robust near pi): sym = cos t I + (1 - cos t) a a^T
+    # axis from the symmetric part (robust near pi): sym = cos t I + (1 - cos t) a a^T; cos t from the
+    # trace directly (no acos, whose gradient diverges near pi)
+    c = ((ro.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1.0, 1.0)
     sym = 0.5 * (ro + ro.transpose(-1, -2))
-    aat = (sym - torch.cos(to)[:, None, None] * eye) / (1 - torch.cos(to))[:, None, None]
+    aat = (sym - c[:, None, None] * eye) / (1 - c)[:, None, None]
     col = aat.diagonal(dim1=-2, dim2=-1).argmax(-1)
     a = aat[torch.arange(ro.shape[0]), :, col]
     a = a / a.norm(dim=-1, keepdim=True)
     skew = torch.stack([ro[:, 2, 1] - ro[:, 1, 2], ro[:, 0, 2] - ro[:, 2, 0], ro[:, 1, 0] - ro[:, 0, 1]], -1)
     sgn = torch.sign((a * skew).sum(-1)).detach()
     a = a * torch.where(sgn == 0, torch.ones_like(sgn), sgn)[:, None]
-    capped = _rotation_about(a, torch.full_like(to, max_angle))
+    capped = _rotation_about(a, torch.full_like(c, max_angle))
     out = r.clone()
     out[over] = capped
     return out
