@@ -20,6 +20,8 @@ generators.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import time
@@ -220,11 +222,10 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
                                  f"{oc.get(key)!r}; use the same settings or a new -o directory")
         reporter = multistate.MultiStateReporter(str(path), open_mode="a")
         cls = multistate.ParallelTemperingSampler if config.method == "parallel-tempering" else multistate.ReplicaExchangeSampler
-        sampler = cls.from_storage(reporter)
-        sampler._global_citation_silence = True
+        with contextlib.redirect_stdout(io.StringIO()):  # from_storage prints a citation banner
+            sampler = cls.from_storage(reporter)
         _set_caches(sampler, config)
-        if sampler.number_of_iterations < config.n_iterations:
-            sampler.number_of_iterations = int(config.n_iterations)
+        sampler.number_of_iterations = max(int(config.n_iterations), int(sampler.iteration))
         record["resumed_from_iteration"] = int(sampler.iteration)
     else:
         sysobj = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system.system))

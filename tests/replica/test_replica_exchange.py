@@ -1,0 +1,153 @@
+"""Replica exchange on cheap systems with exact answers (real OpenMM + openmmtools)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from boltzflow.errors import ConfigError, InputError
+from boltzflow.estimators import bar_free_energy, exp_free_energy
+from boltzflow.replica import (ReplicaExchangeConfig, extract_samples, mbar_analysis, read_replica,
+                               run_replica_exchange)
+from boltzflow.replica.energies import reduced_energies
+from boltzflow.replica.toy import harmonic_reduced_free_energy, harmonic_system
+from boltzflow.sampling import SampleSet
+
+N_PART = 5
+FAST = dict(t_min=300.0, t_max=600.0, n_replicas=4, steps_per_iteration=100, timestep_fs=1.0,
+            collision_rate_per_ps=20.0, platform="Reference")
+
+
+@pytest.fixture(scope="module")
+def harmonic_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("harmonic_pt")
+    system = harmonic_system(N_PART)
+    cfg = ReplicaExchangeConfig(n_iterations=200, **FAST)
+    path = run_replica_exchange(system, cfg, d, progress=False)
+    return system, cfg, path
+
+
+def test_extract_samples_is_a_readable_sampleset(harmonic_run, tmp_path):
+    system, cfg, path = harmonic_run
+    ss = extract_samples(path, state_index=0)
+    assert ss.positions.shape[1:] == (N_PART, 3) and len(ss) > 20
+    assert ss.temperature == pytest.approx(300.0)
+    assert ss.log_q is None and ss.log_weights is None
+    g = ss.provenance["statistical_inefficiency"]
+    assert g >= 1.0 and ss.provenance["n_iterations"] == 200
+    assert ss.provenance["energy_evaluations"] == 200 * 4 * 100
+    # stored reduced energies are U/kT of the stored positions (positions float32 -> loose tolerance)
+    u = reduced_energies(system, ss.positions[:20], 300.0, platform="Reference")
+    np.testing.assert_allclose(ss.reduced_energy[:20], u, rtol=1e-4, atol=1e-4)
+    # equipartition: <u> = 3N/2 at every temperature (harmonic)
+    assert np.mean(ss.reduced_energy) == pytest.approx(1.5 * N_PART, abs=4 * np.std(ss.reduced_energy) / np.sqrt(len(ss)))
+    p = ss.save(tmp_path / "s.npz")
+    back = SampleSet.load(p)
+    np.testing.assert_array_equal(back.positions, ss.positions)
+    assert back.provenance["statistical_inefficiency"] == pytest.approx(g)
+    hot = extract_samples(path, state_index=3)
+    assert hot.temperature == pytest.approx(600.0)
+    with pytest.raises(InputError):
+        extract_samples(path, state_index=4)
+
+
+def test_mbar_free_energies_match_exact_and_exp_bar(harmonic_run):
+    system, cfg, path = harmonic_run
+    res = mbar_analysis(path)
+    temps = cfg.temperatures()
+    np.testing.assert_allclose(res.temperatures, temps)
+    exact = np.array([harmonic_reduced_free_energy(N_PART, temps[0], t) for t in temps])
+    err = np.maximum(res.free_energy_errors, 0.02)
+    # honest-ish: within 4 MBAR sigma plus a little for correlation
+    assert np.all(np.abs(res.free_energies - exact) < 4 * err + 0.05), (res.free_energies, exact, err)
+    # EXP and BAR between the two lowest temperatures from the state-0 and state-1 sample sets
+    s0, s1 = extract_samples(path, 0), extract_samples(path, 1)
+    r = temps[0] / temps[1]  # u_1(x) = u_0(x) * T0 / T1 for the same potential
+    w_f = s0.reduced_energy * r - s0.reduced_energy
+    w_r = s1.reduced_energy / r - s1.reduced_energy
+    exp = exp_free_energy(w_f)
+    bar = bar_free_energy(w_f, w_r)
+    for est in (exp, bar):
+        assert abs(est.value - res.free_energies[1]) < 4 * np.hypot(est.stderr, res.free_energy_errors[1]) + 0.05
+        assert abs(est.value - exact[1]) < 4 * est.stderr + 0.05
+
+
+def test_mbar_observables_have_block_errors(harmonic_run):
+    system, cfg, path = harmonic_run
+    res = mbar_analysis(path, {"x>0": lambda x: x[:, 0, 0] > 0.0}, n_blocks=5)
+    est = res.observables["x>0"]
+    assert est.value == pytest.approx(0.5, abs=max(5 * est.stderr, 0.05))
+    assert est.stderr > 0 and est.extra["stderr_block"] > 0 and est.extra["stderr_mbar"] > 0
+    assert est.ci_low < est.value < est.ci_high
+
+
+def test_resume_extends_and_rejects_mismatch(tmp_path):
+    system = harmonic_system(2)
+    cfg = ReplicaExchangeConfig(n_iterations=6, checkpoint_interval=2, **{**FAST, "steps_per_iteration": 20})
+    path = run_replica_exchange(system, cfg, tmp_path, progress=False)
+    assert read_replica(path).n_iterations == 6
+    with pytest.raises(InputError, match="already exists"):
+        run_replica_exchange(system, cfg, tmp_path, resume=False, progress=False)
+    with pytest.raises(InputError, match="n_replicas"):
+        run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=8, **{**FAST, "n_replicas": 3,
+                                                                             "steps_per_iteration": 20}),
+                             tmp_path, progress=False)
+    cfg2 = ReplicaExchangeConfig(n_iterations=10, checkpoint_interval=2, **{**FAST, "steps_per_iteration": 20})
+    run_replica_exchange(system, cfg2, tmp_path, progress=False)
+    data = read_replica(path)
+    assert data.n_iterations == 10
+    assert np.all(np.sort(data.states, axis=1) == np.arange(4))  # a permutation of states every iteration
+    cost = json.loads((tmp_path / "replica_cost.json").read_text())
+    assert cost["iteration"] == 10 and cost["wall_time_s"] > 0
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        ReplicaExchangeConfig(method="annealing")
+    with pytest.raises(ConfigError):
+        ReplicaExchangeConfig(t_min=400, t_max=300)
+    np.testing.assert_allclose(ReplicaExchangeConfig(t_min=300, t_max=700, n_replicas=8).temperatures()[[0, -1]],
+                               [300, 700])
+    t = ReplicaExchangeConfig(t_min=300, t_max=700, n_replicas=8).temperatures()
+    np.testing.assert_allclose(t[1:] / t[:-1], (700 / 300) ** (1 / 7))
+
+
+def test_resume_after_kill(tmp_path):
+    """A `boltzflow simulate` process killed with SIGKILL mid-run resumes from its last checkpoint."""
+    sysdir = tmp_path / "sys"
+    harmonic_system(2).save(sysdir)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", "from boltzflow.cli import entry; entry()", "simulate", str(sysdir), "--t-min", "300", "--t-max", "600",
+           "--replicas", "3", "--steps-per-iteration", "20", "--platform", "Reference", "--checkpoint-interval", "5",
+           "--no-progress", "-o", str(run)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd + ["--iterations", "100000"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cost = run / "replica_cost.json"
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 120:
+            if cost.is_file() and json.loads(cost.read_text()).get("iteration", 0) >= 10:
+                break
+            if proc.poll() is not None:
+                raise AssertionError(proc.stderr.read().decode())
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    done = json.loads(cost.read_text())["iteration"]
+    assert done >= 10
+    target = done + 7
+    r = subprocess.run(cmd + ["--iterations", str(target), "--resume"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = read_replica(run)
+    assert data.n_iterations == target
+    assert np.all(np.isfinite(data.energies))
+    ss = SampleSet.load(run / "samples.npz")
+    assert ss.provenance["n_iterations"] == target
