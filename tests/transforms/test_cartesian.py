@@ -74,3 +74,13 @@ def test_prepare_cartesian_centres_and_aligns(ref):
 def test_shape_error(ref):
     with pytest.raises(InputError):
         alignment_penalty(torch.zeros(2, 4, 3, dtype=torch.float64), ref)
+
+
+@pytest.mark.parametrize("theta", [0.0, 1e-4, 1.0, math.pi / 3 + 1e-3, 3.1, math.pi - 1e-6])
+def test_penalty_gradient_finite_in_float32(ref, theta):
+    """Regression: NaN gradients (acos near pi, float32 SVD) once broke Cartesian KLz training."""
+    g = torch.Generator().manual_seed(4)
+    x = ((ref @ _rot_z(theta).T)[None] + 1e-3 * torch.randn(4, 10, 3, generator=g, dtype=torch.float64)).float()
+    x.requires_grad_(True)
+    alignment_penalty(x, ref.float()).sum().backward()
+    assert torch.isfinite(x.grad).all()
