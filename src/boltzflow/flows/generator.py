@@ -153,7 +153,7 @@ class MolecularGenerator(nn.Module):
         self.to(torch.get_default_dtype())  # float buffers follow the parameters (one dtype per checkpoint)
 
     # ---- data ------------------------------------------------------------------------------------
-    def _as_x(self, x) -> torch.Tensor:
+    def _as_x(self, x, cast: bool = True) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(np.asarray(x))
         if x.dim() == 2:
@@ -161,13 +161,15 @@ class MolecularGenerator(nn.Module):
         if x.dim() != 3 or x.shape[1:] != (self.n_atoms, 3):
             raise InputError(f"coordinates must have shape (n, {self.n_atoms}, 3) in nm for {self.system.name}, "
                              f"got {tuple(x.shape)}")
-        return x
+        p = next(self.parameters())
+        return x.to(device=p.device, dtype=p.dtype if cast else x.dtype)
 
-    def prepare_data(self, x) -> torch.Tensor:
+    def prepare_data(self, x, cast: bool = True) -> torch.Tensor:
         """Bring data x (n, n_atoms, 3) nm into the generator's frame: for Cartesian heavy atoms, centre
         the heavy atoms and Kabsch-align them to the reference (do this before KLz training);
-        internal-coordinate pipelines return x unchanged (their density is rigid-motion invariant)."""
-        x = self._as_x(x)
+        internal-coordinate pipelines return x unchanged (their density is rigid-motion invariant).
+        Returns the generator's dtype/device (``cast=False``: keep x's dtype)."""
+        x = self._as_x(x, cast)
         if self.config.pipeline != "internal-all" and self.config.representation == "cartesian":
             return prepare_cartesian(x, self.heavy, self.ref_heavy)
         return x
@@ -176,7 +178,8 @@ class MolecularGenerator(nn.Module):
     def fit(self, data) -> "MolecularGenerator":
         """Fit the standardisations (Cartesian mean/std, internal-coordinate bond/angle mean/std,
         hydrogen local frames) on data (n, n_atoms, 3) nm; n >= 2."""
-        x = self.prepare_data(data).to(torch.float64)
+        x = self.prepare_data(torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data,
+                                              dtype=torch.float64), cast=False)
         if x.shape[0] < 2:
             raise InputError("fitting a generator's standardisation needs at least 2 configurations")
         if self.config.pipeline == "internal-all":
