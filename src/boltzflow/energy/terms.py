@@ -26,20 +26,27 @@ _SIMPLE = {
 _IGNORED = ("CMMotionRemover",)
 
 
-def _bonded_pairs(topology) -> set[tuple[int, int]]:
+def _angle_end_pairs(system) -> set[tuple[int, int]]:
+    """(i, k) end pairs of every angle i-j-k of the System's HarmonicAngleForces."""
     pairs = set()
-    for b in topology.bonds():
-        i, j = b[0].index, b[1].index
-        pairs.add((min(i, j), max(i, j)))
+    for f in system.getForces():
+        if type(f).__name__ == "HarmonicAngleForce":
+            for n in range(f.getNumAngles()):
+                i, _, k, _, _ = f.getAngleParameters(n)
+                pairs.add((min(i, k), max(i, k)))
     return pairs
 
 
-def _bond_kinds(force, bonded: set[tuple[int, int]]) -> list[bool]:
-    """For each bond of a HarmonicBondForce: True if its atoms are bonded in the topology."""
+def _bond_kinds(force, system, topology=None) -> list[bool]:
+    """For each bond of a HarmonicBondForce: True for a real bond, False for a Urey-Bradley 1-3 pair.
+
+    A pair is Urey-Bradley when it joins the two ends of an angle of the System (this does not
+    depend on the topology's bonds, which a PDB round trip may lose)."""
+    ub_like = _angle_end_pairs(system)
     out = []
     for k in range(force.getNumBonds()):
         i, j, _, _ = force.getBondParameters(k)
-        out.append((min(i, j), max(i, j)) in bonded)
+        out.append((min(i, j), max(i, j)) not in ub_like)
     return out
 
 
@@ -57,22 +64,22 @@ def _nonbonded_parts(force) -> tuple[bool, bool]:
     return has_q, has_lj
 
 
-def classify_forces(system, topology) -> list[tuple[int, str]]:
+def classify_forces(system, topology=None) -> list[tuple[int, str]]:
     """Canonical term name(s) for every force of ``system`` (an ``openmm.System``).
 
-    ``topology`` (``openmm.app.Topology``) tells real bonds from Urey-Bradley 1-3 pairs.
+    A HarmonicBondForce pair joining the ends of an angle is Urey-Bradley, any other a bond;
+    ``topology`` is accepted for the contract but not needed.
     Returns ``[(force_index, name)]`` in force order; CMMotionRemover is omitted.
     Raises :class:`~boltzflow.errors.UnsupportedForceError` for a force type it does not know."""
     from ..errors import UnsupportedForceError
 
-    bonded = _bonded_pairs(topology)
     out: list[tuple[int, str]] = []
     for idx, f in enumerate(system.getForces()):
         cls = type(f).__name__
         if cls in _IGNORED:
             continue
         if cls == "HarmonicBondForce":
-            kinds = _bond_kinds(f, bonded)
+            kinds = _bond_kinds(f, system)
             if any(kinds) or not kinds:
                 out.append((idx, "bond"))
             if not all(kinds):
@@ -93,7 +100,7 @@ def classify_forces(system, topology) -> list[tuple[int, str]]:
     return out
 
 
-def split_force(force, term: str, topology) -> Any:
+def split_force(force, term: str, system) -> Any:
     """A deep copy of ``force`` keeping only ``term``'s part.
 
     NonbondedForce: ``"coulomb"`` zeroes every epsilon (particles and exceptions), ``"lj"`` zeroes
@@ -117,7 +124,7 @@ def split_force(force, term: str, topology) -> Any:
             else:
                 f.setExceptionParameters(k, i, j, 0.0, sig, eps)
     elif cls == "HarmonicBondForce":
-        kinds = _bond_kinds(f, _bonded_pairs(topology))
+        kinds = _bond_kinds(f, system)
         keep_bonded = term == "bond"
         for k, is_bond in enumerate(kinds):
             if is_bond != keep_bonded:
@@ -126,7 +133,7 @@ def split_force(force, term: str, topology) -> Any:
     return f
 
 
-def term_systems(system, topology) -> tuple[Any, dict[str, list[int]]]:
+def term_systems(system, topology=None) -> tuple[Any, dict[str, list[int]]]:
     """An ``openmm.System`` with one force per (force, term) and a force group per term name.
 
     Returns ``(new_system, {term name: [force indices in new_system]})``; the new System has the
@@ -149,7 +156,7 @@ def term_systems(system, topology) -> tuple[Any, dict[str, list[int]]]:
     groups: dict[str, list[int]] = {}
     for idx, names in multi.items():
         for name in names:
-            f = split_force(forces[idx], name, topology) if len(names) > 1 else _copy(forces[idx])
+            f = split_force(forces[idx], name, system) if len(names) > 1 else _copy(forces[idx])
             f.setForceGroup(TERM_NAMES.index(name))
             groups.setdefault(name, []).append(new.addForce(f))
     return new, groups

@@ -142,6 +142,10 @@ class MolecularSystem:
             "hydrogen_indices": self.hydrogen_indices.tolist(),
             "hydrogen_parents": self.hydrogen_parents.tolist(),
             "modes": self.modes.to_dict() if self.modes is not None else None,
+            # exact bonds and atom names: reading topology.pdb back infers bonds from residue
+            # templates (CONECT only for non-standard residues) and renames some atoms (CHARMM caps)
+            "bonds": sorted([sorted((b[0].index, b[1].index)) for b in self.topology.bonds()]),
+            "atom_names": [a.name for a in self.topology.atoms()],
             "fingerprint": self.fingerprint(),
             "metadata": self.metadata,
         }
@@ -162,9 +166,12 @@ class MolecularSystem:
         system = openmm.XmlSerializer.deserialize((d / "system.xml").read_text())
         pdb = app.PDBFile(str(d / "topology.pdb"))
         pos = np.array(pdb.getPositions(asNumpy=True)._value, dtype=np.float64)
+        topology = pdb.topology
+        if meta.get("bonds") is not None:  # exact bonds / names as saved (see save)
+            topology = _with_bonds(topology, meta["bonds"], meta.get("atom_names"))
         return cls(
             name=meta["name"],
-            topology=pdb.topology,
+            topology=topology,
             system=system,
             positions=pos,
             temperature=float(meta["temperature_k"]),
@@ -175,6 +182,25 @@ class MolecularSystem:
             modes=modes_from_dict(meta.get("modes")),
             metadata=meta.get("metadata", {}),
         )
+
+
+def _with_bonds(topology, bonds, atom_names=None):
+    """Copy of ``topology`` with exactly ``bonds`` ([[i, j], ...]) and optionally the given atom names."""
+    import openmm.app as app
+
+    new = app.Topology()
+    new.setPeriodicBoxVectors(topology.getPeriodicBoxVectors())
+    atoms = []
+    for chain in topology.chains():
+        c = new.addChain(chain.id)
+        for res in chain.residues():
+            r = new.addResidue(res.name, c, res.id, res.insertionCode)
+            for a in res.atoms():
+                name = atom_names[a.index] if atom_names is not None else a.name
+                atoms.append(new.addAtom(name, a.element, r, a.id))
+    for i, j in bonds:
+        new.addBond(atoms[i], atoms[j])
+    return new
 
 
 def hydrogen_bookkeeping(topology) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

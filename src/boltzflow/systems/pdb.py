@@ -174,7 +174,51 @@ def create_charmm_system(topology, solvent: str, force_field: tuple[str, ...] = 
     for i in reversed(range(system.getNumForces())):
         if type(system.getForce(i)).__name__ == "CMMotionRemover":
             system.removeForce(i)
+    canonical_lj_types(system)
     return system
+
+
+def canonical_lj_types(system) -> None:
+    """Renumber the LJ atom types of CustomNonbondedForces with per-particle ``type`` and 2D
+    tabulated ``acoef``/``bcoef`` (OpenMM's CHARMM NBFIX form) by first appearance in particle order.
+
+    OpenMM numbers these types in set-iteration order, which changes between Python processes; this
+    makes the serialized System (and so ``MolecularSystem.fingerprint``) reproducible. In place."""
+    import openmm
+
+    for f in system.getForces():
+        if not isinstance(f, openmm.CustomNonbondedForce) or f.getNumPerParticleParameters() != 1:
+            continue
+        if f.getPerParticleParameterName(0) != "type":
+            continue
+        tables = {}
+        for t in range(f.getNumTabulatedFunctions()):
+            fn = f.getTabulatedFunction(t)
+            if not isinstance(fn, openmm.Discrete2DFunction):
+                break
+            tables[t] = fn
+        else:
+            old = [int(round(f.getParticleParameters(i)[0])) for i in range(f.getNumParticles())]
+            perm: dict[int, int] = {}
+            for t in old:
+                perm.setdefault(t, len(perm))
+            for fn in tables.values():
+                nx, ny, vals = fn.getFunctionParameters()
+                if nx != ny or len(perm) > nx:
+                    break
+            else:
+                n = next(iter(tables.values())).getFunctionParameters()[0] if tables else 0
+                for t in range(n):  # types no particle uses keep a slot after the used ones
+                    perm.setdefault(t, len(perm))
+                for fn in tables.values():
+                    nx, ny, vals = fn.getFunctionParameters()
+                    new = [0.0] * (nx * ny)
+                    for ox in range(nx):
+                        for oy in range(ny):
+                            new[perm[ox] + nx * perm[oy]] = vals[ox + nx * oy]
+                    fn.setFunctionParameters(nx, ny, new)
+                for i, t in enumerate(old):
+                    f.setParticleParameters(i, [float(perm[t])])
 
 
 def from_pdb(path: str | Path, solvent: str = "vacuum", temperature: float = 300.0, name: str | None = None,

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError, SystemBuildError
 from .molecular import MolecularSystem, hydrogen_bookkeeping
-from .pdb import check_solvent_temperature, read_pdb
+from .pdb import canonical_lj_types, check_solvent_temperature, read_pdb
 
 PARAM_SUFFIXES = (".prm", ".par", ".rtf", ".top", ".str", ".inp")
 
@@ -103,6 +103,7 @@ def from_psf(psf_path: str | Path, param_paths: Sequence[str | Path], coords_pat
     for i in reversed(range(system.getNumForces())):
         if type(system.getForce(i)).__name__ == "CMMotionRemover":
             system.removeForce(i)
+    canonical_lj_types(system)
     topology = psf.topology
     heavy, hyd, parents = hydrogen_bookkeeping(topology)
     meta = {
