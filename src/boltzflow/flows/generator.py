@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import ConfigError, InputError
 from ..transforms.cartesian import alignment_penalty, prepare_cartesian
 from ..transforms.internal import InternalCoordinates, chiral_centers, mirror_image_mask
-from ..transforms.zmatrix import ZMatrix, _levels, bond_graph, build_zmatrix, hydrogen_zmatrix
+from ..transforms.zmatrix import all_atom_zmatrix, bond_graph, build_zmatrix
 
 PIPELINES = ("hnet", "conditional", "internal-all")
 REPRESENTATIONS = ("cartesian", "internal")
@@ -91,14 +91,6 @@ class GeneratorConfig:
             return self.flow
         internal = self.representation == "internal" or self.pipeline == "internal-all"
         return "spline" if internal else "realnvp"
-
-
-def all_atom_zmatrix(adjacency, heavy, hydrogens, parents) -> ZMatrix:
-    """Heavy-atom Z-matrix (bond-graph BFS) followed by the hydrogens in local frames."""
-    zh = build_zmatrix(adjacency, heavy)
-    zhh = hydrogen_zmatrix(adjacency, heavy, hydrogens, parents)
-    rows = np.concatenate([zh.rows, zhh.rows])
-    return ZMatrix(rows[:, 0].copy(), rows, _levels(rows, set()))
 
 
 class MolecularGenerator(nn.Module):

@@ -186,3 +186,11 @@ def hydrogen_zmatrix(adjacency: dict[int, list[int]], heavy, hydrogens, parents)
         placed_h.setdefault(j, []).append(h)
     rows_a = np.array(rows, dtype=np.int64).reshape(-1, 4)
     return ZMatrix(rows_a[:, 0].copy(), rows_a, _levels(rows_a, hset))
+
+
+def all_atom_zmatrix(adjacency, heavy, hydrogens, parents) -> ZMatrix:
+    """Heavy-atom Z-matrix (bond-graph BFS) followed by the hydrogens in local frames."""
+    zh = build_zmatrix(adjacency, heavy)
+    zhh = hydrogen_zmatrix(adjacency, heavy, hydrogens, parents)
+    rows = np.concatenate([zh.rows, zhh.rows])
+    return ZMatrix(rows[:, 0].copy(), rows, _levels(rows, set()))
