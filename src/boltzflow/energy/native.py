@@ -9,12 +9,13 @@ Supported forces (everything CHARMM36m produces in vacuum / OBC2 through the For
 route ``charmm36_2024.xml [+ implicit/obc2.xml]`` and through ``CharmmPsfFile``), all NoCutoff,
 non-periodic:
 
-- HarmonicBondForce: 0.5 k (r - r0)^2. A pair not bonded in the topology is reported as
-  ``urey_bradley``, otherwise ``bond``.
+- HarmonicBondForce: 0.5 k (r - r0)^2. A pair joining the two ends of an angle is reported as
+  ``urey_bradley``, otherwise ``bond`` (the rule of :mod:`boltzflow.energy.terms`).
 - HarmonicAngleForce: 0.5 k (theta - theta0)^2 (``angle``).
 - PeriodicTorsionForce: k (1 + cos(n phi - phase)), any number of terms (``torsion``).
 - CustomTorsionForce harmonic impropers ``k*min(dtheta, 2*pi-dtheta)^2; dtheta=abs(theta-theta0)``
-  with the expression's own value of ``pi`` (``improper``).
+  with the expression's own value of ``pi`` (charmm36_2024.xml, CharmmPsfFile), or the unwrapped
+  ``k*(theta-theta0)^2`` of charmm36.xml (``improper``).
 - CMAPTorsionForce: OpenMM's bicubic patches built from periodic cubic-spline derivatives
   on the grid ``energy[i + size*j]`` at angles ``(2 pi i/size, 2 pi j/size)`` (``cmap``).
 - NonbondedForce (Coulomb + Lennard-Jones with Lorentz-Berthelot mixing and exceptions),
@@ -60,6 +61,15 @@ _TINY = 1e-30
 _GB_TINY = 1e-12
 
 _IGNORED = ("CMMotionRemover", "AndersenThermostat")
+#: single-term forces whose term is reported (as zeros) even when the force is empty, like the bridge
+_FORCE_TERM = {
+    "HarmonicAngleForce": "angle",
+    "PeriodicTorsionForce": "torsion",
+    "CustomTorsionForce": "improper",
+    "CMAPTorsionForce": "cmap",
+    "CustomGBForce": "gb",
+    "GBSAOBCForce": "gb",
+}
 
 
 def _v(q) -> float:
@@ -84,6 +94,7 @@ class _Compiled:
     pair_C: np.ndarray | None = None
     gb: dict | None = None
     unsupported: list = field(default_factory=list)
+    present: set = field(default_factory=set)  # term names of forces present (possibly empty)
 
 
 class _Unsupported(Exception):
@@ -349,22 +360,30 @@ def _compile_force(force, c: _Compiled, pairs: dict) -> None:
             raise _Unsupported(f"per-torsion parameters {names} are not (k, theta0): {expr!r}")
         pi_ = numeric_definitions(expr).get("pi", math.pi)
         glob = _globals(force)
+        two_pi = None
         try:
             f = Expression(expr)
-            for k in (1.3, 50.0):
-                for t0 in (0.0, 0.4, -2.9, math.pi):
-                    for th in np.linspace(-math.pi, math.pi, 13):
-                        d = abs(th - t0)
-                        ref = k * min(d, 2 * pi_ - d) ** 2
-                        extra = {nm: 0.0 for nm in names}
-                        if not _close(f(dict(glob, **extra, theta=float(th), k=k, theta0=t0)), ref):
-                            raise _Unsupported(f"not a harmonic improper k*min(dtheta, 2*pi-dtheta)^2: {expr!r}")
+            for cand in (2 * pi_, math.inf):  # wrapped (charmm36_2024.xml, CharmmPsfFile) or plain k*(theta-theta0)^2
+                ok = True
+                for k in (1.3, 50.0):
+                    for t0 in (0.0, 0.4, -2.9, math.pi):
+                        for th in np.linspace(-math.pi, math.pi, 13):
+                            d = abs(th - t0)
+                            ref = k * min(d, cand - d) ** 2
+                            var = dict(glob, **{nm: 0.0 for nm in names})
+                            var.update(theta=float(th), k=k, theta0=t0)
+                            ok = ok and _close(f(var), ref)
+                if ok:
+                    two_pi = cand
+                    break
         except (ExpressionError, ValueError, ZeroDivisionError) as e:
             raise _Unsupported(f"{e}") from e
+        if two_pi is None:
+            raise _Unsupported(f"not a harmonic improper k*min(dtheta, 2*pi-dtheta)^2 or k*(theta-theta0)^2: {expr!r}")
         ik, it0 = names.index("k"), names.index("theta0")
         for t in range(force.getNumTorsions()):
             i, j, k_, l, p = force.getTorsionParameters(t)
-            c.impropers.append((i, j, k_, l, float(p[ik]), float(p[it0]), 2 * pi_))
+            c.impropers.append((i, j, k_, l, float(p[ik]), float(p[it0]), two_pi))
     elif isinstance(force, openmm.CMAPTorsionForce):
         base = len(c.cmap_maps)
         for m in range(force.getNumMaps()):
@@ -478,6 +497,9 @@ def _compile(system) -> _Compiled:
         saved = {k: pairs[k].copy() for k in ("A", "B", "C")}
         try:
             _compile_force(force, c, pairs)
+            term = _FORCE_TERM.get(type(force).__name__)
+            if term:
+                c.present.add(term)
         except _Unsupported as e:
             c.unsupported.append(f"{type(force).__name__} '{force.getName()}' ({e})")
             # roll back partial additions of this force
@@ -497,40 +519,55 @@ def unsupported_forces(openmm_system) -> list[str]:
 # ------------------------------------------------------------------------------------------
 # geometry kernels: x (batch, n_atoms, 3) -> per-term values, safe at degenerate geometry
 # ------------------------------------------------------------------------------------------
-def _safe_norm(v: torch.Tensor, tiny: float = _TINY) -> torch.Tensor:
-    return torch.sqrt((v * v).sum(-1).clamp_min(tiny))
+# Layout: positions are split into three component tensors c = (cx, cy, cz), each (n_atoms, batch);
+# gathers are row gathers (index_select on dim 0) and every per-term array is (n_terms, batch).
+Vec = tuple  # (3,) of tensors with identical shape
 
 
-def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a0, a1, a2 = a.unbind(-1)
-    b0, b1, b2 = b.unbind(-1)
-    return torch.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], dim=-1)
+def _gather(c: Vec, idx_t: torch.Tensor) -> list[Vec]:
+    """c: 3 x (n_atoms, batch), idx_t: (k, n) -> k vectors of 3 x (n, batch)."""
+    k, n = idx_t.shape
+    flat = idx_t.reshape(-1)
+    comps = [ci.index_select(0, flat).view(k, n, ci.shape[1]).unbind(0) for ci in c]
+    return [(comps[0][a], comps[1][a], comps[2][a]) for a in range(k)]
 
 
-def _dihedral(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """IUPAC dihedral angle in (-pi, pi] of atoms idx: (n, 4) -> (batch, n); 0 where undefined."""
-    p = x.index_select(1, idx.reshape(-1)).reshape(x.shape[0], idx.shape[0], 4, 3)
-    b1 = p[:, :, 1] - p[:, :, 0]
-    b2 = p[:, :, 2] - p[:, :, 1]
-    b3 = p[:, :, 3] - p[:, :, 2]
-    n1 = _cross(b1, b2)
-    n2 = _cross(b2, b3)
-    yy = _safe_norm(b2) * (b1 * n2).sum(-1)
-    xx = (n1 * n2).sum(-1)
+def _sub(a: Vec, b: Vec) -> Vec:
+    return (a[0] - b[0], a[1] - b[1], a[2] - b[2])
+
+
+def _dot(a: Vec, b: Vec) -> torch.Tensor:
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+
+def _cross(a: Vec, b: Vec) -> Vec:
+    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
+
+
+def _dihedral(c: Vec, idx_t: torch.Tensor) -> torch.Tensor:
+    """IUPAC dihedral angle in (-pi, pi] of atoms idx_t: (4, n) -> (n, batch); 0 where undefined."""
+    p0, p1, p2, p3 = _gather(c, idx_t)
+    b1, b2, b3 = _sub(p1, p0), _sub(p2, p1), _sub(p3, p2)
+    n1, n2 = _cross(b1, b2), _cross(b2, b3)
+    yy = torch.sqrt(_dot(b2, b2).clamp_min(_TINY)) * _dot(b1, n2)
+    xx = _dot(n1, n2)
     bad = (xx.abs() + yy.abs()) < 1e-18
     return torch.atan2(torch.where(bad, torch.zeros_like(yy), yy), torch.where(bad, torch.ones_like(xx), xx))
 
 
-def _angle(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Angle i-j-k in [0, pi] for idx: (n, 3) -> (batch, n)."""
-    p = x.index_select(1, idx.reshape(-1)).reshape(x.shape[0], idx.shape[0], 3, 3)
-    u = p[:, :, 0] - p[:, :, 1]
-    v = p[:, :, 2] - p[:, :, 1]
-    return torch.atan2(_safe_norm(_cross(u, v)), (u * v).sum(-1))
+def _angle(c: Vec, idx_t: torch.Tensor) -> torch.Tensor:
+    """Angle i-j-k in [0, pi] for idx_t: (3, n) -> (n, batch)."""
+    p0, p1, p2 = _gather(c, idx_t)
+    u, v = _sub(p0, p1), _sub(p2, p1)
+    w = _cross(u, v)
+    return torch.atan2(torch.sqrt(_dot(w, w).clamp_min(_TINY)), _dot(u, v))
 
 
-def _distance(x: torch.Tensor, i: torch.Tensor, j: torch.Tensor, tiny: float = _TINY) -> torch.Tensor:
-    return _safe_norm(x.index_select(1, i) - x.index_select(1, j), tiny)
+def _distance2(c: Vec, idx_t: torch.Tensor) -> torch.Tensor:
+    """Squared distance of pairs idx_t: (2, n) -> (n, batch), clamped at 1e-30 nm^2."""
+    p0, p1 = _gather(c, idx_t)
+    d = _sub(p0, p1)
+    return _dot(d, d).clamp_min(_TINY)
 
 
 # ------------------------------------------------------------------------------------------
@@ -563,41 +600,42 @@ class NativeEnergy(torch.nn.Module):
         self.beta = float(system.beta)
         self.temperature = float(system.temperature)
         self.cap = cap if cap is not None else EnergyCap()
-        bonded = {tuple(sorted((b[0].index, b[1].index))) for b in system.topology.bonds()}
-        ub = [b for b in comp.bonds if bonded and tuple(sorted(b[:2])) not in bonded]
-        bd = [b for b in comp.bonds if not (bonded and tuple(sorted(b[:2])) not in bonded)]
+        # a HarmonicBondForce pair joining the two ends of an angle is Urey-Bradley (as in energy.terms)
+        ends = {(min(a[0], a[2]), max(a[0], a[2])) for a in comp.angles}
+        ub = [b for b in comp.bonds if (min(b[0], b[1]), max(b[0], b[1])) in ends]
+        bd = [b for b in comp.bonds if (min(b[0], b[1]), max(b[0], b[1])) not in ends]
 
         def buf(name: str, arr, kind: str = "f"):
             arr = np.asarray(arr)
-            t = torch.as_tensor(arr, dtype=torch.long if kind == "i" else dtype, device=device)
+            tdt = {"i": torch.long, "b": torch.bool}.get(kind, dtype)
+            t = torch.as_tensor(arr, dtype=tdt, device=device)
             self.register_buffer(name, t, persistent=False)
 
         self._terms: list[str] = []
         for name, rows in (("bond", bd), ("urey_bradley", ub)):
             if rows:
                 a = np.array(rows)
-                buf(f"{name}_i", a[:, 0].astype(np.int64), "i")
-                buf(f"{name}_j", a[:, 1].astype(np.int64), "i")
+                buf(f"{name}_idx", a[:, :2].T.astype(np.int64), "i")
                 buf(f"{name}_r0", a[:, 2])
                 buf(f"{name}_k", a[:, 3])
                 self._terms.append(name)
         if comp.angles:
             a = np.array(comp.angles)
-            buf("angle_idx", a[:, :3].astype(np.int64), "i")
+            buf("angle_idx", a[:, :3].T.astype(np.int64), "i")
             buf("angle_t0", a[:, 3])
             buf("angle_k", a[:, 4])
             self._terms.append("angle")
         if comp.torsions:
             a = np.array(comp.torsions)
             a = a[a[:, 6] != 0.0] if np.any(a[:, 6] != 0.0) else a[:1]
-            buf("torsion_idx", a[:, :4].astype(np.int64), "i")
+            buf("torsion_idx", a[:, :4].T.astype(np.int64), "i")
             buf("torsion_n", a[:, 4])
             buf("torsion_phase", a[:, 5])
             buf("torsion_k", a[:, 6])
             self._terms.append("torsion")
         if comp.impropers:
             a = np.array(comp.impropers)
-            buf("improper_idx", a[:, :4].astype(np.int64), "i")
+            buf("improper_idx", a[:, :4].T.astype(np.int64), "i")
             buf("improper_k", a[:, 4])
             buf("improper_t0", a[:, 5])
             buf("improper_2pi", a[:, 6])
@@ -606,16 +644,16 @@ class NativeEnergy(torch.nn.Module):
             a = np.array(comp.cmaps, dtype=np.int64)
             offsets = np.cumsum([0] + [s * s for s, _ in comp.cmap_maps])[:-1]
             sizes = np.array([s for s, _ in comp.cmap_maps])
-            buf("cmap_coeff", np.concatenate([cf for _, cf in comp.cmap_maps]).reshape(-1, 4, 4))
-            buf("cmap_idx", a[:, 1:9], "i")
+            buf("cmap_coeff", np.concatenate([cf for _, cf in comp.cmap_maps]).T.copy())  # (16, patches)
+            buf("cmap_idx", np.concatenate([a[:, 1:5].T, a[:, 5:9].T], axis=1), "i")  # (4, 2n)
             buf("cmap_base", offsets[a[:, 0]], "i")
             buf("cmap_size", sizes[a[:, 0]], "i")
             buf("cmap_delta", 2 * np.pi / sizes[a[:, 0]])
             self._terms.append("cmap")
+        self._zero_terms = [t for t in ("angle", "torsion", "improper", "cmap") if t in comp.present and t not in self._terms]
         keep = (comp.pair_A != 0) | (comp.pair_B != 0) | (comp.pair_C != 0)
         if keep.any():
-            buf("pair_i", comp.pair_iu[keep], "i")
-            buf("pair_j", comp.pair_ju[keep], "i")
+            buf("pair_idx", np.stack([comp.pair_iu[keep], comp.pair_ju[keep]]), "i")
             buf("pair_A", comp.pair_A[keep])
             buf("pair_B", comp.pair_B[keep])
             buf("pair_C", comp.pair_C[keep])
@@ -624,9 +662,11 @@ class NativeEnergy(torch.nn.Module):
             self._terms += [t for t, h in (("lj", self._has_lj), ("coulomb", self._has_coul)) if h]
         if comp.gb is not None:
             g = comp.gb
-            buf("gb_i", comp.pair_iu, "i")
-            buf("gb_j", comp.pair_ju, "i")
+            buf("gb_eye", np.eye(comp.n, dtype=bool), "b")
             buf("gb_q", g["charge"])
+            qq = np.outer(g["charge"], g["charge"])
+            np.fill_diagonal(qq, 0.0)
+            buf("gb_qq", qq)
             buf("gb_or", g["or"])
             buf("gb_sr", g["sr"])
             self._gb_const = {k: g[k] for k in ("offset", "pref", "eps_in", "eps_out", "kappa", "sa_coef", "sa_offset", "probe")}
@@ -641,84 +681,101 @@ class NativeEnergy(torch.nn.Module):
 
     @property
     def term_names(self) -> tuple[str, ...]:
-        """Names (from TERM_NAMES) of the terms this System has."""
-        return tuple(self._terms)
+        """Names of the terms this System has, in TERM_NAMES order."""
+        from .base import TERM_NAMES
+
+        return tuple(t for t in TERM_NAMES if t in self._terms or t in self._zero_terms)
 
     # ---- terms in kJ/mol ----------------------------------------------------------------
-    def _bondlike(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        r = _distance(x, getattr(self, f"{name}_i"), getattr(self, f"{name}_j"))
-        return (0.5 * self._p(f"{name}_k", x) * (r - self._p(f"{name}_r0", x)) ** 2).sum(-1)
+    def _col(self, name: str, ref: torch.Tensor) -> torch.Tensor:
+        """Parameter buffer (n,) as a (n, 1) column in ref's dtype."""
+        return self._p(name, ref).unsqueeze(-1)
 
-    def _angle_e(self, x: torch.Tensor) -> torch.Tensor:
-        th = _angle(x, self.angle_idx)
-        return (0.5 * self._p("angle_k", x) * (th - self._p("angle_t0", x)) ** 2).sum(-1)
+    def _bondlike(self, c: Vec, name: str) -> torch.Tensor:
+        r = torch.sqrt(_distance2(c, getattr(self, f"{name}_idx")))
+        return (0.5 * self._col(f"{name}_k", r) * (r - self._col(f"{name}_r0", r)) ** 2).sum(0)
 
-    def _torsion_e(self, x: torch.Tensor) -> torch.Tensor:
-        phi = _dihedral(x, self.torsion_idx)
-        return (self._p("torsion_k", x) * (1 + torch.cos(self._p("torsion_n", x) * phi - self._p("torsion_phase", x)))).sum(-1)
+    def _angle_e(self, c: Vec) -> torch.Tensor:
+        th = _angle(c, self.angle_idx)
+        return (0.5 * self._col("angle_k", th) * (th - self._col("angle_t0", th)) ** 2).sum(0)
 
-    def _improper_e(self, x: torch.Tensor) -> torch.Tensor:
-        th = _dihedral(x, self.improper_idx)
-        d = (th - self._p("improper_t0", x)).abs()
-        d = torch.minimum(d, self._p("improper_2pi", x) - d)
-        return (self._p("improper_k", x) * d * d).sum(-1)
+    def _torsion_e(self, c: Vec) -> torch.Tensor:
+        phi = _dihedral(c, self.torsion_idx)
+        arg = self._col("torsion_n", phi) * phi - self._col("torsion_phase", phi)
+        return (self._col("torsion_k", phi) * (1 + torch.cos(arg))).sum(0)
 
-    def _cmap_e(self, x: torch.Tensor) -> torch.Tensor:
-        idx = self.cmap_idx
-        ang = _dihedral(x, idx.reshape(-1, 4)).reshape(x.shape[0], idx.shape[0], 2)
+    def _improper_e(self, c: Vec) -> torch.Tensor:
+        th = _dihedral(c, self.improper_idx)
+        d = (th - self._col("improper_t0", th)).abs()
+        d = torch.minimum(d, self._col("improper_2pi", th) - d)
+        return (self._col("improper_k", th) * d * d).sum(0)
+
+    def _cmap_e(self, c: Vec) -> torch.Tensor:
+        n = self.cmap_size.shape[0]
+        ang = _dihedral(c, self.cmap_idx)  # (2n, batch): first angles, then second angles
         two_pi = 2 * math.pi
         ang = torch.remainder(ang + two_pi, two_pi)
-        delta = self._p("cmap_delta", x)[:, None]
-        scaled = ang / delta
-        size = self.cmap_size[:, None]
-        st = torch.minimum(scaled.detach().floor().long(), size - 1).clamp_min(0)
-        frac = scaled - st.to(x.dtype)
-        patch = self.cmap_base + st[..., 0] + self.cmap_size * st[..., 1]  # (batch, n)
-        c = self._p("cmap_coeff", x)[patch]  # (batch, n, 4, 4)
-        pw = torch.stack([torch.ones_like(frac), frac, frac * frac, frac * frac * frac], dim=-1)  # (batch, n, 2, 4)
-        e = torch.einsum("bni,bnij,bnj->bn", pw[:, :, 0], c, pw[:, :, 1])
-        return e.sum(-1)
+        delta = self._col("cmap_delta", ang)
+        sa, sb = (ang / delta.repeat(2, 1)).split(n, dim=0)
+        size = self.cmap_size.unsqueeze(-1)
+        s = torch.minimum(sa.detach().floor().long(), size - 1).clamp_min(0)
+        t = torch.minimum(sb.detach().floor().long(), size - 1).clamp_min(0)
+        da = sa - s.to(ang.dtype)
+        db = sb - t.to(ang.dtype)
+        cf = self._p("cmap_coeff", ang)[:, self.cmap_base.unsqueeze(-1) + s + size * t].unbind(0)  # 16 x (n, batch)
+        # sum_ij c[4i+j] da^i db^j by Horner in db, then in da
+        rows = [((cf[4 * i + 3] * db + cf[4 * i + 2]) * db + cf[4 * i + 1]) * db + cf[4 * i] for i in range(4)]
+        e = ((rows[3] * da + rows[2]) * da + rows[1]) * da + rows[0]
+        return e.sum(0)
 
-    def _pair_e(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = x.index_select(1, self.pair_i) - x.index_select(1, self.pair_j)
-        r2 = (d * d).sum(-1).clamp_min(_TINY)
-        inv_r2 = 1.0 / r2
+    def _pair_e(self, c: Vec) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_r2 = 1.0 / _distance2(c, self.pair_idx)
         inv_r6 = inv_r2 * inv_r2 * inv_r2
-        lj = ((self._p("pair_A", x) * inv_r6 - self._p("pair_B", x)) * inv_r6).sum(-1)
-        coul = (self._p("pair_C", x) * torch.sqrt(inv_r2)).sum(-1)
+        lj = ((self._col("pair_A", inv_r2) * inv_r6 - self._col("pair_B", inv_r2)) * inv_r6).sum(0)
+        coul = (self._col("pair_C", inv_r2) * torch.sqrt(inv_r2)).sum(0)
         return lj, coul
 
-    def _gb_e(self, x: torch.Tensor) -> torch.Tensor:
+    def _gb_e(self, c: Vec) -> torch.Tensor:
+        """OBC2 GB on the dense (n, n, batch) pair matrix (all pairs, no exclusions)."""
         k = self._gb_const
-        i, j = self.gb_i, self.gb_j
-        r = _distance(x, i, j, _GB_TINY)  # (batch, P)
-        q, or_, sr = self._p("gb_q", x), self._p("gb_or", x), self._p("gb_sr", x)
-
-        def integral(rr, or1, sr2):
-            U = rr + sr2
-            L = torch.maximum(or1.expand_as(rr), (rr - sr2).abs())
-            val = 0.5 * (1 / L - 1 / U + 0.25 * (rr - sr2 * sr2 / rr) * (1 / (U * U) - 1 / (L * L)) + 0.5 * torch.log(L / U) / rr)
-            return torch.where(rr + sr2 - or1 >= 0, val, torch.zeros_like(val))
-
-        I = torch.zeros(x.shape[0], self.n_atoms, dtype=x.dtype, device=x.device)
-        I = I.index_add(1, i, integral(r, or_[i], sr[j])).index_add(1, j, integral(r, or_[j], sr[i]))
+        ref = c[0]
+        q, or_, sr = self._col("gb_q", ref), self._col("gb_or", ref), self._col("gb_sr", ref)  # (n, 1)
+        d = [ci.unsqueeze(1) - ci.unsqueeze(0) for ci in c]  # (n, n, batch)
+        eye = self.gb_eye.unsqueeze(-1)
+        r2 = torch.where(eye, torch.ones_like(d[0]), (d[0] * d[0] + d[1] * d[1] + d[2] * d[2]).clamp_min(_GB_TINY))
+        r = torch.sqrt(r2)
+        or1 = or_.unsqueeze(1)  # (n, 1, 1)
+        sr2 = sr.unsqueeze(0)  # (1, n, 1)
+        U = r + sr2
+        L = torch.maximum(or1.expand_as(r), (r - sr2).abs())
+        inv_r, inv_U, inv_L = 1 / r, 1 / U, 1 / L
+        val = 0.5 * (inv_L - inv_U + 0.25 * (r - sr2 * sr2 * inv_r) * (inv_U * inv_U - inv_L * inv_L) + 0.5 * torch.log(L * inv_U) * inv_r)
+        val = torch.where((r + sr2 - or1 >= 0) & ~eye, val, torch.zeros_like(val))
+        I = val.sum(1)  # (n, batch)
         psi = I * or_
         radius = or_ + k["offset"]
-        B = 1 / (1 / or_ - torch.tanh(psi - 0.8 * psi**2 + 4.85 * psi**3) / radius)
+        B = 1 / (1 / or_ - torch.tanh(psi - 0.8 * psi * psi + 4.85 * psi * psi * psi) / radius)
         pref = k["pref"]
-        e = (-0.5 * pref * (1 / k["eps_in"] - torch.exp(-k["kappa"] * B) / k["eps_out"]) * q * q / B).sum(-1)
+        kap = k["kappa"]
+        self_screen = (1 / k["eps_in"] - torch.exp(-kap * B) / k["eps_out"]) if kap else (1 / k["eps_in"] - 1 / k["eps_out"])
+        e = (-0.5 * pref * self_screen * q * q / B).sum(0)
         if k["sa_coef"]:
             rad = or_ + k["sa_offset"]
-            e = e + (k["sa_coef"] * (rad + k["probe"]) ** 2 * (rad / B) ** 6).sum(-1)
-        Bi, Bj = B[:, i], B[:, j]
-        bb = Bi * Bj
-        f = torch.sqrt(r * r + bb * torch.exp(-r * r / (4 * bb)))
-        e = e + (-pref * (1 / k["eps_in"] - torch.exp(-k["kappa"] * f) / k["eps_out"]) * (q[i] * q[j]) / f).sum(-1)
-        return e
+            e = e + (k["sa_coef"] * (rad + k["probe"]) ** 2 * (rad / B) ** 6).sum(0)
+        bb = B.unsqueeze(1) * B.unsqueeze(0)
+        f = torch.sqrt(r2 + bb * torch.exp(-r2 / (4 * bb)))
+        screen = (1 / k["eps_in"] - torch.exp(-kap * f) / k["eps_out"]) if kap else (1 / k["eps_in"] - 1 / k["eps_out"])
+        qq = self._p("gb_qq", ref).unsqueeze(-1)  # q_i q_j with zero diagonal, (n, n, 1)
+        return e + (-0.5 * pref) * (screen * qq / f).sum((0, 1))
 
     def _terms_kj(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: (batch, n_atoms, 3) nm -> {term: (batch,) kJ/mol}; kernels work on 3 x (n_atoms, batch) components."""
         g = self.cap.term_grad_max
-        xin = (lambda: cap_gradient(x, g)) if g is not None else (lambda: x)
+        if g is None:
+            xs = x.permute(2, 1, 0).contiguous().unbind(0)
+            xin = lambda: xs  # noqa: E731
+        else:
+            xin = lambda: cap_gradient(x, g).permute(2, 1, 0).contiguous().unbind(0)  # noqa: E731
         out: dict[str, torch.Tensor] = {}
         for name in ("bond", "urey_bradley"):
             if name in self._terms:
@@ -731,9 +788,9 @@ class NativeEnergy(torch.nn.Module):
             out["improper"] = self._improper_e(xin())
         if "cmap" in self._terms:
             out["cmap"] = self._cmap_e(xin())
-        if hasattr(self, "pair_i"):
+        if hasattr(self, "pair_idx"):
             if g is None:
-                lj, coul = self._pair_e(x)
+                lj, coul = self._pair_e(xs)
             else:
                 lj, _ = self._pair_e(xin()) if self._has_lj else (None, None)
                 _, coul = self._pair_e(xin()) if self._has_coul else (None, None)
@@ -743,6 +800,8 @@ class NativeEnergy(torch.nn.Module):
                 out["coulomb"] = coul
         if "gb" in self._terms:
             out["gb"] = self._gb_e(xin())
+        for name in self._zero_terms:
+            out[name] = x.new_zeros(x.shape[0])
         return out
 
     # ---- public API -----------------------------------------------------------------------
