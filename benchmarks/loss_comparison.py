@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -47,7 +48,11 @@ def sizes(system: str, full: bool) -> dict[str, Any]:
     """Architecture and schedule for ``system``."""
     if full:
         return dict(blocks=8, hidden=64, pretrain_steps=1000, steps=10000, fab_steps=10000, batch=256,
-                    lr=1e-4, pretrain_lr=1e-3, eval_n=100000, data_n=100000)
+                    lr=1e-4, pretrain_lr=1e-3, eval_n=100000, data_n=100000, ref_frames=50000,
+                    ref_temperature=500.0)
+    if system in MOLECULES:
+        return dict(blocks=4, hidden=128, pretrain_steps=500, steps=1500, fab_steps=300, batch=128, lr=1e-4,
+                    pretrain_lr=1e-3, eval_n=10000, ref_frames=4000, ref_temperature=500.0)
     if system == "double-well-12d":
         return dict(blocks=4, hidden=64, pretrain_steps=300, steps=1000, fab_steps=250, batch=256,
                     lr=5e-4, pretrain_lr=3e-3, eval_n=20000, data_n=20000)
@@ -98,21 +103,100 @@ def toy_problem(system: str, sz: dict[str, Any], seed: int):
     return gen, target.energy, data, target.modes, exact
 
 
-def molecular_problem(system: str, sz: dict[str, Any], seed: int):
+def langevin_reference(system, n_frames: int, seed: int, t_sample: float, interval: int = 250,
+                       equilibrate: int = 20000):
+    """A small reference SampleSet at ``system.temperature`` from plain OpenMM Langevin dynamics at the
+    elevated temperature ``t_sample`` (K), reweighted by ``exp(-(beta - beta_sample) U)``.
+
+    Stand-in until the replica-exchange reference ``systems/<name>/reference_300K.npz`` exists."""
+    import numpy as np
+    import openmm
+    from openmm import unit
+
+    from boltzflow.sampling.sampleset import SampleSet
+
+    integ = openmm.LangevinMiddleIntegrator(t_sample * unit.kelvin, 1.0 / unit.picosecond, 0.001 * unit.picoseconds)
+    integ.setRandomNumberSeed(seed + 1)
+    try:
+        platform = openmm.Platform.getPlatformByName("CPU")
+        ctx = openmm.Context(system.system, integ, platform, {"Threads": "1"})
+    except Exception:  # no CPU platform: fall back to OpenMM's default choice
+        ctx = openmm.Context(system.system, integ)
+    ctx.setPositions(system.positions)
+    openmm.LocalEnergyMinimizer.minimize(ctx, 1.0, 200)
+    ctx.setVelocitiesToTemperature(t_sample * unit.kelvin, seed + 1)
+    integ.step(equilibrate)
+    pos = np.empty((n_frames, system.n_atoms, 3))
+    pot = np.empty(n_frames)
+    for i in range(n_frames):
+        integ.step(interval)
+        st = ctx.getState(getPositions=True, getEnergy=True)
+        pos[i] = st.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        pot[i] = st.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    kB = 0.00831446261815324  # kJ/mol/K
+    u = pot / (kB * system.temperature)
+    log_w = -(u - pot / (kB * t_sample))
+    return SampleSet(positions=pos, reduced_energy=u, log_weights=log_w - log_w.max(),
+                     temperature=system.temperature,
+                     provenance={"sampler": "openmm-langevin", "t_sample_K": t_sample, "frames": n_frames,
+                                 "interval_fs": interval, "seed": seed,
+                                 "note": "elevated-temperature Langevin, reweighted to the system temperature"})
+
+
+def molecular_problem(system_name: str, sz: dict[str, Any], seed: int, cache_dir: str | None = None):
+    """(generator, energy, pre-training data, modes, exact) for a shipped molecule."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
     from boltzflow.errors import InputError
 
     try:
-        from boltzflow.energy import Energy  # noqa: F401
-        from boltzflow.flows.generator import build_generator  # noqa: F401
-        from boltzflow.systems.builtin import builtin_system  # noqa: F401
+        from boltzflow.energy import Energy
+        from boltzflow.flows import generator as genmod
+        from boltzflow.systems.builtin import builtin_dir, builtin_system
     except ImportError as e:
-        raise InputError(f"--system {system} is not yet available: it needs the molecular generator, builtin "
-                         f"systems and native energy ({e}); use a toy system for now") from e
-    raise InputError(f"--system {system} is not yet available in this benchmark; use a toy system "
-                     f"({', '.join(TOY_SYSTEMS)})")
+        raise InputError(f"--system {system_name} is not yet available: it needs the molecular generator "
+                         f"(boltzflow.flows.generator) and the native energy ({e}); use a toy system for now") from e
+    from boltzflow.sampling.sampleset import SampleSet
+
+    system = builtin_system(system_name)
+    ref_path = builtin_dir(system_name) / "reference_300K.npz"
+    if ref_path.is_file():
+        ref = SampleSet.load(ref_path)
+        source = str(ref_path)
+    else:
+        cache = Path(cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "boltzflow")
+        cached = cache / f"{system_name}_langevin_{sz['ref_frames']}_{seed}.npz"
+        if cached.is_file():
+            ref = SampleSet.load(cached)
+        else:
+            ref = langevin_reference(system, sz["ref_frames"], seed, sz["ref_temperature"])
+            cache.mkdir(parents=True, exist_ok=True)
+            ref.save(cached)
+        source = f"{cached} (OpenMM Langevin at {sz['ref_temperature']} K, reweighted to 300 K)"
+    w = ref.normalized_weights()
+    lab = system.modes.assign(ref.positions)
+    minor = list(system.modes.names).index(system.modes.minor)
+    exact = {"minor_fraction": float(w[lab == minor].sum()), "log_z": None, "reference": source,
+             "reference_ess": float(1.0 / (len(w) * np.sum(w**2)))}
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(ref), size=len(ref), p=w) if ref.weighted else np.arange(len(ref))
+    data = torch.as_tensor(ref.positions[idx], dtype=torch.get_default_dtype())
+    torch.manual_seed(seed)
+    # exact-density pipeline (no hydrogen-placement bias): internal coordinates + conditional hydrogens
+    gcfg = genmod.GeneratorConfig(pipeline="conditional", representation="internal", blocks=sz["blocks"],
+                                  hidden=sz["hidden"], seed=seed)
+    gen = genmod.build_generator(system, gcfg, data)
+    data = gen.prepare_data(data)
+    energy = Energy(system, backend="auto")
+    energy_fn = lambda x: energy(x.to(torch.float64)).to(x.dtype)  # noqa: E731
+    return gen, energy_fn, data, system.modes, exact
 
 
-def run(system: str, full: bool = False, seed: int = 0, losses=LOSS_NAMES, progress: bool = False) -> dict[str, Any]:
+def run(system: str, full: bool = False, seed: int = 0, losses=LOSS_NAMES, progress: bool = False,
+        cache_dir: str | None = None) -> dict[str, Any]:
     import torch
 
     from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
@@ -122,7 +206,7 @@ def run(system: str, full: bool = False, seed: int = 0, losses=LOSS_NAMES, progr
     if system in TOY_SYSTEMS:
         gen, energy, data, modes, exact = toy_problem(system, sz, seed)
     elif system in MOLECULES:
-        gen, energy, data, modes, exact = molecular_problem(system, sz, seed)
+        gen, energy, data, modes, exact = molecular_problem(system, sz, seed, cache_dir)
     else:
         from boltzflow.errors import InputError
 
@@ -163,7 +247,8 @@ def run(system: str, full: bool = False, seed: int = 0, losses=LOSS_NAMES, progr
         pre["log_z_error"] = pre["log_z"] - exact["log_z"]
     return {
         "system": system,
-        "exact": {k: v for k, v in exact.items() if v is not None},
+        "exact": {k: v for k, v in exact.items() if v is not None and k in ("minor_fraction", "log_z")},
+        "reference": {k: v for k, v in exact.items() if k not in ("minor_fraction", "log_z")},
         "results": results,
         "pretrained": pre,
         "settings": {**sz, "seed": seed, "full": full, "protocol": "partial KLz pre-training, then data-free "
@@ -181,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--losses", default=",".join(LOSS_NAMES), help="comma-separated subset of " + ",".join(LOSS_NAMES))
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--cache-dir", default=None, help="where generated molecular reference data is kept "
+                   "(default ~/.cache/boltzflow)")
     args = p.parse_args(argv)
     from boltzflow.errors import InputError
 
@@ -190,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss_comparison: error: unknown loss(es) {bad}; choose from {', '.join(LOSS_NAMES)}", file=sys.stderr)
         return 2
     try:
-        out = run(args.system, args.full, args.seed, losses, args.progress)
+        out = run(args.system, args.full, args.seed, losses, args.progress, args.cache_dir)
     except InputError as e:
         print(f"loss_comparison: error: {e}", file=sys.stderr)
         return 2
