@@ -79,3 +79,14 @@ def test_estimate_json_form_and_input_errors():
     # invalid samples (u = +inf) get weight 0 instead of poisoning the estimate
     lw = log_weights(np.array([0.0, np.inf, 0.0]), np.zeros(3))
     assert expectation(np.array([1.0, 100.0, 3.0]), lw, n_bootstrap=0).value == pytest.approx(2.0)
+
+
+def test_ramachandran_surface_matches_region_population(adp):
+    from boltzflow.estimators import ramachandran_surface
+
+    x = _rotated_frames(adp, 200, seed=3)
+    fes = ramachandran_surface(x, adp.topology, bins=64)
+    assert fes.free_energy.shape == (64, 64) and fes.probability.sum() == pytest.approx(1.0)
+    # probability mass right of phi = 0 equals the phi>0 population
+    p_right = fes.probability[32:].sum()
+    assert p_right == pytest.approx(parse_region("phi>0", adp.topology).indicator(x).mean())

@@ -10,7 +10,7 @@ from .blocks import block_average, detect_equilibration, statistical_inefficienc
 from .core import (Estimate, ess_fraction, expectation, kish_ess, log_weights, log_z, log_z_difference,
                    normalized_weights)
 from .free_energy import (FreeEnergySurface, bar_free_energy, conformational_free_energy, exp_free_energy,
-                          free_energy_surface, histogram_kl, mode_populations, population, population_free_energy,
+                          free_energy_surface, histogram_kl, mode_populations, ramachandran_surface, population, population_free_energy,
                           to_kj_per_mol)
 from .regions import GRAMMAR, Region, parse_region, torsion_atoms
 
@@ -18,6 +18,6 @@ __all__ = [
     "Estimate", "log_weights", "normalized_weights", "kish_ess", "ess_fraction", "expectation", "log_z",
     "log_z_difference", "block_average", "statistical_inefficiency", "detect_equilibration", "subsample_indices",
     "population", "mode_populations", "conformational_free_energy", "population_free_energy",
-    "free_energy_surface", "FreeEnergySurface", "histogram_kl", "exp_free_energy", "bar_free_energy",
+    "free_energy_surface", "ramachandran_surface", "FreeEnergySurface", "histogram_kl", "exp_free_energy", "bar_free_energy",
     "to_kj_per_mol", "parse_region", "Region", "GRAMMAR", "torsion_atoms",
 ]

@@ -148,6 +148,18 @@ def free_energy_surface(x, y, lw=None, bins: int = 64, range_deg: tuple[float, f
     return FreeEnergySurface(ex, ey, f, p, float(1.0 / np.sum(w * w)), int(xv.size))
 
 
+def ramachandran_surface(positions, topology, lw=None, bins: int = 64) -> FreeEnergySurface:
+    """Reweighted phi/psi free-energy surface (degrees, kT) of molecular samples ``positions: (n, n_atoms, 3)``
+    nm; phi/psi are found from ``topology`` (first residue with both)."""
+    from ..systems.modes import dihedral
+    from .regions import torsion_atoms
+
+    x = np.asarray(positions)
+    phi = np.degrees(dihedral(x, torsion_atoms(topology, "phi")))
+    psi = np.degrees(dihedral(x, torsion_atoms(topology, "psi")))
+    return free_energy_surface(phi, psi, lw, bins=bins)
+
+
 def histogram_kl(p, q, eps: float = 1e-10) -> float:
     """KL(p || q) in nats between two histograms (any shape; normalised here; q floored at ``eps``)."""
     p = np.asarray(p, dtype=np.float64).ravel()

@@ -33,9 +33,9 @@ def harmonic_system(n_particles: int = 5, k_kj_mol_nm2: float = 100.0, temperatu
     from ..systems.molecular import MolecularSystem
 
     sysobj = openmm.System()
-    f = openmm.CustomExternalForce("0.5*k*((x-x0)^2+(y-y0)^2+(z-z0)^2)")
-    f.addGlobalParameter("k", float(k_kj_mol_nm2))
-    for name in ("x0", "y0", "z0"):
+    f = openmm.CustomExternalForce("0.5*harm_k*((x-harm_x0)^2+(y-harm_y0)^2+(z-harm_z0)^2)")
+    f.addGlobalParameter("harm_k", float(k_kj_mol_nm2))
+    for name in ("harm_x0", "harm_y0", "harm_z0"):
         f.addPerParticleParameter(name)
     pos = np.zeros((n_particles, 3))
     for i in range(n_particles):
@@ -65,10 +65,11 @@ def double_well_system(barrier_kj_mol: float = 10.0, tilt_kj_mol: float = 4.0, t
 
     sysobj = openmm.System()
     sysobj.addParticle(mass_da)
-    f = openmm.CustomExternalForce("b*((x/a)^2-1)^2 + t*x/a + 50*(y^2+z^2)")
-    f.addGlobalParameter("a", 0.1)
-    f.addGlobalParameter("b", float(barrier_kj_mol))
-    f.addGlobalParameter("t", float(tilt_kj_mol))
+    # parameter names must not clash with openmmtools integrator variables ("a", "b", ...)
+    f = openmm.CustomExternalForce("dw_b*((x/dw_a)^2-1)^2 + dw_t*x/dw_a + 50*(y^2+z^2)")
+    f.addGlobalParameter("dw_a", 0.1)
+    f.addGlobalParameter("dw_b", float(barrier_kj_mol))
+    f.addGlobalParameter("dw_t", float(tilt_kj_mol))
     f.addParticle(0, [])
     sysobj.addForce(f)
     pos = np.array([[-0.1, 0.0, 0.0]])
