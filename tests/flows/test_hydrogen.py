@@ -84,7 +84,7 @@ def test_untrained_hnet_reproduces_reference_local_geometry(adp):
     system, energy, data = adp
     torch.manual_seed(0)
     hnet = HydrogenNet(system, hidden=32, depth=3).double()
-    ref = torch.as_tensor(system.positions)[None]
+    ref = torch.as_tensor(np.array(system.positions))[None]
     out = hnet(ref)
     assert torch.allclose(out, ref, atol=1e-9)  # zero-initialised: reference local geometry
     # rigid motion of the heavy atoms moves the hydrogens rigidly

@@ -76,8 +76,8 @@ def minimize_hydrogens(system, x, energy: EnergyFn | None = None, steps: int = 2
     ``energy`` is not used.
     """
     x_np = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    x = torch.as_tensor(system.check_coordinates(x_np, "coordinates to minimise"), dtype=torch.float64)
-    hyd = torch.as_tensor(np.asarray(system.hydrogen_indices))
+    x = torch.as_tensor(np.array(system.check_coordinates(x_np, "coordinates to minimise"), dtype=np.float64))
+    hyd = torch.as_tensor(np.array(system.hydrogen_indices))
     if method == "openmm":
         return torch.as_tensor(_minimize_openmm(system, x.numpy(), steps, tolerance))
     if method != "lbfgs":
@@ -139,7 +139,7 @@ def hydrogen_gap(hnet, system, x, energy: EnergyFn, steps: int = 200) -> dict:
     with torch.no_grad():
         u1, u2 = energy(m1), energy(m2)
     umin = torch.minimum(u1, u2)
-    hyd = torch.as_tensor(np.asarray(system.hydrogen_indices))
+    hyd = torch.as_tensor(np.array(system.hydrogen_indices))
     # RMSD to the minimum reached from h's own placement (the other start may be a permuted rotamer)
     rmsd = torch.sqrt(((xh[:, hyd] - m1[:, hyd]) ** 2).sum(-1).mean(-1))
     gap = (uh - umin).detach()
