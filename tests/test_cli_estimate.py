@@ -136,3 +136,21 @@ def test_compare_table_json_and_plots(butane_run, capsys, tmp_path):
     assert rc == 0 and "replica exchange" in out and "P(trans)" in out
     rc, _, err = run_cli(capsys, "compare", "--replica", tmp_path / "none", "--samples", gen, "--system", "butane")
     assert rc == 2 and "simulate" in err
+
+
+def test_estimate_uses_block_errors_for_time_ordered_frames(capsys, tmp_path):
+    rng = np.random.default_rng(2)
+    n, phi = 4000, 0.97
+    x = np.empty(n)
+    x[0] = rng.normal()
+    for i in range(1, n):
+        x[i] = phi * x[i - 1] + np.sqrt(1 - phi ** 2) * rng.normal()
+    pos = np.stack([x, np.zeros(n)], 1)
+    res = {}
+    for flag in (True, False):
+        p = SampleSet(pos, provenance={"decorrelated": flag, "statistical_inefficiency": 60.0}).save(tmp_path / f"{flag}.npz")
+        rc, out, _ = run_cli(capsys, "estimate", p, "--population", "x[0]>1", "--json")
+        assert rc == 0
+        res[flag] = json.loads(out)[0]
+    assert res[False]["value"] == pytest.approx(res[True]["value"])
+    assert res[False]["stderr"] > 3 * res[True]["stderr"]  # g ~ 65: block error ~ sqrt(g) x binomial

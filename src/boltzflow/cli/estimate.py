@@ -78,11 +78,23 @@ def _table(estimates, title: str) -> None:
 
 def estimate_samples(samples, system=None, populations: list[str] = (), seed: int = 0, n_bootstrap: int = 500) -> list:
     """The estimates printed by ``boltzflow estimate``, as a list of Estimates."""
+    import numpy as np
+
     from ..errors import InputError
-    from ..estimators import (conformational_free_energy, kish_ess, log_z, parse_region, population,
-                              to_kj_per_mol)
+    from ..estimators import (block_average, conformational_free_energy, kish_ess, log_z, parse_region, population,
+                              population_free_energy, to_kj_per_mol)
 
     lw = samples.log_weights
+    prov = samples.provenance or {}
+    # time-ordered correlated frames (e.g. a shipped reference with every iteration): block errors
+    correlated = lw is None and prov.get("decorrelated") is False and len(samples) >= 40
+
+    def pop(indicator, name):
+        if correlated:
+            return block_average(np.asarray(indicator, float), n_blocks=20, name=name, n_bootstrap=n_bootstrap,
+                                 seed=seed)
+        return population(indicator, lw, name=name, seed=seed, n_bootstrap=n_bootstrap)
+
     out = []
     if lw is not None:
         out.append(kish_ess(lw))
@@ -96,11 +108,14 @@ def estimate_samples(samples, system=None, populations: list[str] = (), seed: in
             raise InputError("the system's modes do not apply to molecular samples")
         lab = modes.assign(samples.positions)
         for i, nm in enumerate(modes.names):
-            out.append(population(lab == i, lw, name=f"P({nm})", seed=seed, n_bootstrap=n_bootstrap))
+            out.append(pop(lab == i, f"P({nm})"))
         minor = list(modes.names).index(modes.minor)
         try:
-            d = conformational_free_energy(lab != minor, lab == minor, lw, name=f"dF(rest->{modes.minor})",
-                                           temperature_k=samples.temperature, seed=seed, n_bootstrap=n_bootstrap)
+            if correlated:
+                d = population_free_energy(out[-len(modes.names) + minor], name=f"dF(rest->{modes.minor})")
+            else:
+                d = conformational_free_energy(lab != minor, lab == minor, lw, name=f"dF(rest->{modes.minor})",
+                                               temperature_k=samples.temperature, seed=seed, n_bootstrap=n_bootstrap)
             out.append(d)
             if samples.temperature:
                 out.append(to_kj_per_mol(d, samples.temperature))
@@ -110,8 +125,7 @@ def estimate_samples(samples, system=None, populations: list[str] = (), seed: in
             print(f"note: no dF for the minor mode ({e})", file=sys.stderr)
     for expr in populations:
         region = parse_region(expr, topology=topology, modes=modes)
-        out.append(population(region.indicator(samples.positions), lw, name=f"P({region.name})", seed=seed,
-                              n_bootstrap=n_bootstrap))
+        out.append(pop(region.indicator(samples.positions), f"P({region.name})"))
     return out
 
 
@@ -129,7 +143,8 @@ def run_estimate(args: argparse.Namespace) -> int:
     print(f"{args.samples}: {len(samples)} samples, {kind}, T = {samples.temperature} K, sampler "
           f"{prov.get('sampler', 'unknown')}")
     if "statistical_inefficiency" in prov:
-        print(f"  decorrelated with statistical inefficiency g = {prov['statistical_inefficiency']:.2f} iterations")
+        how = "decorrelated with" if prov.get("decorrelated", True) else "time-ordered frames (block errors);"
+        print(f"  {how} statistical inefficiency g = {prov['statistical_inefficiency']:.2f} iterations")
     if not ests:
         print("nothing to estimate: give --system (modes) or --population EXPR")
         return 0

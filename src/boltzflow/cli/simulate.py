@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     samples.provenance["command"] = "boltzflow simulate " + " ".join(_argv(args))
     samples.save(out / "samples.npz")
     summary = {
+        "command": samples.provenance["command"],
         "system": system.name,
         "temperature_k": t_min,
         "n_iterations": samples.provenance["n_iterations"],
