@@ -151,3 +151,16 @@ def test_resume_after_kill(tmp_path):
     assert np.all(np.isfinite(data.energies))
     ss = SampleSet.load(run / "samples.npz")
     assert ss.provenance["n_iterations"] == target
+
+
+def test_replica_exchange_method_over_explicit_states(tmp_path):
+    system = harmonic_system(2)
+    cfg = ReplicaExchangeConfig(method="replica-exchange", n_iterations=5,
+                                **{**FAST, "n_replicas": 3, "steps_per_iteration": 20})
+    path = run_replica_exchange(system, cfg, tmp_path, progress=False)
+    data = read_replica(path)
+    assert data.energies.shape == (5, 3, 3)
+    np.testing.assert_allclose(data.temperatures, cfg.temperatures())
+    # reduced energies of one configuration scale as 1/T across states
+    e = data.energies[-1, 0]
+    np.testing.assert_allclose(e * data.temperatures, e[0] * data.temperatures[0], rtol=1e-6)
