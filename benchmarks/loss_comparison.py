@@ -49,10 +49,11 @@ def sizes(system: str, full: bool) -> dict[str, Any]:
     if full:
         return dict(blocks=8, hidden=64, pretrain_steps=1000, steps=10000, fab_steps=10000, batch=256,
                     lr=1e-4, pretrain_lr=1e-3, eval_n=100000, data_n=100000, ref_frames=50000,
-                    ref_temperature=500.0)
+                    ref_interval=250, ref_temperature=500.0)
     if system in MOLECULES:
         return dict(blocks=4, hidden=128, pretrain_steps=500, steps=1500, fab_steps=300, batch=128, lr=1e-4,
-                    pretrain_lr=1e-3, eval_n=10000, ref_frames=4000, ref_temperature=500.0)
+                    pretrain_lr=1e-3, eval_n=10000, ref_frames=2000, ref_interval=100,
+                    ref_temperature=350.0 if system == "butane" else 500.0)
     if system == "double-well-12d":
         return dict(blocks=4, hidden=64, pretrain_steps=300, steps=1000, fab_steps=250, batch=256,
                     lr=5e-4, pretrain_lr=3e-3, eval_n=20000, data_n=20000)
@@ -172,7 +173,8 @@ def molecular_problem(system_name: str, sz: dict[str, Any], seed: int, cache_dir
         if cached.is_file():
             ref = SampleSet.load(cached)
         else:
-            ref = langevin_reference(system, sz["ref_frames"], seed, sz["ref_temperature"])
+            ref = langevin_reference(system, sz["ref_frames"], seed, sz["ref_temperature"], sz["ref_interval"],
+                                     equilibrate=5000)
             cache.mkdir(parents=True, exist_ok=True)
             ref.save(cached)
         source = f"{cached} (OpenMM Langevin at {sz['ref_temperature']} K, reweighted to 300 K)"

@@ -145,7 +145,8 @@ class Trainer:
     gen: the generator (a torch Module); energy: callable ``x -> (batch,)`` reduced energy in kT
     (+inf for invalid samples); config: :class:`TrainConfig`; run_dir: where metrics.jsonl,
     checkpoints/ and summary.json go (None: keep nothing on disk, no checkpoints);
-    data: ``(n, ...)`` reference configurations for pre-training (nm); modes: an object with
+    data: ``(n, ...)`` reference configurations for pre-training (nm; passed through
+    ``gen.prepare_data`` when the generator has it); modes: an object with
     ``fractions(x) -> {name: fraction}`` and ``minor`` (e.g. SignModes / TorsionModes).
     """
 
@@ -160,6 +161,8 @@ class Trainer:
         p = next(iter(gen.parameters()), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.dtype = p.dtype if p is not None else torch.get_default_dtype()
+        if data is not None and hasattr(gen, "prepare_data"):
+            data = gen.prepare_data(data)  # molecular generators: centre + align into the generator's frame
         self.data = None if data is None else torch.as_tensor(data).to(self.device, self.dtype)
         if self.data is not None and self.data.shape[0] == 0:
             raise InputError("training data is empty; pass at least one configuration or set pretrain.steps = 0")
@@ -373,7 +376,8 @@ class Trainer:
         elif self.run_dir is not None and self.step == 0:
             from ..config import dump_toml
 
-            self.run_dir.write_config(dump_toml(cfg))
+            if not self.run_dir.config_path.exists():  # a caller (pipeline.train) may have written the full run config
+                self.run_dir.write_config(dump_toml(cfg))
             self.run_dir.write_environment()
             if self.run_dir.metrics_path.exists():
                 self.run_dir.truncate_metrics(-1)
