@@ -36,13 +36,12 @@ def register(sub) -> None:
 
 
 def _cost(prov: dict, keys: tuple[str, ...]) -> float:
-    total, found = 0.0, False
+    """The first numeric provenance entry among ``keys`` (nan when none)."""
     for k in keys:
         v = prov.get(k)
-        if isinstance(v, (int, float)) and v == v:
-            total += float(v)
-            found = True
-    return total if found else float("nan")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+            return float(v)
+    return float("nan")
 
 
 def compare(replica: str | Path, generated, system, target_stderr: float = 0.005, seed: int = 0,
@@ -108,13 +107,13 @@ def compare(replica: str | Path, generated, system, target_stderr: float = 0.005
     ref_ess = float(ref_pops[minor].ess) if ref_pops[minor].ess == ref_pops[minor].ess else float(len(ref))
     gen_ess = kish_ess(gen.log_weights).value if gen.log_weights is not None else float(len(gen))
     ref_evals = _cost(ref_prov, ("energy_evaluations",))
-    gen_evals_sampling = _cost(gen_prov, ("energy_evaluations", "sampling_energy_evaluations"))
+    gen_evals_sampling = _cost(gen_prov, ("energy_evaluations", "sampling_energy_evaluations", "energy_evals"))
     if gen_evals_sampling != gen_evals_sampling:
         gen_evals_sampling = float(len(gen))  # one energy per generated sample for its weight
-    gen_evals_train = _cost(gen_prov, ("training_energy_evaluations",))
+    gen_evals_train = _cost(gen_prov, ("training_energy_evaluations", "train_energy_evals", "training_energy_evals"))
     ref_wall = _cost(ref_prov, ("wall_time_s",))
-    gen_wall = _cost(gen_prov, ("wall_time_s", "sampling_wall_time_s"))
-    gen_wall_train = _cost(gen_prov, ("training_wall_time_s",))
+    gen_wall = _cost(gen_prov, ("wall_time_s", "sampling_wall_time_s", "wall_s"))
+    gen_wall_train = _cost(gen_prov, ("training_wall_time_s", "train_wall_s", "training_wall_s"))
 
     def to_target(se, cost):
         if not (se == se and se > 0 and cost == cost):
