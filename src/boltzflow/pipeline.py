@@ -236,7 +236,7 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     uninterrupted run). Returns the summary dict."""
     import torch
 
-    from .flows.checkpoint import save_model
+    from .flows.generator import save_generator
     from .training.rundir import RunDir
     from .training.trainer import Trainer
 
@@ -259,8 +259,7 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     t0 = time.time()
     summary = trainer.run(resume=resume, max_steps=max_steps)
     finished = trainer.step >= config.training.total_steps
-    save_model(rd.path / "generator.pt", gen, kind="molecular", config=to_dict(config.generator),
-               fingerprint=system.fingerprint())
+    save_generator(rd.path / "generator.pt", gen)
     rd.log(f"training {'finished' if finished else 'stopped'} at step {trainer.step} after {time.time() - t0:.1f} s")
     ref_modes = None
     if system.modes is not None:
@@ -277,7 +276,7 @@ def load_trained(run_dir: str | Path, device: str | None = None):
     """(system, config, generator, energy) of a trained run directory."""
     import torch
 
-    from .flows.checkpoint import load_model
+    from .flows.generator import load_generator
     from .systems import MolecularSystem
     from .training.rundir import RunDir
 
@@ -287,7 +286,7 @@ def load_trained(run_dir: str | Path, device: str | None = None):
     system = MolecularSystem.load(rd.system_dir)
     config = load_run_config(rd.config_path)
     dev = resolve_device(device or config.device)
-    gen = load_model(rd.path / "generator.pt", expected_fingerprint=system.fingerprint(), system=system)
+    gen = load_generator(rd.path / "generator.pt", system)
     gen = gen.to(device=dev, dtype=_dtype(config.dtype)).eval()
     energy = make_energy(system, config.energy, device=dev)
     return system, config, gen, energy
@@ -311,7 +310,8 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
         raise InputError("the number of samples and the batch size must be >= 1")
     t0 = time.time()
     g = torch.Generator(device=next(gen.parameters()).device).manual_seed(seed)
-    samples = gen.sample(n, energy=energy, batch_size=bs, generator=g, progress=progress)
+    with torch.no_grad():
+        samples = gen.sample(n, energy=energy, batch_size=bs, generator=g)
     wall = time.time() - t0
     prov = dict(samples.provenance)
     prov.update(sampler=f"flow:{config.generator.pipeline}", run_dir=str(rd.path), wall_s=wall, energy_evals=n,
