@@ -60,7 +60,7 @@ class HeavyFeatures(nn.Module):
 def hydrogen_frames(system, reference: np.ndarray | None = None) -> LocalFrames:
     """LocalFrames placing all hydrogens of ``system`` relative to heavy atoms (reference: (n_atoms, 3) nm)."""
     if len(system.hydrogen_indices) == 0:
-        raise InputError(f"system {system.name!r} has no hydrogens; use an all-atom (no hydrogen model) pipeline")
+        raise InputError(f"system {system.name!r} has no hydrogens; use pipeline='internal-all'")
     zm = hydrogen_zmatrix(bond_graph(system.topology), system.heavy_indices, system.hydrogen_indices,
                           system.hydrogen_parents)
     ref = np.array(system.positions if reference is None else reference, dtype=np.float64)
