@@ -1,0 +1,88 @@
+"""End-to-end CLI at toy size: train (killed + resumed), sample, estimate, report, demo --quick."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from boltzflow.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+REF = REPO / "systems" / "alanine-dipeptide" / "reference_300K.npz"
+needs_ref = pytest.mark.skipif(not REF.is_file(), reason="shipped reference data missing")
+
+TINY = ["--pretrain-steps", "6", "--finetune-steps", "4", "--batch", "32", "--no-progress",
+        "--set", "generator.blocks=1", "--set", "generator.hidden=16", "--set", "generator.h_blocks=1",
+        "--set", "generator.h_hidden=16", "--set", "generator.pipeline=\"conditional\"",
+        "--set", "generator.representation=\"internal\"", "--set", "data.max_samples=500",
+        "--set", "training.checkpoint_every=2", "--set", "training.log_every=2", "--device", "cpu"]
+
+
+def test_print_config_is_loadable_toml(capsys, tmp_path):
+    from boltzflow.pipeline import load_run_config
+
+    assert main(["train", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "c.toml").write_text(text)
+    cfg = load_run_config(tmp_path / "c.toml")
+    assert "[training.finetune]" in text and cfg.training.finetune.loss == "l2plus"
+
+
+def test_train_bad_input_exit_2(tmp_path, capsys):
+    assert main(["train", "alanine-dipeptide"]) == 2  # no -o
+    assert "-o RUN_DIR" in capsys.readouterr().err
+    assert main(["train", "no-such-system", "-o", str(tmp_path / "r")]) == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training]\nstepz = 3\n")
+    assert main(["train", "alanine-dipeptide", "-o", str(tmp_path / "r2"), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "stepz" in err and len(err.strip().splitlines()) == 2
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert main(["sample", str(tmp_path / "nothing")]) == 2
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+@needs_ref
+def test_train_killed_then_resumed_sample_estimate_report(tmp_path, capsys):
+    run = tmp_path / "run"
+    # a run stopped after 5 of 10 steps (as if killed), then resumed from the CLI
+    from boltzflow import pipeline
+    from boltzflow.cli.train import overrides_from_args
+    from boltzflow.cli import build_parser
+    from boltzflow.systems.builtin import builtin_system
+
+    args = build_parser().parse_args(["train", "alanine-dipeptide", "-o", str(run)] + TINY)
+    cfg = pipeline.load_run_config(None, overrides_from_args(args))
+    s = pipeline.train(builtin_system("alanine-dipeptide"), cfg, run, progress=False, max_steps=5)
+    assert not s["training_finished"] and (run / "checkpoints" / "latest.pt").is_file()
+    assert main(["train", "alanine-dipeptide", "-o", str(run)] + TINY) == 2  # refuses to overwrite
+    assert main(["train", "--resume", str(run), "--no-progress", "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["training_finished"] and summary["training_steps"] == 10
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))
+    assert main(["sample", str(run), "-n", "64", "--batch-size", "32", "--json", "--export", str(tmp_path / "g.pdb")]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert {"ess", "log_Z", "phi_positive", "phi_negative"} <= set(est)
+    assert abs(est["phi_positive"]["value"] + est["phi_negative"]["value"] - 1) < 1e-9
+    assert (tmp_path / "g.pdb").is_file()
+    assert main(["report", str(run), "--replica", str(REF)]) == 0
+    html = (run / "report.html").read_text()
+    for png in ("ramachandran.png", "energies.png", "training.png"):
+        assert (run / "plots" / png).is_file()
+        assert f'data-file="{png}"' in html
+    assert "Flow vs replica exchange" in html
+
+
+@needs_ref
+def test_demo_quick_json(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "boltzflow.cli", "demo", "--quick", "--json", "--no-progress",
+                        "--device", "cpu", "-o", str(tmp_path / "demo")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout[r.stdout.index("{"):])
+    assert set(res) >= {"phi_positive", "reference", "energy_evals", "wall_s", "report"}
+    assert 0 <= res["phi_positive"]["value"] <= 1 and res["reference"]["stderr"] > 0
+    assert Path(res["report"]).is_file()
