@@ -188,3 +188,19 @@ def test_hnet_longer_training_reaches_small_gap():
     train_hydrogen_net(hnet, energy, data[:1800], steps=400, batch=64, lr=3e-4, seed=0)
     gap = hydrogen_gap(hnet, system, data[1800:], energy, steps=200)
     assert gap["energy_gap_kT_mean"] < 0.2 and gap["rmsd_nm"] < 0.006
+
+
+def test_biased_population_with_conditional_flow_matches_formula(adp):
+    from boltzflow.training.hydrogen import biased_population
+
+    system, energy, data = adp
+    torch.manual_seed(0)
+    hnet = HydrogenNet(system, hidden=16).double()
+    chf = ConditionalHydrogenFlow(system, blocks=1, hidden=16).double().fit(data[:48])
+    mask = np.arange(len(data)) % 3 == 0
+    est = biased_population(data, energy, hnet, mask, h_flow=chf)
+    with torch.no_grad():
+        lw = (-energy(hnet(data)) + energy(data) + chf.log_prob(data)).numpy()
+    w = np.exp(lw - lw.max())
+    assert est.value == pytest.approx(w[mask].sum() / w.sum(), rel=1e-9)
+    assert est.ess == pytest.approx(w.sum() ** 2 / (len(w) * (w**2).sum()), rel=1e-9)

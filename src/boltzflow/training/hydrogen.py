@@ -167,13 +167,20 @@ class PopulationEstimate(tuple):
         return f"PopulationEstimate(value={self[0]:.6g}, stderr={self[1]:.3g}, ess={self.ess:.3g}, n={self.n})"
 
 
-def biased_population(x_ref, u_fn: EnergyFn, hnet, region_mask, batch_size: int = 256) -> PopulationEstimate:
+def biased_population(x_ref, u_fn: EnergyFn, hnet, region_mask, batch_size: int = 256,
+                      h_flow=None) -> PopulationEstimate:
     """Appendix-E eq. 32: population of region M under p_bar(x_C) ~ p~_B(x_C, h(x_C)).
 
     x_ref: (n, n_atoms, 3) nm samples of p_B (e.g. MD / replica exchange); u_fn: energy in kT;
     region_mask: (n,) bool or a callable x -> (n,) bool. w(x) = exp(-u(h(strip_H(x))) + u(x));
     P_bar(M) = sum_M w / sum w. stderr: delta method of the self-normalised ratio,
     sqrt(sum w_i^2 (1_M(x_i) - P)^2) / sum w (assumes independent samples).
+
+    h_flow: optional :class:`~boltzflow.flows.hydrogen.ConditionalHydrogenFlow` q(x_H | x_C) (fitted on
+    *other* reference frames). Then w(x) = exp(-u(x_C, h(x_C)) + u(x)) q(x_H | x_C): importance
+    sampling towards p_bar(x_C) q(x_H | x_C), whose heavy-atom marginal is p_bar, so the estimate stays
+    exact while the weights lose most of the hydrogen-vibration noise of eq. 32 (which is the
+    improper q = const special case). Compare ``.ess`` of both.
     """
     x = _full_coordinates(hnet, x_ref)
     mask = region_mask(x) if callable(region_mask) else region_mask
@@ -185,7 +192,10 @@ def biased_population(x_ref, u_fn: EnergyFn, hnet, region_mask, batch_size: int 
     with torch.no_grad():
         for s in range(0, x.shape[0], batch_size):
             xb = x[s : s + batch_size].to(dtype)
-            logw.append((-u_fn(hnet(xb)) + u_fn(xb)).to(torch.float64))
+            lw_b = (-u_fn(hnet(xb)) + u_fn(xb)).to(torch.float64)
+            if h_flow is not None:
+                lw_b = lw_b + h_flow.log_prob(xb.to(next(h_flow.parameters()).dtype)).to(torch.float64)
+            logw.append(lw_b)
     lw = torch.cat(logw)
     lw = torch.where(torch.isfinite(lw), lw, torch.full_like(lw, -torch.inf))
     if not bool(torch.isfinite(lw).any()):
