@@ -86,3 +86,31 @@ def test_demo_quick_json(tmp_path):
     assert set(res) >= {"phi_positive", "reference", "energy_evals", "wall_s", "report"}
     assert 0 <= res["phi_positive"]["value"] <= 1 and res["reference"]["stderr"] > 0
     assert Path(res["report"]).is_file()
+
+
+@needs_ref
+def test_train_process_killed_with_sigkill_resumes(tmp_path):
+    """A real kill -9 in the middle of training; `train --resume` finishes the run."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "killed"
+    args = [a for a in TINY]
+    args[args.index("--finetune-steps") + 1] = "200"  # long enough to be killed mid-way
+    proc = subprocess.Popen([sys.executable, "-m", "boltzflow.cli", "train", "alanine-dipeptide", "-o", str(run)] + args,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "latest.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not ckpt.is_file():
+        time.sleep(0.2)
+    time.sleep(0.5)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.is_file()
+    r = subprocess.run([sys.executable, "-m", "boltzflow.cli", "train", "--resume", str(run), "--no-progress", "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["training_finished"] and summary["training_steps"] == 206
