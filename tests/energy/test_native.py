@@ -1,0 +1,300 @@
+"""Native torch energy vs OpenMM (Reference platform, float64): per term, total and forces."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from boltzflow.energy import Energy, EnergyCap
+from boltzflow.energy.native import NativeEnergy, unsupported_forces
+from boltzflow.errors import UnsupportedForceError
+
+N_CONF = 100
+
+
+def _perturbed(ms, n: int, scale: float, seed: int) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    return torch.tensor(ms.positions[None] + rng.normal(scale=scale, size=(n,) + ms.positions.shape))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module", params=[("alanine-dipeptide", "pdb"), ("alanine-dipeptide", "psf"), ("butane", "pdb"), ("butane", "psf")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def shipped(request):
+    from boltzflow.systems.builtin import builtin_system
+
+    name, route = request.param
+    return {solv: builtin_system(name, solv, route=route) for solv in ("vacuum", "obc2")}
+
+
+@pytest.mark.parametrize("solvent", ["vacuum", "obc2"])
+def test_shipped_systems_match_openmm_per_term_total_and_forces(shipped, solvent):
+    from boltzflow.energy.openmm_bridge import OpenMMEnergy
+
+    torch.set_num_threads(1)
+    ms = shipped[solvent]
+    assert unsupported_forces(ms.system) == []
+    native = NativeEnergy(ms)
+    x = _perturbed(ms, N_CONF, 0.01, seed=1)
+    with OpenMMEnergy(ms, platform="Reference") as bridge:
+        tb = bridge.terms(x)
+        xb = x.clone().requires_grad_(True)
+        ub = bridge(xb)
+        (gb,) = torch.autograd.grad(ub.sum(), xb)
+    tn = native.terms(x)
+    assert set(tn) == set(tb) == set(native.term_names)
+    for k in tb:
+        assert _rel(tn[k], tb[k]) <= 1e-6, k
+    xn = x.clone().requires_grad_(True)
+    un = native(xn)
+    (gn,) = torch.autograd.grad(un.sum(), xn)
+    assert float(((un - ub).abs() / ub.abs()).max().detach()) <= 1e-6
+    # forces: per conformation, error relative to the largest force component
+    err = (gn - gb).flatten(1).abs().max(1).values / gb.flatten(1).abs().max(1).values
+    assert float(err.max()) <= 1e-6
+
+
+def test_float32_agreement_documented(shipped):
+    """float32 vs float64 native: ~1e-6..1e-5 relative on u and forces (documented bound 1e-4)."""
+    torch.set_num_threads(1)
+    ms = shipped["obc2"]
+    e = NativeEnergy(ms)
+    x64 = _perturbed(ms, 32, 0.01, seed=2).requires_grad_(True)
+    x32 = x64.detach().float().requires_grad_(True)
+    u64, u32 = e(x64), e(x32)
+    assert u32.dtype == torch.float32
+    (g64,) = torch.autograd.grad(u64.sum(), x64)
+    (g32,) = torch.autograd.grad(u32.sum(), x32)
+    assert float(((u32.double() - u64).abs() / u64.abs().clamp_min(1.0)).max()) < 1e-4
+    ferr = (g32.double() - g64).flatten(1).abs().max(1).values / g64.flatten(1).abs().max(1).values
+    assert float(ferr.max()) < 1e-4
+
+
+def test_gradcheck_and_double_backward_float64():
+    from boltzflow.systems.builtin import builtin_system
+
+    ms = builtin_system("butane", "obc2", route="psf")
+    e = NativeEnergy(ms)
+    x = _perturbed(ms, 2, 0.01, seed=3).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda y: e(y), (x,), eps=1e-6, atol=1e-5, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(lambda y: e(y), (x,), eps=1e-6, atol=1e-4, rtol=1e-4)
+
+
+def _ala():
+    from boltzflow.systems.builtin import builtin_system
+
+    return builtin_system("alanine-dipeptide", "obc2", route="pdb")
+
+
+def test_degenerate_geometry_finite_values_and_gradients():
+    ms = _ala()
+    e = NativeEnergy(ms)
+    x0 = torch.tensor(ms.positions)
+    bonds = [(b[0].index, b[1].index) for b in ms.topology.bonds()]
+    i, j = bonds[0]
+    # (1) zero bond length: atom j on top of its bonded partner i
+    xa = x0.clone()
+    xa[j] = xa[i]
+    # (2) collinear angle i-j-k: put k on the line through i and j
+    jj = next(b for b in bonds if b[0] == j or b[1] == j and b != (i, j))
+    k = jj[1] if jj[0] == j else jj[0]
+    xb = x0.clone()
+    xb[k] = xb[j] + (xb[j] - xb[i])
+    # (3) all four atoms of a torsion collinear
+    xc = x0.clone()
+    xc[:4] = torch.linspace(0, 0.45, 4, dtype=torch.float64)[:, None] * torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    for x in (xa, xb, xc):
+        xr = x[None].clone().requires_grad_(True)
+        res = e.evaluate(xr)
+        (g,) = torch.autograd.grad(res.u.sum(), xr)
+        assert bool(res.valid.all()) and bool(torch.isfinite(res.u).all())
+        assert bool(torch.isfinite(g).all())
+        for name, t in e.terms(x[None]).items():
+            assert bool(torch.isfinite(t).all()), name
+
+
+def test_non_finite_and_overflowing_inputs_are_flagged_with_zero_gradient():
+    ms = _ala()
+    e = NativeEnergy(ms)
+    x = _perturbed(ms, 3, 0.01, seed=4)
+    x[1, 5, 0] = float("nan")
+    x[2, 7] = x[2, 12]  # coincident non-excluded atoms: LJ overflows in float32
+    x32 = x.float().requires_grad_(True)
+    res = e.evaluate(x32)
+    assert res.valid.tolist() == [True, False, False]
+    assert math.isinf(float(res.u[1])) and math.isinf(float(res.u[2]))
+    (g,) = torch.autograd.grad(res.u[res.valid].sum() + 0.0 * res.u[~res.valid].nan_to_num(posinf=0.0).sum(), x32)
+    assert bool(torch.isfinite(g).all())
+    assert float(g[1:].abs().max()) == 0.0 and float(g[0].abs().max()) > 0.0
+
+
+def test_caps_per_term_gradient_and_log_linear():
+    ms = _ala()
+    x = _perturbed(ms, 4, 0.02, seed=5).requires_grad_(True)
+    plain = NativeEnergy(ms)
+    cap = 5.0
+    capped = NativeEnergy(ms, cap=EnergyCap(term_grad_max=cap, energy_max=10.0))
+    tp, tc = plain.terms(x), capped.terms(x)
+    for name in tp:
+        assert torch.allclose(tp[name], tc[name])  # values unchanged
+        (g,) = torch.autograd.grad(tc[name].sum(), x, retain_graph=True)
+        assert float(g.flatten(1).norm(dim=1).max()) <= cap * (1 + 1e-9), name
+    u = capped(x)
+    raw = sum(tp.values())
+    expect = torch.where(raw > 10.0, 10.0 + torch.log1p((raw - 10.0).clamp_min(0)), raw)
+    assert torch.allclose(u, expect)
+
+
+def _four_atom_system(force):
+    import openmm
+
+    s = openmm.System()
+    for _ in range(4):
+        s.addParticle(12.0)
+    s.addForce(force)
+    return s
+
+
+def _openmm_energy_forces(system, x: np.ndarray):
+    import openmm
+
+    ctx = openmm.Context(system, openmm.VerletIntegrator(1.0), openmm.Platform.getPlatformByName("Reference"))
+    es, fs = [], []
+    for xi in x:
+        ctx.setPositions(xi)
+        st = ctx.getState(getEnergy=True, getForces=True)
+        es.append(st.getPotentialEnergy()._value)
+        fs.append(st.getForces(asNumpy=True)._value)
+    return np.array(es), np.array(fs)
+
+
+def _wrap(system, n: int = 4):
+    import openmm.app as app
+
+    from boltzflow.systems.molecular import MolecularSystem
+
+    top = app.Topology()
+    res = top.addResidue("X", top.addChain())
+    for k in range(n):
+        top.addAtom(f"C{k}", app.element.carbon, res)
+    return MolecularSystem("toy", top, system, np.zeros((n, 3)), 300.0, "vacuum", np.arange(n), np.zeros(0), np.zeros(0))
+
+
+def test_cmap_grid_convention_and_wrapping_against_openmm():
+    """A random CMAP map, dihedrals swept over the whole torus incl. the +-pi seam and grid points."""
+    import openmm
+
+    rng = np.random.default_rng(6)
+    size = 24
+    f = openmm.CMAPTorsionForce()
+    f.addMap(size, rng.normal(scale=5.0, size=size * size).tolist())
+    f.addTorsion(0, 0, 1, 2, 3, 1, 2, 3, 0)  # phi = dihedral(0,1,2,3), psi = dihedral(1,2,3,0)
+    s = _four_atom_system(f)
+    base = np.array([[0.0, 0.15, 0.0], [0.0, 0.0, 0.0], [0.15, 0.0, 0.0], [0.15, 0.15, 0.0]])
+    xs = []
+    for ang in np.concatenate([np.linspace(-math.pi, math.pi, 49), rng.uniform(-math.pi, math.pi, 60)]):
+        x = base.copy()
+        x[3] = [0.15, 0.15 * math.cos(ang), 0.15 * math.sin(ang)]
+        x[0] = [0.0, 0.15 * math.cos(0.7 * ang + 1.0), 0.15 * math.sin(0.7 * ang + 1.0)]
+        xs.append(x)
+    x = np.array(xs)
+    e_ref, f_ref = _openmm_energy_forces(s, x)
+    e = NativeEnergy(_wrap(s))
+    xt = torch.tensor(x, requires_grad=True)
+    u = e.terms(xt)["cmap"] / e.beta
+    (g,) = torch.autograd.grad(u.sum(), xt)
+    assert np.allclose(u.detach().numpy(), e_ref, rtol=1e-9, atol=1e-9)
+    assert np.abs(-g.numpy() - f_ref).max() <= 1e-6 * np.abs(f_ref).max()
+
+
+def test_gbsaobcforce_and_psf_style_nbfix_and_salt_against_openmm():
+    """OpenMM's built-in GBSAOBCForce, the CharmmPsfFile NBFIX expression and OBC2 with salt (kappa > 0)."""
+    import openmm
+    import openmm.app as app
+
+    from boltzflow.systems.molecular import MolecularSystem, hydrogen_bookkeeping
+
+    ms0 = _ala()
+    top = ms0.topology
+    from boltzflow.systems.pdb import charmm_forcefield
+
+    ff = charmm_forcefield("obc2")  # cached charmm36_2024.xml + implicit/obc2.xml
+    salty = ff.createSystem(top, nonbondedMethod=app.NoCutoff, constraints=None, implicitSolventKappa=1.2)
+    assert any("kappa=1.2" in f.getEnergyTermParameters(0)[0] for f in salty.getForces() if isinstance(f, openmm.CustomGBForce))
+    # replace the GB force by a GBSAOBCForce, and the LJ table expression by the PSF one
+    native_gb = openmm.System()
+    for i in range(salty.getNumParticles()):
+        native_gb.addParticle(salty.getParticleMass(i))
+    nb = next(f for f in salty.getForces() if isinstance(f, openmm.NonbondedForce))
+    gb = openmm.GBSAOBCForce()
+    radii = [0.12 + 0.01 * (i % 5) for i in range(salty.getNumParticles())]
+    for i in range(salty.getNumParticles()):
+        gb.addParticle(nb.getParticleParameters(i)[0], radii[i], 0.8)
+    for f in salty.getForces():
+        if isinstance(f, openmm.CustomNonbondedForce):
+            g = openmm.CustomNonbondedForce("(a/r6)^2-b/r6; r6=r^6;a=acoef(type1, type2);b=bcoef(type1, type2)")
+            g.addPerParticleParameter("type")
+            for t in range(2):
+                nx, ny, vals = f.getTabulatedFunction(t).getFunctionParameters()
+                vals = [math.sqrt(v) for v in vals] if t == 0 else list(vals)
+                g.addTabulatedFunction(f.getTabulatedFunctionName(t), openmm.Discrete2DFunction(nx, ny, vals))
+            for i in range(f.getNumParticles()):
+                g.addParticle(f.getParticleParameters(i))
+            for k in range(f.getNumExclusions()):
+                g.addExclusion(*f.getExclusionParticles(k))
+            native_gb.addForce(g)
+        elif not isinstance(f, (openmm.CustomGBForce, openmm.CMMotionRemover)):
+            native_gb.addForce(openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(f)))
+    native_gb.addForce(gb)
+    heavy, hyd, par = hydrogen_bookkeeping(top)
+    x = _perturbed(ms0, 8, 0.01, seed=7)
+    for s in (salty, native_gb):
+        assert unsupported_forces(s) == []
+        ms = MolecularSystem("t", top, s, ms0.positions, 300.0, "obc2", heavy, hyd, par)
+        e_ref, f_ref = _openmm_energy_forces(s, x.numpy())
+        xt = x.clone().requires_grad_(True)
+        u = NativeEnergy(ms)(xt) / ms.beta
+        (g,) = torch.autograd.grad(u.sum(), xt)
+        assert np.abs(u.detach().numpy() - e_ref).max() <= 1e-6 * np.abs(e_ref).max()
+        assert np.abs(-g.numpy() - f_ref).max() <= 1e-6 * np.abs(f_ref).max()
+
+
+def test_unsupported_forces_are_named_and_auto_falls_back_to_openmm():
+    import openmm
+
+    ms = _ala()
+    s = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(ms.system))
+    s.addForce(openmm.CustomTorsionForce("k*cos(theta)"))  # not a harmonic improper
+    s.getForce(s.getNumForces() - 1).addPerTorsionParameter("k")
+    s_ext = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(s))
+    s_ext.addForce(openmm.CustomExternalForce("x^2"))
+    missing = unsupported_forces(s_ext)
+    assert len(missing) == 2
+    assert "CustomTorsionForce" in missing[0] and "CustomExternalForce" in missing[1]
+    from dataclasses import replace
+
+    ms2 = replace(ms, system=s)
+    with pytest.raises(UnsupportedForceError, match="CustomTorsionForce.*backend='openmm'"):
+        Energy(ms2, backend="native")
+    auto = Energy(ms2, backend="auto", platform="Reference")
+    try:
+        assert type(auto).__name__ == "OpenMMEnergy"
+    finally:
+        auto.close()
+    assert isinstance(Energy(ms, backend="auto"), NativeEnergy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    ms = _ala()
+    e = NativeEnergy(ms)
+    x = _perturbed(ms, 64, 0.01, seed=8)
+    u_cpu = e(x)
+    u_gpu = e.to("cuda")(x.cuda()).cpu()
+    assert _rel(u_gpu, u_cpu) < 1e-10
