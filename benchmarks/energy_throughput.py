@@ -1,0 +1,129 @@
+"""Energy + force evaluations per second: native torch vs the OpenMM bridge, from one run.
+
+    python benchmarks/energy_throughput.py [--quick] [--json] [--solvent vacuum|obc2] [--min-time S]
+
+Alanine dipeptide (shipped, CHARMM36m). Bridge (boltzflow.energy.openmm_bridge.OpenMMEnergy):
+batch 1, 64, 1024 with 1 and N = os.cpu_count() workers on every available OpenMM platform.
+Native (boltzflow.energy.native.NativeEnergy): batch 64, 1024, 8192 in float32 and float64 on
+CPU (and CUDA when available). One evaluation = energy and forces (autograd) of one configuration.
+``ratio_native_over_openmm_batch_1024`` = best native CPU rate / best bridge rate, both at batch 1024
+(``ratio_cuda_native_over_openmm_cuda_batch_1024`` likewise on CUDA when present).
+``--json`` prints ``{"rows": [{"backend", "device", "batch", "dtype", "evals_per_s", ...}], "ratio_...": x}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _rate(fn, batch: int, min_time: float) -> float:
+    fn()  # warm-up (worker start, allocations)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        el = time.perf_counter() - t0
+        if el >= min_time:
+            return n * batch / el
+
+
+def _energy_and_forces(energy, x):
+    import torch
+
+    def run():
+        xr = x.detach().requires_grad_(True)
+        u = energy(xr)
+        (g,) = torch.autograd.grad(u.sum(), xr)
+        return g
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small run: fewer configurations, shorter timings")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--solvent", default="vacuum", choices=("vacuum", "obc2"))
+    ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 1.0, quick 0.3)")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import openmm
+    import torch
+
+    from boltzflow.energy.native import NativeEnergy
+    from boltzflow.energy.openmm_bridge import OpenMMEnergy
+    from boltzflow.systems.builtin import builtin_system
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    min_time = args.min_time if args.min_time is not None else (0.3 if args.quick else 1.0)
+    ms = builtin_system("alanine-dipeptide", args.solvent)
+    rng = np.random.default_rng(0)
+
+    def confs(batch: int, dtype=torch.float64, device="cpu"):
+        x = ms.positions[None] + rng.normal(scale=0.005, size=(batch,) + ms.positions.shape)
+        return torch.tensor(x, dtype=dtype, device=device)
+
+    rows: list[dict] = []
+    n_cpu = os.cpu_count() or 1
+    platforms = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+    if args.quick:
+        platforms = [p for p in platforms if p != "Reference"]
+    bridge_batches = (1, 64, 1024)
+    for plat in platforms:
+        for workers in sorted({1, n_cpu}):
+            kw = {"platform": plat, "n_workers": workers}
+            with OpenMMEnergy(ms, **kw) as bridge:
+                for batch in bridge_batches:
+                    x = confs(batch)
+                    rate = _rate(_energy_and_forces(bridge, x), batch, min_time)
+                    device = "cuda" if plat in ("CUDA", "OpenCL") else "cpu"
+                    rows.append({"backend": "openmm", "device": device, "batch": batch, "dtype": "float64",
+                                 "evals_per_s": rate, "platform": plat, "workers": workers})
+                    print(f"openmm  {plat:9s} workers={workers} batch={batch:5d}: {rate:12.1f} evals/s", file=sys.stderr)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        native = NativeEnergy(ms).to(device)
+        for dtype in (torch.float32, torch.float64):
+            for batch in (64, 1024, 8192):
+                x = confs(batch, dtype, device)
+                fn = _energy_and_forces(native, x)
+                if device == "cuda":
+                    def fn(f=fn):  # noqa: E731 - include the device sync in the timing
+                        f()
+                        torch.cuda.synchronize()
+                rate = _rate(fn, batch, min_time)
+                name = str(dtype).replace("torch.", "")
+                rows.append({"backend": "native", "device": device, "batch": batch, "dtype": name, "evals_per_s": rate})
+                print(f"native  {device:4s} {name:8s} batch={batch:5d}: {rate:12.1f} evals/s", file=sys.stderr)
+
+    def best(backend: str, device: str | None = None, batch: int = 1024) -> float:
+        vals = [r["evals_per_s"] for r in rows if r["backend"] == backend and r["batch"] == batch
+                and (device is None or r["device"] == device)]
+        return max(vals) if vals else float("nan")
+
+    out = {
+        "rows": rows,
+        "ratio_native_over_openmm_batch_1024": best("native", "cpu") / best("openmm"),
+        "system": f"alanine-dipeptide ({args.solvent})",
+        "n_cpu": n_cpu,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if "cuda" in devices and any(r["backend"] == "openmm" and r["device"] == "cuda" for r in rows):
+        out["ratio_cuda_native_over_openmm_cuda_batch_1024"] = best("native", "cuda") / best("openmm", "cuda")
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"ratio native/openmm at batch 1024 (best of each): {out['ratio_native_over_openmm_batch_1024']:.1f}x")
+        if "ratio_cuda_native_over_openmm_cuda_batch_1024" in out:
+            print(f"ratio on CUDA: {out['ratio_cuda_native_over_openmm_cuda_batch_1024']:.1f}x")
+    return out
+
+
+if __name__ == "__main__":
+    main()
