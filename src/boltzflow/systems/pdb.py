@@ -47,13 +47,35 @@ def check_solvent_temperature(solvent: str, temperature: float) -> None:
         raise InputError(f"temperature must be a positive number in K, got {temperature!r}")
 
 
-@functools.lru_cache(maxsize=4)
 def charmm_forcefield(solvent: str = "vacuum", force_field: tuple[str, ...] = FORCE_FIELD_FILES):
-    """The (cached, read-only by convention) OpenMM ForceField ``force_field`` + ``solvent`` files."""
+    """OpenMM ForceField ``force_field`` + the ``solvent`` files, cached per process (treat as read-only).
+
+    The big CHARMM XML is parsed once; the solvent variant is a shallow copy with the implicit-solvent
+    file's script loaded on top (the same ForceField as ``ForceField(*force_field, *solvent_files)``)."""
+    check_solvent_temperature(solvent, 300.0)
+    return _solvent_forcefield(solvent, tuple(force_field))
+
+
+@functools.lru_cache(maxsize=8)
+def _base_forcefield(force_field: tuple[str, ...]):
     import openmm.app as app
 
-    check_solvent_temperature(solvent, 300.0)
-    return app.ForceField(*force_field, *SOLVENT_FILES[solvent])
+    return app.ForceField(*force_field)
+
+
+@functools.lru_cache(maxsize=8)
+def _solvent_forcefield(solvent: str, force_field: tuple[str, ...]):
+    import copy
+
+    base = _base_forcefield(force_field)
+    if not SOLVENT_FILES[solvent]:
+        return base
+    ff = copy.copy(base)
+    ff._forces = list(base._forces)  # loadFile appends generators/scripts: keep the base untouched
+    ff._scripts = list(base._scripts)
+    for f in SOLVENT_FILES[solvent]:
+        ff.loadFile(f)
+    return ff
 
 
 def read_pdb(path: str | Path):
@@ -156,21 +178,70 @@ def convert_caps(topology) -> tuple[Any, list[str]]:
     return new, notes
 
 
+#: residue names that map to other CHARMM template names
+_TEMPLATE_ALIASES = {"HIS": ("HSD", "HSE", "HSP"), "BUT": ("BUTA",)}
+
+
+def _restricted_forcefield(ff, topology):
+    """A shallow copy of ``ff`` whose residue templates are only those named like the topology's
+    residues, or None when some residue name is unknown to ``ff``.
+
+    OpenMM tries every single-residue patch on every template when a residue needs a patch (caps,
+    termini): tens of seconds for CHARMM36m. Restricting the templates makes that instant; the
+    result is the same System (a full-force-field fallback covers any mismatch)."""
+    import copy
+
+    names = set()
+    for res in topology.residues():
+        cands = _TEMPLATE_ALIASES.get(res.name, (res.name,))
+        known = [c for c in cands if c in ff._templates]
+        if not known:
+            return None
+        names.update(known)
+    small = copy.copy(ff)
+    small._templates = {k: v for k, v in ff._templates.items() if k in names}
+    small._templatePatches = {k: v for k, v in ff._templatePatches.items() if k in names}
+    small._templateSignatures = {sig: [t for t in ts if t.name in names] for sig, ts in ff._templateSignatures.items()}
+    return small
+
+
+def _unknown_residues(ff, topology) -> list[str]:
+    out = []
+    for res in topology.residues():
+        if not any(c in ff._templates for c in _TEMPLATE_ALIASES.get(res.name, (res.name,))):
+            out.append(f"{res.name} {res.id} (chain {res.chain.id})")
+    return out
+
+
 def create_charmm_system(topology, solvent: str, force_field: tuple[str, ...] = FORCE_FIELD_FILES):
     """``openmm.System`` for ``topology`` with CHARMM36m in ``solvent``; NoCutoff, no constraints,
     no CMMotionRemover. Raises SystemBuildError naming the residue that has no template."""
     import openmm.app as app
 
     ff = charmm_forcefield(solvent, tuple(force_field))
-    try:
-        system = ff.createSystem(topology, nonbondedMethod=app.NoCutoff, constraints=None,
-                                 rigidWater=False, removeCMMotion=False)
-    except ValueError as e:
-        msg = " ".join(str(e).split())
+    unknown = _unknown_residues(ff, topology)
+    if unknown:
         raise SystemBuildError(
-            f"CHARMM36m cannot parametrise this molecule: {msg[:300]} "
-            "(supported: standard amino acids incl. HSD/HSE/HSP, ACE/NME caps, zwitterionic termini, "
-            "CHARMM residues such as BUTA; fix or remove unknown residues)") from e
+            f"unknown residue(s) {', '.join(unknown[:5])}: no template of that name in {', '.join(force_field)}; "
+            "use standard PDB/CHARMM residue names (amino acids, HID/HIE/HIP/HSD/HSE/HSP, ACE/NME caps) "
+            "or remove the residue")
+    kwargs = dict(nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False, removeCMMotion=False)
+    system = None
+    small = _restricted_forcefield(ff, topology)
+    if small is not None:
+        try:
+            system = small.createSystem(topology, **kwargs)
+        except ValueError:
+            system = None  # fall back to the full force field (slow, but authoritative)
+    if system is None:
+        try:
+            system = ff.createSystem(topology, **kwargs)
+        except ValueError as e:
+            msg = " ".join(str(e).split())
+            raise SystemBuildError(
+                f"CHARMM36m cannot parametrise this molecule: {msg[:300]} "
+                "(supported: standard amino acids incl. HSD/HSE/HSP, ACE/NME caps, zwitterionic termini, "
+                "CHARMM residues such as BUTA; fix unsupported termini or remove unknown residues)") from e
     for i in reversed(range(system.getNumForces())):
         if type(system.getForce(i)).__name__ == "CMMotionRemover":
             system.removeForce(i)
