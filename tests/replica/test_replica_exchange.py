@@ -164,3 +164,22 @@ def test_replica_exchange_method_over_explicit_states(tmp_path):
     # reduced energies of one configuration scale as 1/T across states
     e = data.energies[-1, 0]
     np.testing.assert_allclose(e * data.temperatures, e[0] * data.temperatures[0], rtol=1e-6)
+
+
+def test_resume_accepts_reserialised_system_but_not_another_one(tmp_path):
+    import dataclasses
+
+    import openmm
+
+    system = harmonic_system(2)
+    cfg = ReplicaExchangeConfig(n_iterations=3, **{**FAST, "n_replicas": 2, "steps_per_iteration": 10})
+    run_replica_exchange(system, cfg, tmp_path, progress=False)
+    same = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system.system))
+    same.addForce(openmm.CustomExternalForce("0"))  # new XML, same energies
+    twin = dataclasses.replace(system, system=same)
+    assert twin.fingerprint() != system.fingerprint()
+    run_replica_exchange(twin, dataclasses.replace(cfg, n_iterations=4), tmp_path, progress=False)
+    assert read_replica(tmp_path).n_iterations == 4
+    other = harmonic_system(2, k_kj_mol_nm2=150.0)
+    with pytest.raises(InputError, match="energies differ"):
+        run_replica_exchange(other, dataclasses.replace(cfg, n_iterations=5), tmp_path, progress=False)

@@ -185,6 +185,30 @@ def _set_caches(sampler, config: ReplicaExchangeConfig) -> None:
                                                        platform_properties=props or None)
 
 
+def _same_energies(system, path: Path, n_frames: int = 4) -> bool:
+    """True when ``system`` reproduces the stored reduced energies of the last stored frames (a System
+    re-serialised differently, e.g. after a force-field file reordering, is still the same target)."""
+    import netCDF4
+
+    from .energies import reduced_energies
+
+    with netCDF4.Dataset(str(path), "r") as ds:
+        n = int(ds.variables["states"].shape[0])
+        its = list(range(max(1, n - n_frames), n))
+        if not its or ds.variables["positions"].shape[2] != system.n_atoms:
+            return False
+        x = np.asarray(ds.variables["positions"][its, 0], dtype=np.float64)
+        st = np.asarray(ds.variables["states"][its, 0], dtype=np.int64)
+        e = np.asarray(ds.variables["energies"][its, 0], dtype=np.float64)
+    u_stored = e[np.arange(len(its)), st]
+    cfg = json.loads((path.parent / CONFIG_NAME).read_text())
+    temps = np.asarray(cfg["temperatures_k"])
+    u_now = np.array([reduced_energies(system, x[i:i + 1], float(temps[st[i]]), platform="Reference")[0]
+                      for i in range(len(its))])
+    # positions are stored as float32: allow the resulting energy noise
+    return bool(np.all(np.abs(u_now - u_stored) < 1e-3 * np.maximum(1.0, np.abs(u_stored))))
+
+
 def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | Path, resume: bool = True,
                          progress: bool = True) -> Path:
     """Run (or resume) replica exchange of ``system`` (a MolecularSystem); returns the storage path.
@@ -212,9 +236,9 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
         if not cfg_path.is_file():
             raise InputError(f"'{path}' exists but '{cfg_path}' is missing; it was not made by boltzflow simulate")
         old = json.loads(cfg_path.read_text())
-        if old.get("fingerprint") != fingerprint:
+        if old.get("fingerprint") != fingerprint and not _same_energies(system, path):
             raise InputError(f"'{path}' was made for another system ({old.get('system')}, fingerprint "
-                             f"{old.get('fingerprint')}); use a new -o directory")
+                             f"{old.get('fingerprint')}, energies differ); use a new -o directory")
         oc = old["config"]
         for key in ("method", "t_min", "t_max", "n_replicas", "steps_per_iteration", "timestep_fs"):
             if oc.get(key) != getattr(config, key):
@@ -227,6 +251,8 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
         _set_caches(sampler, config)
         sampler.number_of_iterations = max(int(config.n_iterations), int(sampler.iteration))
         record["resumed_from_iteration"] = int(sampler.iteration)
+        record["fingerprint_history"] = old.get("fingerprint_history", []) + (
+            [old.get("fingerprint")] if old.get("fingerprint") != fingerprint else [])
     else:
         sysobj = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system.system))
         prune_unused_cmap_maps(sysobj)
