@@ -57,7 +57,8 @@ class OptimConfig:
 class StageConfig:
     """One training stage. loss: a name in boltzflow.losses.LOSSES ("klz" for pre-training);
     steps: optimizer steps (0 skips the stage); batch: samples per step;
-    penalty_weight: weight of gen.penalty (alignment penalty, felardos2023: 10 in pre-training);
+    penalty_weight: multiplies mean(gen.penalty(x)) (the MolecularGenerator's Cartesian alignment
+    penalty already includes lambda_align = 10, so 1.0 applies felardos2023's setting; 0 = off);
     lr: overrides optimizer.lr for this stage when set."""
 
     loss: str = "l2plus"
