@@ -5,7 +5,7 @@
 Alanine dipeptide (shipped, CHARMM36m). Bridge (boltzflow.energy.openmm_bridge.OpenMMEnergy):
 batch 1, 64, 1024 with 1 and N = os.cpu_count() workers on every available OpenMM platform.
 Native (boltzflow.energy.native.NativeEnergy): batch 64, 1024, 8192 in float32 and float64 on
-CPU (and CUDA when available). One evaluation = energy and forces (autograd) of one configuration.
+CPU (and CUDA when available), eager and ``compile=True`` (torch.compile; skip with --no-compile). One evaluation = energy and forces (autograd) of one configuration.
 ``ratio_native_over_openmm_batch_1024`` = best native CPU rate / best bridge rate, both at batch 1024
 (``ratio_cuda_native_over_openmm_cuda_batch_1024`` likewise on CUDA when present).
 ``--json`` prints ``{"rows": [{"backend", "device", "batch", "dtype", "evals_per_s", ...}], "ratio_...": x}``.
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small run: fewer configurations, shorter timings")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--solvent", default="vacuum", choices=("vacuum", "obc2"))
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd native rows")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 1.0, quick 0.3)")
     args = ap.parse_args(argv)
 
@@ -87,10 +88,11 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"openmm  {plat:9s} workers={workers} batch={batch:5d}: {rate:12.1f} evals/s", file=sys.stderr)
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        native = NativeEnergy(ms).to(device)
+    variants = [(d, False) for d in devices] + ([] if args.no_compile else [(d, True) for d in devices])
+    for device, compiled in variants:
+        native = NativeEnergy(ms, compile=compiled).to(device)
         for dtype in (torch.float32, torch.float64):
-            for batch in (64, 1024, 8192):
+            for batch in ((1024,) if compiled and args.quick else (64, 1024, 8192)):
                 x = confs(batch, dtype, device)
                 fn = _energy_and_forces(native, x)
                 if device == "cuda":
@@ -99,17 +101,20 @@ def main(argv: list[str] | None = None) -> dict:
                         torch.cuda.synchronize()
                 rate = _rate(fn, batch, min_time)
                 name = str(dtype).replace("torch.", "")
-                rows.append({"backend": "native", "device": device, "batch": batch, "dtype": name, "evals_per_s": rate})
-                print(f"native  {device:4s} {name:8s} batch={batch:5d}: {rate:12.1f} evals/s", file=sys.stderr)
+                rows.append({"backend": "native", "device": device, "batch": batch, "dtype": name, "evals_per_s": rate,
+                             "compiled": compiled})
+                label = "compiled" if compiled else "eager"
+                print(f"native  {device:4s} {label:8s} {name:8s} batch={batch:5d}: {rate:12.1f} evals/s", file=sys.stderr)
 
-    def best(backend: str, device: str | None = None, batch: int = 1024) -> float:
+    def best(backend: str, device: str | None = None, batch: int = 1024, compiled: bool | None = None) -> float:
         vals = [r["evals_per_s"] for r in rows if r["backend"] == backend and r["batch"] == batch
-                and (device is None or r["device"] == device)]
+                and (device is None or r["device"] == device) and (compiled is None or r.get("compiled") == compiled)]
         return max(vals) if vals else float("nan")
 
     out = {
         "rows": rows,
         "ratio_native_over_openmm_batch_1024": best("native", "cpu") / best("openmm"),
+        "ratio_eager_native_over_openmm_batch_1024": best("native", "cpu", compiled=False) / best("openmm"),
         "system": f"alanine-dipeptide ({args.solvent})",
         "n_cpu": n_cpu,
         "torch_threads": torch.get_num_threads(),
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        print(f"ratio native/openmm at batch 1024 (best of each): {out['ratio_native_over_openmm_batch_1024']:.1f}x")
+        print(f"ratio native/openmm at batch 1024 (best of each): {out['ratio_native_over_openmm_batch_1024']:.1f}x "
+              f"(eager native only: {out['ratio_eager_native_over_openmm_batch_1024']:.1f}x)")
         if "ratio_cuda_native_over_openmm_cuda_batch_1024" in out:
             print(f"ratio on CUDA: {out['ratio_cuda_native_over_openmm_cuda_batch_1024']:.1f}x")
     return out

@@ -581,12 +581,15 @@ class NativeEnergy(torch.nn.Module):
     cap: optional :class:`EnergyCap` (per-term gradient cap, log-linear total-energy cap).
     dtype: storage dtype of the parameter buffers (computation always follows x's dtype).
     device: where the buffers live initially (``.to(device)`` moves them later).
+    compile: evaluate the total energy through ``torch.compile`` (about 3x faster on CPU after a
+        compilation of about a minute per dtype; no double backward, per-term caps run eagerly).
 
     ``forward(x) -> (batch,) kT``; ``evaluate(x) -> EnergyResult(u, valid)``;
     ``terms(x) -> {name: (batch,) kT}`` (uncapped values; sum == u before the log-linear cap).
     """
 
-    def __init__(self, system, cap: EnergyCap | None = None, dtype: torch.dtype = torch.float64, device=None):
+    def __init__(self, system, cap: EnergyCap | None = None, dtype: torch.dtype = torch.float64, device=None,
+                 compile: bool = False):
         super().__init__()
         from ..errors import UnsupportedForceError
 
@@ -600,6 +603,8 @@ class NativeEnergy(torch.nn.Module):
         self.beta = float(system.beta)
         self.temperature = float(system.temperature)
         self.cap = cap if cap is not None else EnergyCap()
+        self.compile = bool(compile)
+        self._compiled = None
         # a HarmonicBondForce pair joining the two ends of an angle is Urey-Bradley (as in energy.terms)
         ends = {(min(a[0], a[2]), max(a[0], a[2])) for a in comp.angles}
         ub = [b for b in comp.bonds if (min(b[0], b[1]), max(b[0], b[1])) in ends]
@@ -804,6 +809,10 @@ class NativeEnergy(torch.nn.Module):
             out[name] = x.new_zeros(x.shape[0])
         return out
 
+    def _total_kj(self, x: torch.Tensor) -> torch.Tensor:
+        parts = list(self._terms_kj(x).values())
+        return torch.stack(parts, 0).sum(0) if parts else x.new_zeros(x.shape[0])
+
     # ---- public API -----------------------------------------------------------------------
     def terms(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-term reduced energies {name: (batch,) kT} for x: (batch, n_atoms, 3) nm (gradient-capped if cap set)."""
@@ -815,8 +824,12 @@ class NativeEnergy(torch.nn.Module):
         x = check_positions(x, self.n_atoms)
         mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         xm = _MaskGrad.apply(x, mask)
-        parts = self._terms_kj(xm)
-        u = torch.stack(list(parts.values()), 0).sum(0) * self.beta if parts else x.new_zeros(x.shape[0])
+        if self.compile and self.cap.term_grad_max is None:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._total_kj, dynamic=True)
+            u = self._compiled(xm) * self.beta
+        else:
+            u = self._total_kj(xm) * self.beta
         u = log_linear_cap(u, self.cap.energy_max)
         finite_x = torch.isfinite(x.detach()).flatten(1).all(1)
         valid = finite_x & torch.isfinite(u.detach())
