@@ -77,7 +77,23 @@ def _default_generator():
 
 
 def _default_training():
-    return _train_config_cls()()
+    """Trainer defaults, with the generator's penalty (alignment for Cartesian heavy atoms, which
+    already carries lambda_align) switched on in both stages."""
+    from dataclasses import replace
+
+    tc = _train_config_cls()()
+    return replace(tc, pretrain=replace(tc.pretrain, penalty_weight=1.0),
+                   finetune=replace(tc.finetune, penalty_weight=1.0))
+
+
+@dataclass(frozen=True)
+class HydrogenConfig:
+    """Training of the hydrogen placement network (pipeline "hnet" only), before the flow:
+    steps of Adam (batch, lr) minimising u(x_C, h(x_C)) over reference heavy-atom configurations."""
+
+    steps: int = 500
+    batch: int = 64
+    lr: float = 3e-4
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,7 @@ class RunConfig:
     generator: Any = field(default_factory=_default_generator)
     training: Any = field(default_factory=_default_training)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    hydrogen: HydrogenConfig = field(default_factory=HydrogenConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SampleConfig = field(default_factory=SampleConfig)
 
@@ -255,6 +272,13 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     data = torch.as_tensor(ref.positions[train_idx], dtype=dtype, device=device)
     rd.log(f"{'resuming' if resume else 'starting'} training of {system.name} on {device} "
            f"({len(train_idx)} training frames from {ref_path})")
+    if config.generator.pipeline == "hnet" and not resume and config.hydrogen.steps > 0:
+        from .training.hydrogen import train_hydrogen_net
+
+        losses = train_hydrogen_net(gen.hnet, energy, data, steps=config.hydrogen.steps, batch=config.hydrogen.batch,
+                                    lr=config.hydrogen.lr, seed=config.seed)
+        rd.log(f"hydrogen placement network: mean u {losses[0]:.2f} -> {losses[-1]:.2f} kT "
+               f"over {config.hydrogen.steps} steps")
     trainer = Trainer(gen, energy, config.training, run_dir=rd, data=data, modes=system.modes, progress=progress)
     t0 = time.time()
     summary = trainer.run(resume=resume, max_steps=max_steps)
@@ -329,6 +353,7 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
         x = torch.as_tensor(ref.positions[idx], dtype=next(gen.parameters()).dtype,
                             device=next(gen.parameters()).device)
         with torch.no_grad():
+            x = gen.prepare_data(x)  # Cartesian heavy atoms: centred and aligned like the training data
             logq = torch.cat([gen.log_prob(x[i:i + bs]) for i in range(0, len(x), bs)]).double().cpu().numpy()
             u = torch.cat([energy(x[i:i + bs]) for i in range(0, len(x), bs)]).double().cpu().numpy()
         SampleSet(ref.positions[idx], u, logq, None, system.temperature,
