@@ -187,8 +187,9 @@ def _restricted_forcefield(ff, topology):
     residues, or None when some residue name is unknown to ``ff``.
 
     OpenMM tries every single-residue patch on every template when a residue needs a patch (caps,
-    termini): tens of seconds for CHARMM36m. Restricting the templates makes that instant; the
-    result is the same System (a full-force-field fallback covers any mismatch)."""
+    termini): tens of seconds for CHARMM36m. Restricting the templates to the residue names makes
+    that instant and gives the same System for correctly named residues (tested against the full
+    force field). Residues are therefore matched by name (aliases: HIS -> HSD/HSE/HSP by hydrogens)."""
     import copy
 
     names = set()
@@ -200,7 +201,9 @@ def _restricted_forcefield(ff, topology):
         names.update(known)
     small = copy.copy(ff)
     small._templates = {k: v for k, v in ff._templates.items() if k in names}
-    small._templatePatches = {k: v for k, v in ff._templatePatches.items() if k in names}
+    # without HS2 (HSD/HSP -> HSE) patches: they make the histidine tautomers ambiguous
+    small._templatePatches = {k: {p for p in v if not p[0].startswith("HS2_")}
+                              for k, v in ff._templatePatches.items() if k in names}
     small._templateSignatures = {sig: [t for t in ts if t.name in names] for sig, ts in ff._templateSignatures.items()}
     return small
 
@@ -226,22 +229,15 @@ def create_charmm_system(topology, solvent: str, force_field: tuple[str, ...] = 
             "use standard PDB/CHARMM residue names (amino acids, HID/HIE/HIP/HSD/HSE/HSP, ACE/NME caps) "
             "or remove the residue")
     kwargs = dict(nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False, removeCMMotion=False)
-    system = None
     small = _restricted_forcefield(ff, topology)
-    if small is not None:
-        try:
-            system = small.createSystem(topology, **kwargs)
-        except ValueError:
-            system = None  # fall back to the full force field (slow, but authoritative)
-    if system is None:
-        try:
-            system = ff.createSystem(topology, **kwargs)
-        except ValueError as e:
-            msg = " ".join(str(e).split())
-            raise SystemBuildError(
-                f"CHARMM36m cannot parametrise this molecule: {msg[:300]} "
-                "(supported: standard amino acids incl. HSD/HSE/HSP, ACE/NME caps, zwitterionic termini, "
-                "CHARMM residues such as BUTA; fix unsupported termini or remove unknown residues)") from e
+    try:
+        system = (small or ff).createSystem(topology, **kwargs)
+    except Exception as e:  # OpenMM raises ValueError/Exception for unmatched or ambiguous residues
+        msg = " ".join(str(e).split())
+        raise SystemBuildError(
+            f"CHARMM36m cannot parametrise this molecule: {msg[:300]} "
+            "(supported: standard amino acids incl. HSD/HSE/HSP, ACE/NME caps, zwitterionic termini, "
+            "CHARMM residues such as BUTA; fix unsupported termini or remove unknown residues)") from e
     for i in reversed(range(system.getNumForces())):
         if type(system.getForce(i)).__name__ == "CMMotionRemover":
             system.removeForce(i)
