@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -51,8 +52,8 @@ def sizes(system: str, full: bool) -> dict[str, Any]:
                     lr=1e-4, pretrain_lr=1e-3, eval_n=100000, data_n=100000, ref_frames=50000,
                     ref_interval=250, ref_temperature=500.0)
     if system in MOLECULES:
-        return dict(blocks=4, hidden=128, pretrain_steps=500, steps=1500, fab_steps=300, batch=128, lr=1e-4,
-                    pretrain_lr=1e-3, eval_n=10000, ref_frames=2000, ref_interval=100,
+        return dict(blocks=4, hidden=128, pretrain_steps=300, steps=800, fab_steps=100, batch=128, lr=1e-4,
+                    pretrain_lr=1e-3, eval_n=5000, ais_step=1e-3, ref_frames=2000, ref_interval=100,
                     ref_temperature=350.0 if system == "butane" else 500.0)
     if system == "double-well-12d":
         return dict(blocks=4, hidden=64, pretrain_steps=300, steps=1000, fab_steps=250, batch=256,
@@ -178,6 +179,11 @@ def molecular_problem(system_name: str, sz: dict[str, Any], seed: int, cache_dir
             cache.mkdir(parents=True, exist_ok=True)
             ref.save(cached)
         source = f"{cached} (OpenMM Langevin at {sz['ref_temperature']} K, reweighted to 300 K)"
+    if system_name == "butane":
+        # butane is achiral: the mirror image (x -> -x) has the same energy, so adding it makes the short
+        # reference exactly symmetric between gauche+ and gauche- (a 200 ps trajectory is not)
+        ref = SampleSet.concatenate([ref, dataclasses.replace(ref, positions=-ref.positions)])
+        source += " + mirror images"
     w = ref.normalized_weights()
     lab = system.modes.assign(ref.positions)
     minor = list(system.modes.names).index(system.modes.minor)
@@ -201,6 +207,7 @@ def run(system: str, full: bool = False, seed: int = 0, losses=LOSS_NAMES, progr
         cache_dir: str | None = None) -> dict[str, Any]:
     import torch
 
+    from boltzflow.sampling.ais import AISConfig
     from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
 
     torch.set_num_threads(1)
@@ -230,7 +237,7 @@ def run(system: str, full: bool = False, seed: int = 0, losses=LOSS_NAMES, progr
                           optimizer=OptimConfig(lr=sz["lr"], schedule="cosine", warmup_steps=min(50, steps // 10),
                                                 min_lr_factor=0.1),
                           grad_clip=10.0, seed=seed + 100, log_every=max(steps // 10, 1), progress=progress,
-                          eval_batch=0)
+                          eval_batch=0, ais=AISConfig(step_size=sz.get("ais_step", 0.05)))
         g = copy.deepcopy(gen)
         t1 = time.perf_counter()
         trainer = Trainer(g, energy, cfg, modes=modes)
