@@ -149,3 +149,15 @@ def test_input_errors(tmp_path):
     Trainer(flow(), dw_energy, cfg(finetune=StageConfig(loss="klx", steps=2, batch=16)), run, data()).run()
     with pytest.raises(CheckpointError, match="different configuration"):
         Trainer(flow(), dw_energy, cfg(seed=3), run, data()).run(resume=True)
+
+
+def test_energy_cap_is_applied_to_the_target():
+    from boltzflow.training.trainer import CapConfig
+
+    t = Trainer(flow(), dw_energy, cfg(cap=CapConfig(energy_max=0.0, grad_max=1.0)))
+    x = torch.tensor([[-2.4, 0.0], [4.0, 0.0]], requires_grad=True)
+    u_raw = dw_energy(x)
+    u = t.energy(x)
+    assert u[0] == u_raw[0] and u_raw[1] > 10 and float(u[1]) == pytest.approx(float(torch.log1p(u_raw[1])))
+    (g,) = torch.autograd.grad(u[1], x)
+    assert float(g[1].norm()) <= 1.0 + 1e-6  # per-sample gradient of the total energy capped
