@@ -110,5 +110,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
         parts += ["--t-min", f"{args.t_min:g}"]
     parts += ["--t-max", f"{args.t_max:g}", "--replicas", str(args.replicas), "--iterations", str(args.iterations),
              "--steps-per-iteration", str(args.steps_per_iteration), "--timestep-fs", f"{args.timestep_fs:g}",
-             "-o", str(args.output)]
+             "--platform", str(args.platform), "-o", str(args.output)]
+    if args.resume:
+        parts.append("--resume")
     return parts
