@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=300.0, help="K (default 300)")
     p.add_argument("--name", default=None, help="system name (default: input file stem)")
     p.add_argument("--no-hydrogens", action="store_true", help="do not add missing hydrogens (PDB input)")
+    p.add_argument("--force-field", nargs="+", default=None, metavar="XML",
+                   help="OpenMM force-field files for PDB input (default charmm36_2024.xml; "
+                        "charmm36.xml has extra CHARMM/CGenFF residues such as BUTA)")
     p.add_argument("-o", "--output", required=True, metavar="SYSTEM_DIR", help="directory to write")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
@@ -41,16 +44,17 @@ def build_system(args: argparse.Namespace):
     src = Path(args.input)
     suffix = src.suffix.lower()
     if args.input in BUILTIN_SYSTEMS and not src.exists():
-        if args.params or args.coords:
-            raise InputError("--params/--coords are for PSF input, not for a built-in system")
+        if args.params or args.coords or args.force_field:
+            raise InputError("--params/--coords/--force-field are not used with a built-in system")
         return builtin_system(args.input, solvent=args.solvent, temperature=args.temperature)
     if suffix == ".pdb":
         from ..systems.pdb import from_pdb
 
         if args.params or args.coords:
             raise InputError("--params/--coords are for PSF input; a PDB carries its own coordinates")
+        kwargs = {"force_field": tuple(args.force_field)} if args.force_field else {}
         return from_pdb(src, solvent=args.solvent, temperature=args.temperature, name=args.name,
-                        add_hydrogens=not args.no_hydrogens)
+                        add_hydrogens=not args.no_hydrogens, **kwargs)
     if suffix == ".psf":
         from ..systems.psf import from_psf
 

@@ -292,9 +292,10 @@ class OpenMMEnergy(torch.nn.Module):
 
     system: the MolecularSystem. cap: optional :class:`EnergyCap` (per-term gradient cap in kT/nm,
     log-linear energy cap in kT). platform: "CPU" | "Reference" | "CUDA" | "OpenCL".
-    n_workers: 1 = one in-process Context; >1 = that many spawned worker processes.
-    device_index: GPU index for CUDA/OpenCL (worker k uses ``device_index`` or k mod #GPUs is not
-    guessed: all workers use the given index). precision: "single" | "mixed" | "double" (CUDA/OpenCL).
+    n_workers: 1 = one in-process Context; >1 = that many spawned worker processes (scripts that use
+    workers need the usual ``if __name__ == "__main__":`` guard of the spawn start method).
+    device_index: GPU index for CUDA/OpenCL (every worker uses this device; None = OpenMM's choice).
+    precision: "single" | "mixed" | "double" (CUDA/OpenCL only).
     threads: CPU-platform threads per Context (default 1). timeout: seconds a worker may take per call.
     """
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 
 KCAL = 4.184
@@ -84,7 +82,7 @@ def write_charmm_files(topology, stem: str | Path, segid: str = "PROT",
     bonds_p: dict[tuple, tuple] = {}
     ub: dict[tuple[int, int], tuple[float, float]] = {}
     angles, dihedrals, impropers, cmaps = [], [], [], []
-    angles_p, dihed_p, impr_p, cmap_p = {}, {}, {}, {}
+    dihed_p, impr_p, cmap_p = {}, {}, {}
     charges = [0.0] * len(atoms)
 
     def canon(key: tuple) -> tuple:

@@ -60,7 +60,11 @@ def charmm_forcefield(solvent: str = "vacuum", force_field: tuple[str, ...] = FO
 def _base_forcefield(force_field: tuple[str, ...]):
     import openmm.app as app
 
-    return app.ForceField(*force_field)
+    try:
+        return app.ForceField(*force_field)
+    except Exception as e:  # missing or malformed XML
+        raise InputError(f"could not load OpenMM force field {', '.join(force_field)}: "
+                         f"{' '.join(str(e).split())[:200] or type(e).__name__}; give OpenMM force-field XML files") from e
 
 
 @functools.lru_cache(maxsize=8)
