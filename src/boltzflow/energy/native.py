@@ -696,28 +696,28 @@ class NativeEnergy(torch.nn.Module):
         """Parameter buffer (n,) as a (n, 1) column in ref's dtype."""
         return self._p(name, ref).unsqueeze(-1)
 
-    def _bondlike(self, c: Vec, name: str) -> torch.Tensor:
-        r = torch.sqrt(_distance2(c, getattr(self, f"{name}_idx")))
+    def _bondlike(self, c: Vec, name: str, r2: torch.Tensor | None = None) -> torch.Tensor:
+        r = torch.sqrt(_distance2(c, getattr(self, f"{name}_idx")) if r2 is None else r2)
         return (0.5 * self._col(f"{name}_k", r) * (r - self._col(f"{name}_r0", r)) ** 2).sum(0)
 
     def _angle_e(self, c: Vec) -> torch.Tensor:
         th = _angle(c, self.angle_idx)
         return (0.5 * self._col("angle_k", th) * (th - self._col("angle_t0", th)) ** 2).sum(0)
 
-    def _torsion_e(self, c: Vec) -> torch.Tensor:
-        phi = _dihedral(c, self.torsion_idx)
+    def _torsion_e(self, c: Vec, phi: torch.Tensor | None = None) -> torch.Tensor:
+        phi = _dihedral(c, self.torsion_idx) if phi is None else phi
         arg = self._col("torsion_n", phi) * phi - self._col("torsion_phase", phi)
         return (self._col("torsion_k", phi) * (1 + torch.cos(arg))).sum(0)
 
-    def _improper_e(self, c: Vec) -> torch.Tensor:
-        th = _dihedral(c, self.improper_idx)
+    def _improper_e(self, c: Vec, th: torch.Tensor | None = None) -> torch.Tensor:
+        th = _dihedral(c, self.improper_idx) if th is None else th
         d = (th - self._col("improper_t0", th)).abs()
         d = torch.minimum(d, self._col("improper_2pi", th) - d)
         return (self._col("improper_k", th) * d * d).sum(0)
 
-    def _cmap_e(self, c: Vec) -> torch.Tensor:
+    def _cmap_e(self, c: Vec, ang: torch.Tensor | None = None) -> torch.Tensor:
         n = self.cmap_size.shape[0]
-        ang = _dihedral(c, self.cmap_idx)  # (2n, batch): first angles, then second angles
+        ang = _dihedral(c, self.cmap_idx) if ang is None else ang  # (2n, batch): first angles, then second angles
         two_pi = 2 * math.pi
         ang = torch.remainder(ang + two_pi, two_pi)
         delta = self._col("cmap_delta", ang)
@@ -733,8 +733,8 @@ class NativeEnergy(torch.nn.Module):
         e = ((rows[3] * da + rows[2]) * da + rows[1]) * da + rows[0]
         return e.sum(0)
 
-    def _pair_e(self, c: Vec) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_r2 = 1.0 / _distance2(c, self.pair_idx)
+    def _pair_e(self, c: Vec, r2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_r2 = 1.0 / (_distance2(c, self.pair_idx) if r2 is None else r2)
         inv_r6 = inv_r2 * inv_r2 * inv_r2
         lj = ((self._col("pair_A", inv_r2) * inv_r6 - self._col("pair_B", inv_r2)) * inv_r6).sum(0)
         coul = (self._col("pair_C", inv_r2) * torch.sqrt(inv_r2)).sum(0)
@@ -777,10 +777,9 @@ class NativeEnergy(torch.nn.Module):
         """x: (batch, n_atoms, 3) nm -> {term: (batch,) kJ/mol}; kernels work on 3 x (n_atoms, batch) components."""
         g = self.cap.term_grad_max
         if g is None:
-            xs = x.permute(2, 1, 0).contiguous().unbind(0)
-            xin = lambda: xs  # noqa: E731
-        else:
-            xin = lambda: cap_gradient(x, g).permute(2, 1, 0).contiguous().unbind(0)  # noqa: E731
+            return self._terms_kj_fused(x.permute(2, 1, 0).contiguous().unbind(0))
+        # per-term gradient cap: every term sees its own capped copy of x
+        xin = lambda: cap_gradient(x, g).permute(2, 1, 0).contiguous().unbind(0)  # noqa: E731
         out: dict[str, torch.Tensor] = {}
         for name in ("bond", "urey_bradley"):
             if name in self._terms:
@@ -794,11 +793,8 @@ class NativeEnergy(torch.nn.Module):
         if "cmap" in self._terms:
             out["cmap"] = self._cmap_e(xin())
         if hasattr(self, "pair_idx"):
-            if g is None:
-                lj, coul = self._pair_e(xs)
-            else:
-                lj, _ = self._pair_e(xin()) if self._has_lj else (None, None)
-                _, coul = self._pair_e(xin()) if self._has_coul else (None, None)
+            lj, _ = self._pair_e(xin()) if self._has_lj else (None, None)
+            _, coul = self._pair_e(xin()) if self._has_coul else (None, None)
             if self._has_lj:
                 out["lj"] = lj
             if self._has_coul:
@@ -807,6 +803,36 @@ class NativeEnergy(torch.nn.Module):
             out["gb"] = self._gb_e(xin())
         for name in self._zero_terms:
             out[name] = x.new_zeros(x.shape[0])
+        return out
+
+    def _terms_kj_fused(self, c: Vec) -> dict[str, torch.Tensor]:
+        """All terms with one distance gather (bonds, UB, pairs) and one dihedral pass (torsions, impropers, CMAP)."""
+        out: dict[str, torch.Tensor] = {}
+        dist_names = [nm for nm in ("bond", "urey_bradley") if nm in self._terms] + (["pair"] if hasattr(self, "pair_idx") else [])
+        if dist_names:
+            idx = [getattr(self, f"{nm}_idx") for nm in dist_names]
+            r2s = _distance2(c, torch.cat(idx, 1)).split([t.shape[1] for t in idx], 0)
+            for nm, r2 in zip(dist_names, r2s):
+                if nm == "pair":
+                    lj, coul = self._pair_e(c, r2)
+                    if self._has_lj:
+                        out["lj"] = lj
+                    if self._has_coul:
+                        out["coulomb"] = coul
+                else:
+                    out[nm] = self._bondlike(c, nm, r2)
+        if "angle" in self._terms:
+            out["angle"] = self._angle_e(c)
+        dih = [(nm, a) for nm, a in (("torsion", "torsion_idx"), ("improper", "improper_idx"), ("cmap", "cmap_idx")) if nm in self._terms]
+        if dih:
+            idx = [getattr(self, a) for _, a in dih]
+            phis = _dihedral(c, torch.cat(idx, 1)).split([t.shape[1] for t in idx], 0)
+            for (nm, _), phi in zip(dih, phis):
+                out[nm] = {"torsion": self._torsion_e, "improper": self._improper_e, "cmap": self._cmap_e}[nm](c, phi)
+        if "gb" in self._terms:
+            out["gb"] = self._gb_e(c)
+        for name in self._zero_terms:
+            out[name] = c[0].new_zeros(c[0].shape[1])
         return out
 
     def _total_kj(self, x: torch.Tensor) -> torch.Tensor:
