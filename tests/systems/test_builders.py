@@ -204,6 +204,22 @@ def test_pdb_errors(tmp_path):
         from_pdb(ADP_PDB, temperature=-5)
 
 
+def test_psf_route_reads_charmm_crd(tmp_path):
+    d = builtin_dir("butane")
+    ref = builtin_system("butane", route="psf")
+    lines = ["* butane coordinates (test)", "*", f"{ref.n_atoms:10d}  EXT"]
+    for a in ref.topology.atoms():
+        x, y, z = ref.positions[a.index] * 10.0  # CRD is in Angstrom
+        lines.append(f"{a.index + 1:10d}{1:10d}  {'BUTA':<8s}  {a.name:<8s}{x:20.10f}{y:20.10f}{z:20.10f}  "
+                     f"{'BUT':<8s}  {'1':<8s}{0.0:20.10f}")
+    (tmp_path / "butane.crd").write_text("\n".join(lines) + "\n")
+    ms = from_psf(d / "butane.psf", [d / "butane.rtf", d / "butane.prm"], tmp_path / "butane.crd", solvent="obc2")
+    np.testing.assert_allclose(ms.positions, ref.positions, atol=1e-9)
+    assert ms.metadata["coordinates"].endswith("butane.crd")
+    with pytest.raises(InputError):
+        from_psf(d / "butane.psf", [d / "butane.prm"], tmp_path / "butane.xyz")
+
+
 def test_psf_errors(tmp_path):
     d = builtin_dir("butane")
     psf, prm, rtf, pdb = (d / f"butane.{s}" for s in ("psf", "prm", "rtf", "pdb"))
