@@ -146,6 +146,10 @@ class MolecularSystem:
             # templates (CONECT only for non-standard residues) and renames some atoms (CHARMM caps)
             "bonds": sorted([sorted((b[0].index, b[1].index)) for b in self.topology.bonds()]),
             "atom_names": [a.name for a in self.topology.atoms()],
+            # the whole topology, so that loading never depends on PDB parsing (which drops atoms
+            # whose names collide after its name normalisation, e.g. CHARMM CT3 HT1 -> H)
+            "topology": _topology_table(self.topology),
+            "positions_nm": self.positions.tolist(),
             "fingerprint": self.fingerprint(),
             "metadata": self.metadata,
         }
@@ -164,11 +168,15 @@ class MolecularSystem:
                 raise InputError(f"'{d}' is not a boltzflow system directory (missing {f}); create one with `boltzflow prepare`")
         meta = json.loads((d / "metadata.json").read_text())
         system = openmm.XmlSerializer.deserialize((d / "system.xml").read_text())
-        pdb = app.PDBFile(str(d / "topology.pdb"))
-        pos = np.array(pdb.getPositions(asNumpy=True)._value, dtype=np.float64)
-        topology = pdb.topology
-        if meta.get("bonds") is not None:  # exact bonds / names as saved (see save)
-            topology = _with_bonds(topology, meta["bonds"], meta.get("atom_names"))
+        if meta.get("topology") is not None and meta.get("positions_nm") is not None:
+            topology = _topology_from_table(meta["topology"], meta["bonds"])
+            pos = np.array(meta["positions_nm"], dtype=np.float64)
+        else:  # directories written before the topology table existed
+            pdb = app.PDBFile(str(d / "topology.pdb"))
+            pos = np.array(pdb.getPositions(asNumpy=True)._value, dtype=np.float64)
+            topology = pdb.topology
+            if meta.get("bonds") is not None:  # exact bonds / names as saved (see save)
+                topology = _with_bonds(topology, meta["bonds"], meta.get("atom_names"))
         return cls(
             name=meta["name"],
             topology=topology,
@@ -182,6 +190,28 @@ class MolecularSystem:
             modes=modes_from_dict(meta.get("modes")),
             metadata=meta.get("metadata", {}),
         )
+
+
+def _topology_table(topology) -> dict:
+    """JSON-able description of chains, residues and atoms (bonds are stored separately)."""
+    chains = [c.id for c in topology.chains()]
+    residues = [[r.name, r.id, r.chain.index, r.insertionCode] for r in topology.residues()]
+    atoms = [[a.name, a.element.symbol if a.element is not None else None, a.residue.index, a.id]
+             for a in topology.atoms()]
+    return {"chains": chains, "residues": residues, "atoms": atoms}
+
+
+def _topology_from_table(table: dict, bonds) -> "object":
+    import openmm.app as app
+
+    top = app.Topology()
+    chains = [top.addChain(cid) for cid in table["chains"]]
+    residues = [top.addResidue(name, chains[ci], rid, ins) for name, rid, ci, ins in table["residues"]]
+    atoms = [top.addAtom(name, app.Element.getBySymbol(el) if el else None, residues[ri], aid)
+             for name, el, ri, aid in table["atoms"]]
+    for i, j in bonds:
+        top.addBond(atoms[i], atoms[j])
+    return top
 
 
 def _with_bonds(topology, bonds, atom_names=None):
