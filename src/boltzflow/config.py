@@ -79,10 +79,9 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
-def load_config(
-    cls: type[T], path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
-) -> T:
-    """Defaults of ``cls``, updated from TOML file ``path`` (if given), then by dotted-key ``overrides``."""
+def read_config_data(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Nested dict from TOML file ``path`` (if given), updated by dotted-key ``overrides``
+    (``{"optimizer.lr": 1e-3}``; None values are ignored)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -99,8 +98,17 @@ def load_config(
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a table")
         node[parts[-1]] = value
-    return from_dict(cls, data)
+    return data
+
+
+def load_config(
+    cls: type[T], path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
+) -> T:
+    """Defaults of ``cls``, updated from TOML file ``path`` (if given), then by dotted-key ``overrides``."""
+    return from_dict(cls, read_config_data(path, overrides))
 
 
 def replace(obj: T, **changes: Any) -> T:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import dump_toml, from_dict, load_config, to_dict
+from .config import dump_toml, from_dict, read_config_data
 from .errors import InputError
 
 
@@ -128,30 +128,7 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults, updated by a TOML file and by dotted-key overrides (``{"training.finetune.steps": 10}``)."""
-    import sys
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise InputError(f"config file '{p}' not found; write one with `boltzflow train --print-config > {p.name}`")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise InputError(f"config file '{p}' is not valid TOML: {e}") from e
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return run_config_from_dict(data)
+    return run_config_from_dict(read_config_data(path, overrides))
 
 
 def default_config_toml() -> str:
