@@ -5,7 +5,8 @@
 Alanine dipeptide (shipped, CHARMM36m). Bridge (boltzflow.energy.openmm_bridge.OpenMMEnergy):
 batch 1, 64, 1024 with 1 and N = os.cpu_count() workers on every available OpenMM platform.
 Native (boltzflow.energy.native.NativeEnergy): batch 64, 1024, 8192 in float32 and float64 on
-CPU (and CUDA when available), eager and ``compile=True`` (torch.compile; skip with --no-compile). One evaluation = energy and forces (autograd) of one configuration.
+CPU (and CUDA when available), eager and ``compile=True`` (torch.compile; skip with --no-compile),
+with ``--threads`` torch threads (default 1; the bridge's N-worker rows use N processes). One evaluation = energy and forces (autograd) of one configuration.
 ``ratio_native_over_openmm_batch_1024`` = best native CPU rate / best bridge rate, both at batch 1024
 (``ratio_cuda_native_over_openmm_cuda_batch_1024`` likewise on CUDA when present).
 ``--json`` prints ``{"rows": [{"backend", "device", "batch", "dtype", "evals_per_s", ...}], "ratio_...": x}``.
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small run: fewer configurations, shorter timings")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--solvent", default="vacuum", choices=("vacuum", "obc2"))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for the native rows (default 1: on a shared, loaded machine more threads "
+                         "oversubscribe the cores and collapse throughput)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd native rows")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 1.0, quick 0.3)")
     args = ap.parse_args(argv)
@@ -60,7 +64,6 @@ def main(argv: list[str] | None = None) -> dict:
     from boltzflow.energy.openmm_bridge import OpenMMEnergy
     from boltzflow.systems.builtin import builtin_system
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     min_time = args.min_time if args.min_time is not None else (0.3 if args.quick else 1.0)
     ms = builtin_system("alanine-dipeptide", args.solvent)
     rng = np.random.default_rng(0)
@@ -89,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     variants = [(d, False) for d in devices] + ([] if args.no_compile else [(d, True) for d in devices])
+    threads = max(1, args.threads)
+    torch.set_num_threads(threads)
     for device, compiled in variants:
         native = NativeEnergy(ms, compile=compiled).to(device)
         for dtype in (torch.float32, torch.float64):
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rate = _rate(fn, batch, min_time)
                 name = str(dtype).replace("torch.", "")
                 rows.append({"backend": "native", "device": device, "batch": batch, "dtype": name, "evals_per_s": rate,
-                             "compiled": compiled})
+                             "compiled": compiled, "threads": threads})
                 label = "compiled" if compiled else "eager"
                 print(f"native  {device:4s} {label:8s} {name:8s} batch={batch:5d}: {rate:12.1f} evals/s", file=sys.stderr)
 
