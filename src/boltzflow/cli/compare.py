@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
+MIN_ESS = 20.0
+
+
 def _cost(prov: dict, keys: tuple[str, ...]) -> float:
     """The first numeric provenance entry among ``keys`` (nan when none)."""
     for k in keys:
@@ -115,8 +118,9 @@ def compare(replica: str | Path, generated, system, target_stderr: float = 0.005
     gen_wall = _cost(gen_prov, ("wall_time_s", "sampling_wall_time_s", "wall_s"))
     gen_wall_train = _cost(gen_prov, ("training_wall_time_s", "train_wall_s", "training_wall_s"))
 
-    def to_target(se, cost):
-        if not (se == se and se > 0 and cost == cost):
+    def to_target(se, cost, ess):
+        # an error bar from fewer than MIN_ESS effective samples is itself meaningless (ESS ~ 1 gives ~0)
+        if not (se == se and se > 0 and cost == cost and ess >= MIN_ESS):
             return float("nan")
         return float(cost * (se / target_stderr) ** 2)
 
@@ -160,16 +164,19 @@ def compare(replica: str | Path, generated, system, target_stderr: float = 0.005
 
     def side(pops, df, ess, n, evals, wall, err, extra=None):
         se = pops[minor].stderr
+        if ess < MIN_ESS:
+            err += f"; ESS {ess:.1f} < {MIN_ESS}: error bars and cost extrapolation unreliable"
         d = {"n": n, "ess": ess, "population_error": err,
              "populations": {k: v.to_dict() for k, v in pops.items()},
              "dF": df.to_dict() if df is not None else None,
              "dF_kj_mol": (df.value * _kt(kt) if df is not None else None),
              "energy_evaluations": evals, "wall_time_s": wall,
-             "energy_evaluations_to_target": to_target(se, evals), "wall_time_s_to_target": to_target(se, wall)}
+             "energy_evaluations_to_target": to_target(se, evals, ess),
+             "wall_time_s_to_target": to_target(se, wall, ess)}
         d.update(extra or {})
         return d
 
-    out["replica_exchange"] = side(ref_pops, ref_df, ref_ess, len(ref), ref_evals, ref_wall, ref_err,
+    out["replica_exchange"] = side(ref_pops, ref_df, ref_ess, int(ref_pops[minor].n), ref_evals, ref_wall, ref_err,
                                    {"statistical_inefficiency": ref_prov.get("statistical_inefficiency"),
                                     "energy": estats(ref.reduced_energy)})
     out["generator"] = side(gen_pops, gen_df, float(gen_ess), len(gen), gen_evals_sampling, gen_wall,
@@ -219,13 +226,14 @@ def _plots(d: Path, rx, ry, gx, gy, wg, ref, gen, kl_name: str) -> list[str]:
         if u is None:
             continue
         ok = np.isfinite(u)
-        if ok.sum() < 2:
+        if ok.sum() < 2 or (w is not None and not np.sum(w[ok]) > 0):
             continue
         lo, hi = np.quantile(ref.reduced_energy[np.isfinite(ref.reduced_energy)], [0.001, 0.999]) \
             if ref.reduced_energy is not None else np.quantile(u[ok], [0.001, 0.999])
         span = hi - lo
-        ax.hist(u[ok], bins=60, range=(lo - 0.3 * span, hi + 0.3 * span), weights=None if w is None else w[ok],
-                density=True, histtype="step", label=label)
+        with np.errstate(invalid="ignore", divide="ignore"):  # all weight outside the range -> empty curve
+            ax.hist(u[ok], bins=60, range=(lo - 0.3 * span, hi + 0.3 * span), weights=None if w is None else w[ok],
+                    density=True, histtype="step", label=label)
     ax.set_xlabel("reduced energy u (kT)")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
