@@ -30,6 +30,10 @@ Custom expressions are never trusted by spelling: each is evaluated at probe poi
 :mod:`boltzflow.energy.native_expr` and compared with the formula implemented here; anything
 else makes :func:`unsupported_forces` name the force (use ``backend='openmm'`` for it).
 
+Accuracy: float64 agrees with OpenMM's Reference platform to ~1e-14 relative per term (tests
+require 1e-6). float32 vs float64 on perturbed alanine dipeptide: ~2e-6 relative energy (~5e-4 kT)
+and ~4e-6 relative force (max component error / max force), vacuum and OBC2.
+
 Degenerate geometry: distances use ``sqrt(max(r^2, 1e-30))``, angles ``atan2(|u x v|, u.v)``
 with a clamped cross-product norm, dihedrals ``atan2`` with a guarded (0, 0) case. So a
 collinear angle, a zero-length bond or coincident atoms give finite values and finite (zero
