@@ -269,7 +269,8 @@ def mbar_analysis(storage: str | Path, observables: dict[str, Callable[[np.ndarr
             naive = float("nan")
             if mbar is not None:
                 try:
-                    r = mbar.compute_expectations(a, state_dependent=False)
+                    with np.errstate(divide="ignore"):  # pymbar takes log(A) of a 0/1 indicator
+                        r = mbar.compute_expectations(a, state_dependent=False)
                     naive = float(np.asarray(r["sigma"])[target_state])
                 except (ValueError, FloatingPointError, np.linalg.LinAlgError, ParameterError):
                     naive = float("nan")  # pymbar fails on degenerate inputs (e.g. a constant observable)
