@@ -86,6 +86,13 @@ def compare(replica: str | Path, generated, system, target_stderr: float = 0.005
         ind = {nm: (lambda x, i=i: modes.assign(x) == i) for i, nm in enumerate(names)}
         ref_pops = state_populations(storage, ind, n_blocks=10, seed=seed)
         ref_err = "block"
+    elif (ref.provenance or {}).get("decorrelated") is False and len(ref) >= 40:
+        from ..estimators import block_average
+
+        lab_ref = modes.assign(ref.positions)
+        ref_pops = {nm: block_average((lab_ref == i).astype(float), n_blocks=20, name=nm, seed=seed)
+                    for i, nm in enumerate(names)}
+        ref_err = "block (time-ordered frames)"
     else:
         ref_pops = mode_populations(modes, ref.positions, None, seed=seed)
         ref_err = "binomial (decorrelated samples)"
