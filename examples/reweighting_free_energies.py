@@ -9,7 +9,7 @@ difference between 300 K and 330 K by EXP (reweighting the same configurations).
 
 import argparse
 
-import numpy as np
+
 
 from boltzflow.estimators import block_average, conformational_free_energy, exp_free_energy, parse_region
 from boltzflow.sampling import SampleSet
@@ -19,8 +19,6 @@ from boltzflow.systems.builtin import builtin_dir, builtin_system
 def main(quick: bool = False, samples: str | None = None) -> dict:
     system = builtin_system("alanine-dipeptide")
     s = SampleSet.load(samples or builtin_dir("alanine-dipeptide") / "reference_300K.npz")
-    if quick:
-        s = s.subset(np.arange(0, len(s), max(1, len(s) // 300)))
     region = parse_region("phi>0", topology=system.topology)
     inside = region.indicator(s.positions)
     p = block_average(inside.astype(float), s.log_weights, n_blocks=10, name="P(phi>0)")

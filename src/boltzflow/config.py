@@ -52,6 +52,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], _where: str = "") -> T:
         tp = hints.get(name)
         sub = _dataclass_type(tp)
         if sub is not None and isinstance(value, Mapping):
+            # a partial table overrides the parent's default for this field, not the sub-class defaults
+            default = _field_default(fields[name])
+            if dataclasses.is_dataclass(default):
+                value = merge_dicts(to_dict(default), value)
             kwargs[name] = from_dict(sub, value, f"{_where}.{name}" if _where else name)
         else:
             kwargs[name] = _coerce(value, tp, f"{_where}.{name}" if _where else name)
@@ -59,6 +63,25 @@ def from_dict(cls: type[T], data: Mapping[str, Any], _where: str = "") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"invalid config for {cls.__name__}: {e}") from e
+
+
+def merge_dicts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: tables merge key by key, everything else in ``update`` replaces ``base``."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import dump_toml, from_dict, read_config_data
+from .config import dump_toml, from_dict, merge_dicts, read_config_data, to_dict
 from .errors import InputError
 
 
@@ -118,8 +118,9 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     sub = {}
     if "generator" in data:
         sub["generator"] = from_dict(_generator_config_cls(), data.pop("generator"), "generator")
-    if "training" in data:
-        sub["training"] = from_dict(_train_config_cls(), data.pop("training"), "training")
+    if "training" in data:  # partial tables override the pipeline's training defaults
+        sub["training"] = from_dict(_train_config_cls(), merge_dicts(to_dict(_default_training()), data.pop("training")),
+                                    "training")
     base = from_dict(RunConfig, data)
     from dataclasses import replace
 
@@ -368,9 +369,12 @@ def estimate(run_dir: str | Path, seed: int = 0) -> dict[str, Any]:
 
             lab = system.modes.assign(s.positions)
             names = list(system.modes.names)
-            out[f"dF_{major[0]}_to_{minor}"] = conformational_free_energy(
-                lab == names.index(major[0]), lab == names.index(minor), lw,
-                name=f"dF_{major[0]}_to_{minor}", temperature_k=system.temperature)
+            name = f"dF_{major[0]}_to_{minor}"
+            try:
+                out[name] = conformational_free_energy(lab == names.index(major[0]), lab == names.index(minor), lw,
+                                                       name=name, temperature_k=system.temperature)
+            except InputError as e:  # a mode without weighted samples: dF undefined, say so in the log
+                rd.log(f"{name} not estimated: {e}")
     rd.update_summary(estimates={k: v.to_full_dict() for k, v in out.items()})
     return out
 

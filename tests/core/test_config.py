@@ -47,3 +47,23 @@ def test_wrong_type_and_missing_file(tmp_path):
     bad.write_text("steps = = 3")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(Cfg, bad)
+
+
+@dataclass(frozen=True)
+class Parent:
+    first: Opt = Opt(lr=0.5)
+    second: Opt = field(default_factory=lambda: Opt(betas=(0.1, 0.2)))
+
+
+def test_partial_table_keeps_parent_default():
+    p = from_dict(Parent, {"first": {"betas": [0.3, 0.4]}, "second": {"lr": 2.0}})
+    assert p.first == Opt(lr=0.5, betas=(0.3, 0.4))
+    assert p.second == Opt(lr=2.0, betas=(0.1, 0.2))
+
+
+def test_run_config_partial_training_table_keeps_defaults():
+    from boltzflow.pipeline import load_run_config
+
+    cfg = load_run_config(overrides={"training.pretrain.steps": 5})
+    assert cfg.training.pretrain.loss == "klz" and cfg.training.pretrain.steps == 5
+    assert cfg.training.pretrain.penalty_weight == 1.0
