@@ -9,8 +9,6 @@ difference between 300 K and 330 K by EXP (reweighting the same configurations).
 
 import argparse
 
-
-
 from boltzflow.estimators import block_average, conformational_free_energy, exp_free_energy, parse_region
 from boltzflow.sampling import SampleSet
 from boltzflow.systems.builtin import builtin_dir, builtin_system
