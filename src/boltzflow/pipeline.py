@@ -73,7 +73,11 @@ class SampleConfig:
 
 
 def _default_generator():
-    return _generator_config_cls()()
+    """The unbiased pipeline by default: heavy atoms in internal coordinates plus the conditional
+    hydrogen flow (exact all-atom density, so reweighting targets p_B; see docs/pipelines.md)."""
+    from dataclasses import replace
+
+    return replace(_generator_config_cls()(), pipeline="conditional", representation="internal")
 
 
 def _default_training():
@@ -117,7 +121,8 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     data = dict(data)
     sub = {}
     if "generator" in data:
-        sub["generator"] = from_dict(_generator_config_cls(), data.pop("generator"), "generator")
+        sub["generator"] = from_dict(_generator_config_cls(), merge_dicts(to_dict(_default_generator()),
+                                                                         data.pop("generator")), "generator")
     if "training" in data:  # partial tables override the pipeline's training defaults
         sub["training"] = from_dict(_train_config_cls(), merge_dicts(to_dict(_default_training()), data.pop("training")),
                                     "training")
