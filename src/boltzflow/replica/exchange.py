@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_json
+from ..systems.molecular import prune_unused_cmap_maps  # re-exported by boltzflow.replica
 
 METHODS = ("parallel-tempering", "replica-exchange")
 STORAGE_NAME = "replica.nc"
@@ -118,43 +119,12 @@ def _platform(name: str, threads: int | None):
     return plat, props
 
 
+
 def _quiet_openmmtools() -> None:
     # openmmtools warns "multistate API is experimental" on every reporter; pymbar warns about JAX.
     for name in ("openmmtools.multistate", "openmmtools.multistate.multistatereporter", "pymbar.mbar_solvers",
                  "pymbar.timeseries", "openmmtools.utils", "mpiplus"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def prune_unused_cmap_maps(sysobj) -> int:
-    """Rebuild CMAPTorsionForces of ``sysobj`` (an openmm.System, modified in place) with only the maps
-    their torsions use; energies are unchanged. Returns the number of maps removed.
-
-    CHARMM36 force fields define ~24 CMAP maps; OpenMM evaluates the cost of all of them at every step,
-    which made one 22-atom alanine-dipeptide step ~4x slower than with the one map it uses."""
-    import openmm
-
-    removed = 0
-    for k in reversed(range(sysobj.getNumForces())):  # removals only shift forces already visited
-        f = sysobj.getForce(k)
-        if not isinstance(f, openmm.CMAPTorsionForce):
-            continue
-        used = sorted({f.getTorsionParameters(i)[0] for i in range(f.getNumTorsions())})
-        if len(used) == f.getNumMaps():
-            continue
-        g = openmm.CMAPTorsionForce()
-        remap = {}
-        for m in used:
-            size, energy = f.getMapParameters(m)
-            remap[m] = g.addMap(size, energy)
-        for i in range(f.getNumTorsions()):
-            p = f.getTorsionParameters(i)
-            g.addTorsion(remap[p[0]], *p[1:])
-        g.setForceGroup(f.getForceGroup())
-        g.setUsesPeriodicBoundaryConditions(f.usesPeriodicBoundaryConditions())
-        removed += f.getNumMaps() - len(used)
-        sysobj.removeForce(k)
-        sysobj.addForce(g)
-    return removed
 
 
 def _make_sampler(config: ReplicaExchangeConfig):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, SystemBuildError
-from .molecular import SOLVENTS, MolecularSystem, hydrogen_bookkeeping
+from .molecular import SOLVENTS, MolecularSystem, hydrogen_bookkeeping, prune_unused_cmap_maps
 
 FORCE_FIELD_FILES = ("charmm36_2024.xml",)
 SOLVENT_FILES = {"vacuum": (), "obc2": ("implicit/obc2.xml",)}
@@ -246,6 +246,7 @@ def create_charmm_system(topology, solvent: str, force_field: tuple[str, ...] = 
         if type(system.getForce(i)).__name__ == "CMMotionRemover":
             system.removeForce(i)
     canonical_lj_types(system)
+    prune_unused_cmap_maps(system)  # CHARMM36 defines ~24 maps; OpenMM pays for all of them every step
     return system
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError, SystemBuildError
-from .molecular import MolecularSystem, hydrogen_bookkeeping
+from .molecular import MolecularSystem, hydrogen_bookkeeping, prune_unused_cmap_maps
 from .pdb import canonical_lj_types, check_solvent_temperature, read_pdb
 
 PARAM_SUFFIXES = (".prm", ".par", ".rtf", ".top", ".str", ".inp")
@@ -104,6 +104,7 @@ def from_psf(psf_path: str | Path, param_paths: Sequence[str | Path], coords_pat
         if type(system.getForce(i)).__name__ == "CMMotionRemover":
             system.removeForce(i)
     canonical_lj_types(system)
+    prune_unused_cmap_maps(system)  # CHARMM36 defines ~24 maps; OpenMM pays for all of them every step
     topology = psf.topology
     heavy, hyd, parents = hydrogen_bookkeeping(topology)
     meta = {
