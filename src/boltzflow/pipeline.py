@@ -437,6 +437,20 @@ def reference_population(system, data_cfg: DataConfig | None = None) -> dict[str
             "sampler": ref.provenance.get("sampler", ref.provenance.get("method", "replica exchange"))}
 
 
+#: below this Kish ESS (in samples) reweighted estimates are flagged as unreliable
+MIN_RELIABLE_ESS = 50.0
+
+
+def reliability_warnings(estimates: dict[str, Any]) -> list[str]:
+    """Plain-language warnings about reweighted estimates (currently: too small an ESS)."""
+    ess = estimates.get("ess")
+    if ess is None or not np.isfinite(ess.value) or ess.value >= MIN_RELIABLE_ESS:
+        return []
+    return [f"the effective sample size is {ess.value:.0f} of {ess.n} samples: reweighted numbers rest on a handful "
+            "of samples and their error bars are not trustworthy. Train longer (training.pretrain.steps, "
+            "training.finetune.steps), on a GPU, or compare the energy histograms in the report."]
+
+
 def demo(run_dir: str | Path = "runs/demo", quick: bool = False, device: str = "auto", progress: bool | None = None,
          config: RunConfig | None = None) -> dict[str, Any]:
     """The main job: prepare alanine dipeptide (vacuum, 300 K), pre-train on the shipped reference
@@ -473,6 +487,7 @@ def demo(run_dir: str | Path = "runs/demo", quick: bool = False, device: str = "
         "energy_evals": int(rd.read_summary().get("energy_evals_training", 0)) + len(s),
         "wall_s": wall,
         "report": str(report),
+        "warnings": reliability_warnings(est),
     }
     rd.update_summary(demo=result)
     return result

@@ -36,4 +36,6 @@ def run(args) -> int:
     print(f"  P(phi > 0), replica exchange ref : {r['value']:.4f} +- {r['stderr']:.4f}")
     print(f"  energy evaluations {res['energy_evals']}, wall time {res['wall_s']:.0f} s")
     print(f"  report: {res['report']}")
+    for w in res.get("warnings", []):
+        print(f"  warning: {w}")
     return 0

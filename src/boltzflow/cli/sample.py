@@ -37,4 +37,6 @@ def run(args) -> int:
         print(f"{len(s)} samples -> {args.run_dir}/samples/generated.npz")
         for v in est.values():
             print(f"  {v}")
+        for w in pipeline.reliability_warnings(est):
+            print(f"  warning: {w}")
     return 0
