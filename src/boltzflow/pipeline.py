@@ -275,6 +275,7 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
                       training_steps=trainer.step, training_finished=finished,
                       reference_path=str(ref_path), reference_mode_fractions=ref_modes,
                       energy_evals_training=int(trainer.counters.energy_evals),
+                      training_wall_s=float(trainer.counters.wall_s),
                       skipped_steps=int(trainer.counters.skipped_steps), training=summary)
     return rd.read_summary()
 
@@ -321,7 +322,10 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
         samples = gen.sample(n, energy=energy, batch_size=bs, generator=g)
     wall = time.time() - t0
     prov = dict(samples.provenance)
+    trained = rd.read_summary()
     prov.update(sampler=f"flow:{config.generator.pipeline}", run_dir=str(rd.path), wall_s=wall, energy_evals=n,
+                training_energy_evals=trained.get("energy_evals_training"),
+                training_wall_s=trained.get("training_wall_s"),
                 fingerprint=system.fingerprint(), biased=bool(getattr(gen, "biased", False)))
     samples = SampleSet(samples.positions, samples.reduced_energy, samples.log_q, samples.log_weights,
                         system.temperature, prov)
