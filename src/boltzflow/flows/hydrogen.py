@@ -100,11 +100,7 @@ class HydrogenNet(nn.Module):
     def fit(self, x: torch.Tensor) -> "HydrogenNet":
         """Fit heavy-feature and local-frame standardisations and the torsion offsets on data
         x (n, n_atoms, 3) nm (the untrained net then places hydrogens at the data's mean local geometry)."""
-        x = torch.as_tensor(x, dtype=torch.float64)
-        self.features.fit(x)
-        self.frames.fit(x)
-        _, _, t = self.frames.measure(x)
-        self.torsion_ref.copy_(torsion_circular_mean(t).to(self.torsion_ref))
+        _fit_hydrogen_standardisation(self, x)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,11 +149,7 @@ class ConditionalHydrogenFlow(nn.Module):
 
     def fit(self, x: torch.Tensor) -> "ConditionalHydrogenFlow":
         """Fit the standardisations (heavy features, hydrogen bonds/angles, torsion offsets) on data."""
-        x = torch.as_tensor(x, dtype=torch.float64)
-        self.features.fit(x)
-        self.frames.fit(x)
-        _, _, t = self.frames.measure(x)
-        self.torsion_ref.copy_(torsion_circular_mean(t).to(self.torsion_ref))
+        _fit_hydrogen_standardisation(self, x)
         return self
 
     def _to_y(self, x: torch.Tensor):
@@ -187,3 +179,13 @@ def torsion_circular_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["HeavyFeatures", "HydrogenNet", "ConditionalHydrogenFlow", "hydrogen_frames", "torsion_circular_mean"]
+
+
+def _fit_hydrogen_standardisation(module, x) -> None:
+    """Fit ``module``'s heavy-feature and local-frame standardisations and its torsion offsets on data
+    x (n, n_atoms, 3) nm (shared by HydrogenNet and ConditionalHydrogenFlow)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    module.features.fit(x)
+    module.frames.fit(x)
+    _, _, t = module.frames.measure(x)
+    module.torsion_ref.copy_(torsion_circular_mean(t).to(module.torsion_ref))

@@ -242,12 +242,18 @@ def create_charmm_system(topology, solvent: str, force_field: tuple[str, ...] = 
             f"CHARMM36m cannot parametrise this molecule: {msg[:300]} "
             "(supported: standard amino acids incl. HSD/HSE/HSP, ACE/NME caps, zwitterionic termini, "
             "CHARMM residues such as BUTA; fix unsupported termini or remove unknown residues)") from e
+    finish_system(system)
+    return system
+
+
+def finish_system(system) -> None:
+    """Make a freshly built CHARMM System boltzflow's (in place): no CMMotionRemover, LJ types numbered
+    reproducibly, unused CMAP maps removed (CHARMM36 defines ~24; OpenMM pays for all every step)."""
     for i in reversed(range(system.getNumForces())):
         if type(system.getForce(i)).__name__ == "CMMotionRemover":
             system.removeForce(i)
     canonical_lj_types(system)
-    prune_unused_cmap_maps(system)  # CHARMM36 defines ~24 maps; OpenMM pays for all of them every step
-    return system
+    prune_unused_cmap_maps(system)
 
 
 def canonical_lj_types(system) -> None:

@@ -14,8 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError, SystemBuildError
-from .molecular import MolecularSystem, hydrogen_bookkeeping, prune_unused_cmap_maps
-from .pdb import canonical_lj_types, check_solvent_temperature, read_pdb
+from .molecular import MolecularSystem, hydrogen_bookkeeping
+from .pdb import check_solvent_temperature, finish_system, read_pdb
 
 PARAM_SUFFIXES = (".prm", ".par", ".rtf", ".top", ".str", ".inp")
 
@@ -100,11 +100,7 @@ def from_psf(psf_path: str | Path, param_paths: Sequence[str | Path], coords_pat
     except Exception as e:
         raise SystemBuildError(f"could not build a System from '{p}' with the given parameters: {_one_line(e)}; "
                                "check that the parameter files cover every atom type of the PSF") from e
-    for i in reversed(range(system.getNumForces())):
-        if type(system.getForce(i)).__name__ == "CMMotionRemover":
-            system.removeForce(i)
-    canonical_lj_types(system)
-    prune_unused_cmap_maps(system)  # CHARMM36 defines ~24 maps; OpenMM pays for all of them every step
+    finish_system(system)
     topology = psf.topology
     heavy, hyd, parents = hydrogen_bookkeeping(topology)
     meta = {
