@@ -57,11 +57,30 @@ class EnergyConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """Training data. reference: a SampleSet .npz ("" = the system's shipped reference_300K.npz);
-    max_samples: use at most this many frames (0 = all); holdout: fraction kept out for evaluation."""
+    max_samples: use at most this many frames (0 = all); holdout: fraction kept out for evaluation
+    (its log-likelihood is reported after training).
+
+    md_frames > 0 replaces the training frames by Langevin frames at the system temperature, run with
+    the target energy from every training frame (:mod:`boltzflow.training.augment`): md_frames
+    frames per start, md_burnin steps before the first and md_stride steps between them, timestep
+    md_timestep_fs (fs), friction md_friction (1/ps). Counted in the training cost (energy evaluations,
+    wall time). A few thousand frames are far too few for maximum likelihood (the flow over-fits);
+    see docs/pipelines.md, "Training data"."""
 
     reference: str = ""
     max_samples: int = 0
     holdout: float = 0.1
+    md_frames: int = 0
+    md_burnin: int = 400
+    md_stride: int = 50
+    md_timestep_fs: float = 1.0
+    md_friction: float = 5.0
+
+    def augment_config(self):
+        from .training.augment import LangevinAugmentConfig
+
+        return LangevinAugmentConfig(frames_per_start=self.md_frames, burnin=self.md_burnin, stride=self.md_stride,
+                                     timestep_fs=self.md_timestep_fs, friction_per_ps=self.md_friction)
 
 
 @dataclass(frozen=True)
@@ -250,11 +269,15 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     system.save(rd.system_dir)
     ref, ref_path = load_reference(system, config.data)
     train_idx, test_idx = _split(len(ref), config.data.holdout, config.seed)
-    gen, energy = build(system, config, ref.positions[train_idx])
+    train_x, aug = ref.positions[train_idx], None
+    if config.data.md_frames > 0:
+        train_x, aug = _augmented_data(system, config, rd, train_x, ref.reduced_energy, train_idx)
+    gen, energy = build(system, config, train_x)
     device, dtype = resolve_device(config.device), _dtype(config.dtype)
-    data = torch.as_tensor(ref.positions[train_idx], dtype=dtype, device=device)
+    data = torch.as_tensor(train_x, dtype=dtype, device=device)
     rd.log(f"{'resuming' if resume else 'starting'} training of {system.name} on {device} "
-           f"({len(train_idx)} training frames from {ref_path})")
+           f"({len(train_x)} training frames from {ref_path}"
+           f"{f', Langevin from {len(train_idx)} reference frames' if aug else ''})")
     if config.generator.pipeline == "hnet" and not resume and config.hydrogen.steps > 0:
         from .training.hydrogen import train_hydrogen_net
 
@@ -271,13 +294,82 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     ref_modes = None
     if system.modes is not None:
         ref_modes = system.modes.fractions(ref.positions)
+    fit = _fit_report(gen, data, ref.positions[test_idx], config)
+    rd.log("log-likelihood per frame: training data {train:.2f}, held-out reference frames {holdout:.2f} "
+           "(a large gap means over-fitting)".format(**fit) if fit else "no held-out frames")
+    aug_evals, aug_wall = (int(aug["energy_evals"]), float(aug["wall_s"])) if aug else (0, 0.0)
     rd.update_summary(system=system.name, temperature_k=system.temperature, pipeline=config.generator.pipeline,
                       training_steps=trainer.step, training_finished=finished,
                       reference_path=str(ref_path), reference_mode_fractions=ref_modes,
-                      energy_evals_training=int(trainer.counters.energy_evals),
-                      training_wall_s=float(trainer.counters.wall_s),
+                      energy_evals_training=int(trainer.counters.energy_evals) + aug_evals,
+                      training_wall_s=float(trainer.counters.wall_s) + aug_wall,
+                      data_augmentation=aug, log_likelihood=fit,
                       skipped_steps=int(trainer.counters.skipped_steps), training=summary)
     return rd.read_summary()
+
+
+def _augmented_data(system, config: RunConfig, rd, x_train: np.ndarray, ref_u, train_idx):
+    """Langevin frames from the training frames (``config.data.md_*``), cached in the run directory
+    (``data/augmented.npz``) so a resumed run trains on the same frames. Returns (positions, info)."""
+    import json
+    from dataclasses import replace
+
+    import torch
+
+    from .training.augment import langevin_augment
+
+    path = rd.path / "data" / "augmented.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return f["positions"], json.loads(str(f["info"]))
+    device = resolve_device(config.device)
+    energy = make_energy(system, replace(config.energy, term_grad_max=0.0, energy_max=0.0), device=device)
+    g = torch.Generator(device=device).manual_seed(int(config.seed) + 7919)
+    x0 = torch.as_tensor(np.asarray(x_train), dtype=_dtype(config.dtype), device=device)
+    res = langevin_augment(energy, x0, system.masses, system.kT, config.data.augment_config(), generator=g,
+                           dtype=_dtype(config.dtype))
+    if len(res.positions) == 0:
+        raise InputError("Langevin augmentation dropped every chain (non-finite energies); check the reference data")
+    u_ref = None if ref_u is None else float(np.mean(np.asarray(ref_u)[train_idx]))
+    info = {"starts": int(len(x_train)), "frames": int(len(res.positions)), "energy_evals": int(res.energy_evals),
+            "wall_s": float(res.wall_s), "dropped_chains": int(res.dropped_chains),
+            "mean_u_reference": u_ref, "mean_u_langevin": float(np.mean(res.reduced_energy)),
+            "config": {k: getattr(config.data, k) for k in ("md_frames", "md_burnin", "md_stride", "md_timestep_fs",
+                                                            "md_friction")}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, positions=res.positions, info=json.dumps(info))
+    tmp.replace(path)
+    ref_txt = f"; mean u {u_ref:.2f} kT on the reference frames" if u_ref is not None else ""
+    rd.log(f"Langevin augmentation: {info['frames']} frames from {info['starts']} starts in {res.wall_s:.1f} s "
+           f"({res.energy_evals} energy evaluations, {res.dropped_chains} chains dropped); mean u "
+           f"{info['mean_u_langevin']:.2f} kT{ref_txt}")
+    return res.positions, info
+
+
+def _fit_report(gen, data, holdout, config: RunConfig, n: int = 2000) -> dict[str, float] | None:
+    """Mean log q per frame on (a subsample of) the training data and on the held-out reference frames."""
+    import torch
+
+    if holdout is None or len(holdout) == 0:
+        return None
+    p = next(gen.parameters())
+    bs = max(1, int(config.sampling.batch_size))
+
+    def mean_logq(x):
+        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            x = gen.prepare_data(x)
+            lq = torch.cat([gen.log_prob(x[i:i + bs]) for i in range(0, len(x), bs)]).double()
+        lq = lq[torch.isfinite(lq)]
+        return float(lq.mean()) if len(lq) else float("nan")
+
+    idx = np.linspace(0, len(data) - 1, min(len(data), n)).astype(int)
+    gen.eval()
+    try:
+        return {"train": mean_logq(data[torch.as_tensor(idx)]), "holdout": mean_logq(holdout), "n_holdout": len(holdout)}
+    finally:
+        gen.train()
 
 
 def load_trained(run_dir: str | Path, device: str | None = None):
@@ -409,12 +501,13 @@ def demo_config(quick: bool = False) -> RunConfig:
                  optimizer=replace(tr.optimizer, warmup_steps=50), cap=CapConfig(energy_max=100.0),
                  log_every=50, checkpoint_every=250)
     gen = replace(cfg.generator, blocks=4, hidden=128, h_blocks=2, h_hidden=64)
-    cfg = replace(cfg, training=tr, generator=gen, sampling=SampleConfig(n=20000, batch_size=2000))
+    data = replace(cfg.data, md_frames=10, md_burnin=400, md_stride=50)
+    cfg = replace(cfg, training=tr, generator=gen, data=data, sampling=SampleConfig(n=20000, batch_size=2000))
     if quick:
         tr = replace(tr, pretrain=replace(tr.pretrain, steps=20, batch=64), finetune=replace(tr.finetune, steps=10, batch=64),
                      log_every=5, checkpoint_every=10, eval_batch=128)
         return replace(cfg, training=tr, generator=_quick_generator(gen), sampling=SampleConfig(n=500, batch_size=250),
-                       data=replace(cfg.data, max_samples=2000))
+                       data=replace(data, max_samples=2000, md_frames=2, md_burnin=10, md_stride=5))
     return cfg
 
 

@@ -114,3 +114,39 @@ def test_train_process_killed_with_sigkill_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout[r.stdout.index("{"):])
     assert summary["training_finished"] and summary["training_steps"] == 206
+
+
+@needs_ref
+def test_train_with_langevin_augmentation(tmp_path):
+    """data.md_frames: training frames are Langevin frames from the training reference frames, cached in
+    the run directory, counted in the training cost; the summary reports the held-out log-likelihood."""
+    import numpy as np
+
+    from boltzflow import pipeline
+    from boltzflow.cli import build_parser
+    from boltzflow.cli.train import overrides_from_args
+    from boltzflow.systems.builtin import builtin_system
+
+    run = tmp_path / "aug"
+    extra = ["--set", "data.md_frames=3", "--set", "data.md_burnin=4", "--set", "data.md_stride=2",
+             "--set", "data.max_samples=200"]
+    args = build_parser().parse_args(["train", "alanine-dipeptide", "-o", str(run)] + TINY + extra)
+    cfg = pipeline.load_run_config(None, overrides_from_args(args))
+    assert cfg.data.md_frames == 3 and cfg.data.max_samples == 200
+    s = pipeline.train(builtin_system("alanine-dipeptide"), cfg, run, progress=False, max_steps=5)
+    aug = s["data_augmentation"]
+    n_train = 200 - round(200 * cfg.data.holdout)
+    assert aug["starts"] == n_train and aug["frames"] == 3 * n_train and aug["dropped_chains"] == 0
+    assert aug["energy_evals"] == n_train * (4 + 3 * 2 + 1)
+    assert s["energy_evals_training"] >= aug["energy_evals"] and s["training_wall_s"] >= aug["wall_s"]
+    cached = np.load(run / "data" / "augmented.npz")["positions"]
+    assert cached.shape == (3 * n_train, 22, 3)
+    ll = s["log_likelihood"]
+    assert np.isfinite(ll["train"]) and np.isfinite(ll["holdout"]) and ll["n_holdout"] == 20
+    # the resumed run trains on the cached frames (same numbers) and finishes
+    assert main(["train", "--resume", str(run), "--no-progress", "--json"]) == 0
+    from boltzflow.training.rundir import RunDir
+
+    s2 = RunDir(run).read_summary()
+    assert s2["training_finished"] and s2["data_augmentation"] == aug
+    np.testing.assert_array_equal(np.load(run / "data" / "augmented.npz")["positions"], cached)
