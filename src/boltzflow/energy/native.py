@@ -593,7 +593,7 @@ class NativeEnergy(torch.nn.Module):
     """
 
     def __init__(self, system, cap: EnergyCap | None = None, dtype: torch.dtype = torch.float64, device=None,
-                 compile: bool = False):
+                 compile: bool = False, analytic: bool = True):
         super().__init__()
         from ..errors import UnsupportedForceError
 
@@ -608,6 +608,7 @@ class NativeEnergy(torch.nn.Module):
         self.temperature = float(system.temperature)
         self.cap = cap if cap is not None else EnergyCap()
         self.compile = bool(compile)
+        self.analytic = bool(analytic)
         self._compiled = None
         # a HarmonicBondForce pair joining the two ends of an angle is Urey-Bradley (as in energy.terms)
         ends = {(min(a[0], a[2]), max(a[0], a[2])) for a in comp.angles}
@@ -680,6 +681,93 @@ class NativeEnergy(torch.nn.Module):
             buf("gb_sr", g["sr"])
             self._gb_const = {k: g[k] for k in ("offset", "pref", "eps_in", "eps_out", "kappa", "sa_coef", "sa_offset", "probe")}
             self._terms.append("gb")
+        self._build_fast_path(buf)
+
+    def _build_fast_path(self, buf) -> None:
+        """Index buffers of the analytic fast path: bonds + Urey-Bradley as one list, and the union of
+        torsion, improper and CMAP atom quadruples (each dihedral computed once) with per-term maps."""
+        hd = [n for n in ("bond", "urey_bradley") if n in self._terms]
+        if hd:
+            buf("hd_idx", torch.cat([getattr(self, f"{n}_idx") for n in hd], 1).cpu().numpy(), "i")
+            buf("hd_k", torch.cat([getattr(self, f"{n}_k") for n in hd]).cpu().numpy())
+            buf("hd_r0", torch.cat([getattr(self, f"{n}_r0") for n in hd]).cpu().numpy())
+        quads: dict[tuple, int] = {}
+
+        def qmap(idx: torch.Tensor) -> np.ndarray:
+            return np.array([quads.setdefault(tuple(col), len(quads)) for col in idx.cpu().numpy().T.tolist()], dtype=np.int64)
+
+        maps = {}
+        if "torsion" in self._terms:
+            maps["torsion_map"] = qmap(self.torsion_idx)
+        if "improper" in self._terms:
+            maps["improper_map"] = qmap(self.improper_idx)
+        if "cmap" in self._terms:
+            both = qmap(self.cmap_idx)
+            n = self.cmap_size.shape[0]
+            maps["cmap_phi_map"], maps["cmap_psi_map"] = both[:n], both[n:]
+        for name, arr in maps.items():
+            buf(name, arr, "i")
+        if quads:
+            buf("dq_idx", np.array(list(quads), dtype=np.int64).T.copy(), "i")
+        self._fast_cache: dict = {}
+        self._fast_kernel = None
+        #: configurations per kernel call on the analytic path (larger batches are split)
+        self.chunk_size = 1024
+
+    #: buffers the analytic kernels take as (n, 1) columns, and as-is (indices, CMAP table)
+    _FAST_COLS = ("hd_k", "hd_r0", "pair_A", "pair_B", "pair_C", "angle_k", "angle_t0", "torsion_n", "torsion_phase",
+                  "torsion_k", "improper_k", "improper_t0", "improper_2pi", "cmap_delta")
+    _FAST_RAW = ("hd_idx", "pair_idx", "angle_idx", "dq_idx", "torsion_map", "improper_map", "cmap_phi_map",
+                 "cmap_psi_map", "cmap_coeff")
+
+    def _fast_params(self, ref: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The kernels' parameters in ref's dtype and on its device (cached per dtype/device)."""
+        key = (ref.dtype, ref.device)
+        prm = self._fast_cache.get(key)
+        if prm is None:
+            prm = {}
+            for name in self._FAST_COLS + self._FAST_RAW:
+                if hasattr(self, name):
+                    t = getattr(self, name).to(ref.device)
+                    if t.is_floating_point():
+                        t = t.to(ref.dtype)
+                    prm[name] = t.unsqueeze(-1) if name in self._FAST_COLS else t
+            if "cmap_coeff" in prm:
+                prm["cmap_base"] = self.cmap_base.to(ref.device).unsqueeze(-1)
+                prm["cmap_size"] = self.cmap_size.to(ref.device).unsqueeze(-1)
+            self._fast_cache[key] = prm
+        return prm
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device/dtype) invalidates the kernels' parameter cache
+        self._fast_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def _fast_u(self, x: torch.Tensor, need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Analytic reduced energy of every term but GB for x: (batch, n_atoms, 3) nm -> (u (batch,) kT,
+        +inf where invalid; valid (batch,); du/dx (batch, n_atoms, 3) kT/nm, zero rows where invalid, or None)."""
+        from . import native_kernels
+
+        fn = native_kernels.reduced_energy_and_gradient
+        if self.compile:
+            if self._fast_kernel is None:
+                self._fast_kernel = torch.compile(fn, dynamic=True)
+            fn = self._fast_kernel
+        prm = self._fast_params(x)
+        outs = []
+        # chunks keep the (3, n_terms, chunk) temporaries in cache; the component-major (3, n_atoms, chunk)
+        # copy makes every row batch-contiguous, so every loop is vectorised
+        for xc in x.detach().split(self.chunk_size):
+            u, valid, g = fn(xc.permute(2, 1, 0).contiguous(), prm, self.beta, need_grad)
+            outs.append((u, valid, g.permute(2, 1, 0) if g is not None else None))
+        if len(outs) == 1:
+            return outs[0]
+        us, vs, gs = zip(*outs)
+        return torch.cat(us), torch.cat(vs), (torch.cat(gs) if need_grad else None)
+
+    def _total_kj_autograd(self, x: torch.Tensor, gb: bool = True) -> torch.Tensor:
+        c = x.permute(2, 1, 0).contiguous().unbind(0)
+        out = self._terms_kj_fused(c, gb=gb)
+        return torch.stack(list(out.values()), 0).sum(0) if out else x.new_zeros(x.shape[0])
 
     # ---- helpers ----------------------------------------------------------------------
     def _p(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -809,7 +897,7 @@ class NativeEnergy(torch.nn.Module):
             out[name] = x.new_zeros(x.shape[0])
         return out
 
-    def _terms_kj_fused(self, c: Vec) -> dict[str, torch.Tensor]:
+    def _terms_kj_fused(self, c: Vec, gb: bool = True) -> dict[str, torch.Tensor]:
         """All terms with one distance gather (bonds, UB, pairs) and one dihedral pass (torsions, impropers, CMAP)."""
         out: dict[str, torch.Tensor] = {}
         dist_names = [nm for nm in ("bond", "urey_bradley") if nm in self._terms] + (["pair"] if hasattr(self, "pair_idx") else [])
@@ -833,7 +921,7 @@ class NativeEnergy(torch.nn.Module):
             phis = _dihedral(c, torch.cat(idx, 1)).split([t.shape[1] for t in idx], 0)
             for (nm, _), phi in zip(dih, phis):
                 out[nm] = {"torsion": self._torsion_e, "improper": self._improper_e, "cmap": self._cmap_e}[nm](c, phi)
-        if "gb" in self._terms:
+        if gb and "gb" in self._terms:
             out["gb"] = self._gb_e(c)
         for name in self._zero_terms:
             out[name] = c[0].new_zeros(c[0].shape[1])
@@ -852,9 +940,16 @@ class NativeEnergy(torch.nn.Module):
     def evaluate(self, x: torch.Tensor) -> EnergyResult:
         """EnergyResult(u: (batch,) kT, valid: (batch,) bool); invalid rows get u=+inf and zero gradient."""
         x = check_positions(x, self.n_atoms)
+        fast = self.analytic and self.cap.term_grad_max is None
+        if fast and "gb" not in self._terms:  # everything in one (optionally compiled) region
+            u, valid = _AnalyticEnergy.apply(x, self)
+            return EnergyResult(log_linear_cap(u, self.cap.energy_max), valid)
         mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         xm = _MaskGrad.apply(x, mask)
-        if self.compile and self.cap.term_grad_max is None:
+        if fast:  # GB (dense Born-radius chain rule) stays on autograd
+            u, _ = _AnalyticEnergy.apply(xm, self)
+            u = u + self._gb_e(xm.permute(2, 1, 0).contiguous().unbind(0)) * self.beta
+        elif self.compile and self.cap.term_grad_max is None:
             if self._compiled is None:
                 self._compiled = torch.compile(self._total_kj, dynamic=True)
             u = self._compiled(xm) * self.beta
@@ -873,6 +968,33 @@ class NativeEnergy(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_atoms={self.n_atoms}, T={self.temperature} K, terms={self._terms}"
+
+
+class _AnalyticEnergy(torch.autograd.Function):
+    """(u (batch,) kT, valid (batch,)) of every term but GB with hand-derived forces (``native_kernels``).
+
+    Invalid rows (non-finite input or energy) get u = +inf and a zero gradient. First-order backward
+    uses the forces computed in forward; a backward with ``create_graph=True`` (double backward)
+    re-evaluates the same terms on the autograd path, so higher derivatives work."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        u, valid, g = module._fast_u(x, need_grad=ctx.needs_input_grad[0])
+        ctx.mark_non_differentiable(valid)
+        ctx.save_for_backward(x, g, valid)
+        ctx.module = module
+        return u, valid
+
+    @staticmethod
+    def backward(ctx, gu, _gvalid):
+        x, g, valid = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                u = ctx.module._total_kj_autograd(x, gb=False) * ctx.module.beta
+                u = torch.where(valid, u, torch.zeros_like(u))
+            (gx,) = torch.autograd.grad(u, x, gu, create_graph=True)
+            return gx, None
+        return gu.view(-1, 1, 1) * g, None
 
 
 class _MaskGrad(torch.autograd.Function):
