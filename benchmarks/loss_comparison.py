@@ -8,13 +8,21 @@ flow's samples (mode systems), Kish ESS, log Z (where exact) with its error, ene
 and wall time, next to the exact values and the papers' claims.
 
     python benchmarks/loss_comparison.py --system double-well-12d --json
-    python benchmarks/loss_comparison.py --system many-well-16d --json       # ~20 min on 2 cores
+    python benchmarks/loss_comparison.py --system double-well-12d-fab --json   # Midgley's well: 15.6 % minor mode
+    python benchmarks/loss_comparison.py --system many-well-16d --json
+    python benchmarks/loss_comparison.py --system butane --json
+    python benchmarks/loss_comparison.py --system many-well-16d --set flow=spline --set fab_steps=1500
     python benchmarks/loss_comparison.py --system double-well-12d --full     # paper sizes (hours)
 
-Default sizes are reduced to finish in <= 5 min (double well) / <= 20 min (many well) on 2 CPU
-cores; ``--full`` uses felardos2023's (8x4 coupling blocks, hidden 64, 1000 pre-training and
-10000 fine-tuning iterations). FAB costs ~15 energy+flow evaluations per sample per step, so by
-default it gets a quarter of the steps of the other losses (see ``settings`` in the output).
+Default sizes are reduced to finish in <= 20 min on 2 CPU cores (measured times in docs/losses.md);
+``--full`` uses the papers' sizes (felardos2023: 8x4 coupling blocks of width 64 for the double well,
+24x4 of width 256 for molecules, 1000 pre-training and 10000 fine-tuning iterations; midgley2021's
+code for the Many Well: batch 1000, lr 1e-4, 1e5 iterations). ``--set KEY=VALUE`` overrides any
+entry of ``settings`` (see :func:`sizes`). FAB costs ~13 flow + energy gradient evaluations per sample
+per step, so by default it gets fewer steps than the other losses. Molecules use the shipped
+replica-exchange reference ``systems/<name>/reference_300K.npz`` for pre-training and for the exact
+mode fractions (butane: plus mirror images); an OpenMM Langevin stand-in is generated only when it
+is missing.
 """
 
 from __future__ import annotations
@@ -29,13 +37,15 @@ import sys
 import time
 from typing import Any
 
-TOY_SYSTEMS = ("double-well-12d", "many-well-16d", "many-well-32d")
+TOY_SYSTEMS = ("double-well-12d", "double-well-12d-fab", "many-well-16d", "many-well-32d")
 MOLECULES = ("butane", "alanine-dipeptide")
 LOSS_NAMES = ("klx", "klz_df", "l2plus", "fab")
 
 PAPER = {
     "double-well-12d": "felardos2023 fig.1: after partial pre-training KLx collapses to the major mode "
                        "(minor fraction -> 0); KLz-df and L2+ keep the true ratio.",
+    "double-well-12d-fab": "felardos2023 fig.1 (with Midgley et al.'s x^4 - 6x^2 - 0.5x well, 15.6% minor mode): "
+                           "KLx collapses to the major mode; KLz-df and L2+ keep the true ratio.",
     "many-well-16d": "midgley2021 table 2: FAB ESS 79.6% (85.2% with AIS), test log q -14.5; "
                      "flow trained by reverse KL ESS 0.01%.",
     "many-well-32d": "no published number (midgley2021 reports 16D only).",
@@ -46,20 +56,38 @@ PAPER = {
 
 
 def sizes(system: str, full: bool) -> dict[str, Any]:
-    """Architecture and schedule for ``system``."""
-    if full:
-        return dict(blocks=8, hidden=64, pretrain_steps=1000, steps=10000, fab_steps=10000, batch=256,
-                    lr=1e-4, pretrain_lr=1e-3, eval_n=100000, data_n=100000, ref_frames=50000,
-                    ref_interval=250, ref_temperature=500.0)
+    """Architecture and schedule for ``system`` (every key can be overridden with ``--set KEY=VALUE``).
+
+    Common keys: blocks x 4 RealNVP / spline couplings of width ``hidden``; ``pretrain_steps`` KLz steps
+    at ``pretrain_lr`` (constant) with batch ``batch``; ``steps`` fine-tuning steps per data-free loss at
+    ``lr`` (cosine to 0.1 lr, warm-up), ``fab_steps`` / ``fab_batch`` / ``fab_lr`` for FAB (AIS with
+    ``ais_intermediate`` densities of ``ais_leapfrog`` leapfrog steps, initial step ``ais_step``);
+    ``grad_clip`` on the gradient norm; ``energy_cap`` (kT, log-linear, fine-tuning only; 0 = none)."""
+    common = dict(grad_clip=10.0, ais_intermediate=2, ais_leapfrog=5, ais_step=0.05, energy_cap=0.0)
     if system in MOLECULES:
-        return dict(blocks=4, hidden=128, pretrain_steps=300, steps=800, fab_steps=100, batch=128, lr=1e-4,
-                    pretrain_lr=1e-3, eval_n=5000, ais_step=1e-3, ref_frames=2000, ref_interval=100,
+        if full:  # felardos2023: 24x4 coupling blocks of width 256, 1000 KLz + 10000 fine-tuning iterations
+            return dict(common, blocks=24, hidden=256, pretrain_steps=1000, steps=10000, fab_steps=10000,
+                        batch=256, fab_batch=256, lr=1e-4, fab_lr=1e-4, pretrain_lr=1e-3, eval_n=100000,
+                        ais_step=1e-3, energy_cap=100.0, ref_frames=50000, ref_interval=250,
+                        ref_temperature=350.0 if system == "butane" else 500.0)
+        # native energy, one thread, batch 128: KLz ~0.1 s, KLx/KLz-df/L2+ ~0.15 s and FAB ~1.5 s per step;
+        # energies log-linearly capped above 100 kT during fine-tuning
+        return dict(common, blocks=4, hidden=128, pretrain_steps=1000, steps=1000, fab_steps=120, batch=128,
+                    fab_batch=128, lr=1e-4, fab_lr=1e-4, pretrain_lr=1e-3, eval_n=5000, ais_step=1e-3,
+                    energy_cap=100.0, ref_frames=2000, ref_interval=100,
                     ref_temperature=350.0 if system == "butane" else 500.0)
-    if system == "double-well-12d":
-        return dict(blocks=4, hidden=64, pretrain_steps=300, steps=1000, fab_steps=250, batch=256,
-                    lr=5e-4, pretrain_lr=3e-3, eval_n=20000, data_n=20000)
-    return dict(blocks=4, hidden=64, pretrain_steps=500, steps=3000, fab_steps=750, batch=256,
-                lr=5e-4, pretrain_lr=3e-3, eval_n=20000, data_n=20000)
+    toy = dict(common, flow="realnvp", eval_n=20000, data_n=20000)
+    if system.startswith("double-well-12d"):
+        if full:  # felardos2023 fig. 1: 8x4 blocks of width 64, 1000 KLz + 10000 fine-tuning iterations
+            return dict(toy, blocks=8, hidden=64, pretrain_steps=1000, steps=10000, fab_steps=10000, batch=256,
+                        fab_batch=256, lr=1e-4, fab_lr=1e-4, pretrain_lr=1e-3, eval_n=100000, data_n=100000)
+        return dict(toy, blocks=4, hidden=64, pretrain_steps=300, steps=1000, fab_steps=250, batch=256,
+                    fab_batch=256, lr=5e-4, fab_lr=5e-4, pretrain_lr=3e-3)
+    if full:  # midgley2021's code (FAB-2021): batch 1000, lr 1e-4, 1e5 iterations (no KLz pre-training there)
+        return dict(toy, blocks=8, hidden=64, pretrain_steps=1000, steps=100000, fab_steps=100000, batch=1000,
+                    fab_batch=1000, lr=1e-4, fab_lr=1e-4, pretrain_lr=1e-3, eval_n=100000, data_n=100000)
+    return dict(toy, blocks=4, hidden=64, pretrain_steps=500, steps=3000, fab_steps=750, batch=256,
+                fab_batch=256, lr=5e-4, fab_lr=5e-4, pretrain_lr=3e-3)
 
 
 def evaluate(gen, energy, modes, n: int, seed: int, chunk: int = 4096) -> dict[str, float]:
@@ -100,7 +128,7 @@ def toy_problem(system: str, sz: dict[str, Any], seed: int):
     target = toy_target(system)
     data = target.sample(sz["data_n"], torch.Generator().manual_seed(seed + 1))
     torch.manual_seed(seed)  # conditioner initialisation only
-    gen = make_flow(target.dim, "realnvp", blocks=sz["blocks"], hidden=sz["hidden"], seed=seed)
+    gen = make_flow(target.dim, sz.get("flow", "realnvp"), blocks=sz["blocks"], hidden=sz["hidden"], seed=seed)
     exact = {"minor_fraction": target.exact_minor_fraction, "log_z": target.log_z}
     return gen, target.energy, data, target.modes, exact
 
@@ -203,15 +231,27 @@ def molecular_problem(system_name: str, sz: dict[str, Any], seed: int, cache_dir
     return gen, energy_fn, data, system.modes, exact
 
 
+def parse_overrides(items: list[str], sz: dict[str, Any]) -> dict[str, Any]:
+    """``["steps=200", "lr=1e-3"]`` -> typed overrides of the ``sizes`` keys (unknown keys are errors)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or key not in sz:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(sz))}")
+        old = sz[key]
+        out[key] = type(old)(float(val)) if isinstance(old, int) and not isinstance(old, bool) else type(old)(val)
+    return out
+
+
 def run(system: str, full: bool = False, seed: int = 0, losses=LOSS_NAMES, progress: bool = False,
-        cache_dir: str | None = None) -> dict[str, Any]:
+        cache_dir: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
     from boltzflow.sampling.ais import AISConfig
-    from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
+    from boltzflow.training.trainer import CapConfig, OptimConfig, StageConfig, TrainConfig, Trainer
 
     torch.set_num_threads(1)
-    sz = sizes(system, full)
+    sz = {**sizes(system, full), **(overrides or {})}
     if system in TOY_SYSTEMS:
         gen, energy, data, modes, exact = toy_problem(system, sz, seed)
     elif system in MOLECULES:
@@ -232,12 +272,16 @@ def run(system: str, full: bool = False, seed: int = 0, losses=LOSS_NAMES, progr
 
     results: dict[str, Any] = {}
     for name in losses:
-        steps = sz["fab_steps"] if name == "fab" else sz["steps"]
-        cfg = TrainConfig(finetune=StageConfig(name, steps, sz["batch"]),
-                          optimizer=OptimConfig(lr=sz["lr"], schedule="cosine", warmup_steps=min(50, steps // 10),
-                                                min_lr_factor=0.1),
-                          grad_clip=10.0, seed=seed + 100, log_every=max(steps // 10, 1), progress=progress,
-                          eval_batch=0, ais=AISConfig(step_size=sz.get("ais_step", 0.05)))
+        is_fab = name == "fab"
+        steps = sz["fab_steps"] if is_fab else sz["steps"]
+        cfg = TrainConfig(finetune=StageConfig(name, steps, sz["fab_batch"] if is_fab else sz["batch"]),
+                          optimizer=OptimConfig(lr=sz["fab_lr"] if is_fab else sz["lr"], schedule="cosine",
+                                                warmup_steps=min(50, steps // 10), min_lr_factor=0.1),
+                          grad_clip=sz["grad_clip"] or None, seed=seed + 100, log_every=max(steps // 10, 1),
+                          progress=progress, eval_batch=0,
+                          ais=AISConfig(n_intermediate=sz["ais_intermediate"], n_leapfrog=sz["ais_leapfrog"],
+                                        step_size=sz["ais_step"]),
+                          cap=CapConfig(energy_max=sz["energy_cap"] or None))
         g = copy.deepcopy(gen)
         t1 = time.perf_counter()
         trainer = Trainer(g, energy, cfg, modes=modes)
@@ -277,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--cache-dir", default=None, help="where generated molecular reference data is kept "
                    "(default ~/.cache/boltzflow)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one size/hyperparameter of the chosen system (see 'settings' in the output)")
     args = p.parse_args(argv)
     from boltzflow.errors import InputError
 
@@ -286,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loss_comparison: error: unknown loss(es) {bad}; choose from {', '.join(LOSS_NAMES)}", file=sys.stderr)
         return 2
     try:
-        out = run(args.system, args.full, args.seed, losses, args.progress, args.cache_dir)
+        overrides = parse_overrides(args.set, sizes(args.system, args.full))
+    except ValueError as e:
+        print(f"loss_comparison: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        out = run(args.system, args.full, args.seed, losses, args.progress, args.cache_dir, overrides)
     except InputError as e:
         print(f"loss_comparison: error: {e}", file=sys.stderr)
         return 2

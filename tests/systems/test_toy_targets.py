@@ -21,7 +21,7 @@ from boltzflow.systems.toy import (
     toy_target,
 )
 
-SAMPLED = ["double-well-12d", "many-well-16d", "many-well-32d", "gmm-2d", "gaussian-2d"]
+SAMPLED = ["double-well-12d", "double-well-12d-fab", "many-well-16d", "many-well-32d", "gmm-2d", "gaussian-2d"]
 
 
 def _grad_u(target, x):
@@ -72,6 +72,22 @@ def test_double_well_marginal_histogram_and_minor_fraction():
     assert 0.005 < exact < 0.012  # documented ~0.83% for a=1, b=6, c=1
     # Gaussian dims have std 10
     assert torch.allclose(x[:, 1:].std(0), torch.full((11,), 10.0, dtype=torch.float64), rtol=0.02)
+
+
+def test_double_well_fab_variant_is_the_many_well_pair():
+    """``well="fab"`` is Midgley et al.'s x^4 - 6x^2 - 0.5x: same 1D marginal as a Many Well pair."""
+    t = toy_target("double-well-12d-fab")
+    assert t.name == "double-well-12d-fab" and t.modes.minor == "negative"
+    mw = ManyWell(2)
+    assert abs(t.exact_minor_fraction - mw.exact_minor_fraction) < 1e-9
+    assert 0.15 < t.exact_minor_fraction < 0.16
+    # log Z: same 1D factor; 11 Gaussians of std 10 instead of one of std 1
+    expected = mw.log_z - 0.5 * math.log(2 * math.pi) + 11 * (math.log(10.0) + 0.5 * math.log(2 * math.pi))
+    assert abs(t.log_z - expected) < 1e-6
+    x = torch.tensor([[1.3, 2.0] + [0.0] * 10], dtype=torch.float64)
+    assert float(t.energy(x)) == pytest.approx(1.3**4 - 6 * 1.3**2 - 0.5 * 1.3 + 0.5 * (2.0 / 10.0) ** 2)
+    with pytest.raises(InputError):
+        DoubleWell12D(well="nope")
 
 
 def test_many_well_log_z_matches_literature_and_quadrature():

@@ -92,22 +92,36 @@ class ToyTarget:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
 
 
+#: 1D double wells ``a x^4 / 4 - b x^2 / 2 + c x`` named by the paper they come from (felardos2023 cites
+#: both for its Double Well 12D): Noe et al. 2019 (minor mode x0 > 0, 0.83 %) and Midgley et al. 2021's
+#: ``x^4 - 6 x^2 - 0.5 x`` (the Many Well pair; minor mode x0 < 0, 15.6 %).
+DOUBLE_WELLS = {"noe": (1.0, 6.0, 1.0), "fab": (4.0, 12.0, -0.5)}
+
+
 class DoubleWell12D(ToyTarget):
     """felardos2023's Double Well 12D: dim 0 bimodal, dims 1..11 Gaussian with std ``std`` (10).
 
     The paper does not print the 1D potential; it says "similar to previous works" (Noe et al. 2019,
-    Midgley et al. 2021). We use Noe et al.'s double well
+    Midgley et al. 2021). By default we use Noe et al.'s double well
     ``u(x0) = a x0^4 / 4 - b x0^2 / 2 + c x0`` with a = 1, b = 6, c = 1 (wells near -2.5 and +2.4,
     barrier ~9 kT), so ``u(x) = u(x0) + sum_{i>=1} x_i^2 / (2 std^2)``. The tilt ``c > 0`` makes
     ``x0 > 0`` the minor mode (exact fraction 0.83% for these parameters, see ``exact_minor_fraction``).
+    ``well="fab"`` (or ``toy_target("double-well-12d-fab")``) uses Midgley et al.'s well instead
+    (a = 4, b = 12, c = -0.5: wells near -1.7 and +1.8, minor mode x0 < 0 with 15.6 %).
     """
 
-    def __init__(self, dim: int = 12, a: float = 1.0, b: float = 6.0, c: float = 1.0, std: float = 10.0):
+    def __init__(self, dim: int = 12, a: float = 1.0, b: float = 6.0, c: float = 1.0, std: float = 10.0,
+                 well: str | None = None):
+        if well is not None:
+            if well not in DOUBLE_WELLS:
+                raise InputError(f"unknown double well {well!r}; choose one of {', '.join(DOUBLE_WELLS)}")
+            a, b, c = DOUBLE_WELLS[well]
         if int(dim) < 1:
             raise InputError(f"DoubleWell12D needs dim >= 1, got {dim}")
         if a <= 0 or std <= 0:
             raise InputError("DoubleWell12D needs a > 0 and std > 0")
-        self.name = "double-well-12d" if int(dim) == 12 else f"double-well-{int(dim)}d"
+        self.name = ("double-well-12d" if int(dim) == 12 else f"double-well-{int(dim)}d") + (
+            f"-{well}" if well not in (None, "noe") else "")
         self.dim, self.a, self.b, self.c, self.std = int(dim), float(a), float(b), float(c), float(std)
         self._q = Quadrature1D(self.u1_numpy, -12.0, 12.0)
         n_gauss = self.dim - 1
@@ -329,13 +343,15 @@ class LJ13(ToyTarget):
         return lj + 0.5 * self.oscillator * com.pow(2).sum((-1, -2))
 
 
-TOY_NAMES = ("double-well-12d", "many-well-16d", "many-well-32d", "gmm-2d", "dw4", "lj13", "gaussian-2d")
+TOY_NAMES = ("double-well-12d", "double-well-12d-fab", "many-well-16d", "many-well-32d", "gmm-2d", "dw4", "lj13", "gaussian-2d")
 
 
 def toy_target(name: str) -> ToyTarget:
     """A toy target by name: one of :data:`TOY_NAMES`."""
     if name == "double-well-12d":
         return DoubleWell12D()
+    if name == "double-well-12d-fab":
+        return DoubleWell12D(well="fab")
     if name == "many-well-16d":
         return ManyWell(16)
     if name == "many-well-32d":
