@@ -3,7 +3,15 @@
 ``NativeEnergy(system)`` compiles a MolecularSystem's OpenMM System once into index and
 parameter tensors (registered buffers, so ``.to(device)`` works) and evaluates
 ``x: (batch, n_atoms, 3)`` nm -> ``u: (batch,)`` kT in vectorised tensor ops, in x's dtype
-(float32 or float64) and on x's device. Forces come from autograd; double backward works.
+(float32 or float64) and on x's device.
+
+Two evaluation paths compute the same formulas. The default *analytic* path
+(:mod:`boltzflow.energy.native_kernels`) computes energy and hand-derived forces together in one
+pass over batch chunks of ``chunk_size`` configurations, in a component-major ``(3, n_atoms,
+batch)`` layout, optionally fused by ``torch.compile`` (``compile=True``, the fast path: one
+compiled region per call); GB stays on autograd. The *autograd* path (``analytic=False``, and
+whenever per-term gradient caps are set) differentiates the energy with autograd. Double backward
+works on both (the analytic path re-evaluates through autograd when ``create_graph=True``).
 
 Supported forces (everything CHARMM36m produces in vacuum / OBC2 through the ForceField
 route ``charmm36_2024.xml [+ implicit/obc2.xml]`` and through ``CharmmPsfFile``), all NoCutoff,
@@ -585,8 +593,10 @@ class NativeEnergy(torch.nn.Module):
     cap: optional :class:`EnergyCap` (per-term gradient cap, log-linear total-energy cap).
     dtype: storage dtype of the parameter buffers (computation always follows x's dtype).
     device: where the buffers live initially (``.to(device)`` moves them later).
-    compile: evaluate the total energy through ``torch.compile`` (about 3x faster on CPU after a
-        compilation of about a minute per dtype; no double backward, per-term caps run eagerly).
+    compile: fuse the analytic kernels (or, with ``analytic=False``, the autograd energy) with
+        ``torch.compile``: about 3x faster on CPU after a compilation of about a minute per dtype
+        (needs a C++ compiler); per-term gradient caps run eagerly.
+    analytic: hand-derived forces (default; ~2x faster eager than autograd); False: autograd path.
 
     ``forward(x) -> (batch,) kT``; ``evaluate(x) -> EnergyResult(u, valid)``;
     ``terms(x) -> {name: (batch,) kT}`` (uncapped values; sum == u before the log-linear cap).
