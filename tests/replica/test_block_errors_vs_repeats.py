@@ -25,8 +25,11 @@ def test_block_errors_match_independent_repeats(tmp_path):
         values = np.array([e.value for e in ests])
         spread = np.std(values, ddof=1)
         mean_err = np.mean([e.stderr for e in ests])
-        # 6 repeats pin the spread down to ~+-30%; demand agreement within a factor 2.5
-        assert 0.4 < mean_err / spread < 2.5, (mean_err, spread, values)
+        # The sample std of 6 repeats is sigma * sqrt(chi2_5 / 5): within [0.21, 2.02] sigma with 99.8%
+        # probability, so even exact error bars give a ratio in [0.49, 4.8]; openmmtools is unseeded, so
+        # the bound must hold for every run: demand [0.3, 5] (a 10-block error biased low by 40% still passes,
+        # error bars off by a factor 3 or more do not).
+        assert 0.3 < mean_err / spread < 5.0, (mean_err, spread, values)
         assert abs(values.mean() - exact) < 4 * spread / np.sqrt(len(values)) + 0.005
     naive = np.mean([e.extra["stderr_mbar"] for e in mbar])
     block = np.mean([e.extra["stderr_block"] for e in mbar])
