@@ -701,34 +701,49 @@ class NativeEnergy(torch.nn.Module):
             buf("hd_idx", torch.cat([getattr(self, f"{n}_idx") for n in hd], 1).cpu().numpy(), "i")
             buf("hd_k", torch.cat([getattr(self, f"{n}_k") for n in hd]).cpu().numpy())
             buf("hd_r0", torch.cat([getattr(self, f"{n}_r0") for n in hd]).cpu().numpy())
-        quads: dict[tuple, int] = {}
+        # dihedral quadruples: torsion-only ones first, then those whose angle itself is needed
+        # (impropers, CMAP; the kernel takes atan2 only of these rows)
+        def cols(name: str) -> list[tuple]:
+            return [tuple(c) for c in getattr(self, name).cpu().numpy().T.tolist()] if hasattr(self, name) else []
 
-        def qmap(idx: torch.Tensor) -> np.ndarray:
-            return np.array([quads.setdefault(tuple(col), len(quads)) for col in idx.cpu().numpy().T.tolist()], dtype=np.int64)
-
-        maps = {}
-        if "torsion" in self._terms:
-            maps["torsion_map"] = qmap(self.torsion_idx)
-        if "improper" in self._terms:
-            maps["improper_map"] = qmap(self.improper_idx)
-        if "cmap" in self._terms:
-            both = qmap(self.cmap_idx)
-            n = self.cmap_size.shape[0]
-            maps["cmap_phi_map"], maps["cmap_psi_map"] = both[:n], both[n:]
-        for name, arr in maps.items():
-            buf(name, arr, "i")
+        angle_q = list(dict.fromkeys(cols("improper_idx") + cols("cmap_idx")))
+        tors_q = [q for q in dict.fromkeys(cols("torsion_idx")) if q not in set(angle_q)]
+        quads = {q: i for i, q in enumerate(tors_q + angle_q)}
         if quads:
             buf("dq_idx", np.array(list(quads), dtype=np.int64).T.copy(), "i")
+        if "torsion" in self._terms:
+            n = self.torsion_n.cpu().numpy()
+            if not np.allclose(n, np.round(n)) or n.min() < 1:
+                raise ValueError(f"torsion periodicities must be positive integers, got {sorted(set(n.tolist()))}")
+            n = np.round(n).astype(int)
+            k, ph = self.torsion_k.cpu().double().numpy(), self.torsion_phase.cpu().double().numpy()
+            kc, ks = np.zeros((n.max(), len(quads))), np.zeros((n.max(), len(quads)))
+            for q, ni, ki, pi in zip(cols("torsion_idx"), n, k, ph):
+                kc[ni - 1, quads[q]] += ki * np.cos(pi)
+                ks[ni - 1, quads[q]] += ki * np.sin(pi)
+            buf("torsion_kc", kc)
+            buf("torsion_ks", ks)
+            buf("torsion_const", np.array([k.sum()]))
+        if angle_q:
+            a0 = len(tors_q)
+            buf("angle_quads", np.arange(len(angle_q)), "i")
+            if "improper" in self._terms:
+                buf("improper_map", np.array([quads[q] - a0 for q in cols("improper_idx")], dtype=np.int64), "i")
+            if "cmap" in self._terms:
+                both = np.array([quads[q] - a0 for q in cols("cmap_idx")], dtype=np.int64)
+                n = self.cmap_size.shape[0]
+                buf("cmap_phi_map", both[:n], "i")
+                buf("cmap_psi_map", both[n:], "i")
         self._fast_cache: dict = {}
         self._fast_kernel = None
         #: configurations per kernel call on the analytic path (larger batches are split)
         self.chunk_size = 1024
 
     #: buffers the analytic kernels take as (n, 1) columns, and as-is (indices, CMAP table)
-    _FAST_COLS = ("hd_k", "hd_r0", "pair_A", "pair_B", "pair_C", "angle_k", "angle_t0", "torsion_n", "torsion_phase",
-                  "torsion_k", "improper_k", "improper_t0", "improper_2pi", "cmap_delta")
-    _FAST_RAW = ("hd_idx", "pair_idx", "angle_idx", "dq_idx", "torsion_map", "improper_map", "cmap_phi_map",
-                 "cmap_psi_map", "cmap_coeff")
+    _FAST_COLS = ("hd_k", "hd_r0", "pair_A", "pair_B", "pair_C", "angle_k", "angle_t0", "torsion_kc", "torsion_ks",
+                  "improper_k", "improper_t0", "improper_2pi", "cmap_delta")
+    _FAST_RAW = ("hd_idx", "pair_idx", "angle_idx", "dq_idx", "torsion_const", "angle_quads", "improper_map",
+                 "cmap_phi_map", "cmap_psi_map", "cmap_coeff")
 
     def _fast_params(self, ref: torch.Tensor) -> dict[str, torch.Tensor]:
         """The kernels' parameters in ref's dtype and on its device (cached per dtype/device)."""

@@ -45,11 +45,14 @@ def _gather(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return p.index_select(1, idx.reshape(-1)).view(3, k, n, p.shape[-1])
 
 
-def _scatter(grad: torch.Tensor | None, idx: torch.Tensor, parts: torch.Tensor) -> None:
-    """grad[:, idx[a, t]] += parts[:, a, t] for parts: (3, k, n, batch); nothing when grad is None."""
+def _scatter(grad: torch.Tensor | None, idx: torch.Tensor, *parts: torch.Tensor) -> None:
+    """grad[:, idx[a, t]] += parts[a][:, t] for parts: k x (3, n, batch); nothing when grad is None.
+
+    One index_add per slot (no stacked copy), so the compiled kernel fuses each part into its scatter."""
     if grad is None:
         return
-    grad.index_add_(1, idx.reshape(-1), parts.reshape(3, -1, parts.shape[-1]))
+    for a, part in enumerate(parts):
+        grad.index_add_(1, idx[a], part)
 
 
 def harmonic_distance(p: torch.Tensor, grad: torch.Tensor | None, idx: torch.Tensor, k: torch.Tensor,
@@ -61,7 +64,7 @@ def harmonic_distance(p: torch.Tensor, grad: torch.Tensor | None, idx: torch.Ten
     dr = r - r0
     kdr = k * dr
     g = (kdr / r) * d
-    _scatter(grad, idx, torch.stack((g, -g), 1))
+    _scatter(grad, idx, g, -g)
     return 0.5 * (kdr * dr).sum(0)
 
 
@@ -79,7 +82,7 @@ def pair_lj_coulomb(p: torch.Tensor, grad: torch.Tensor | None, idx: torch.Tenso
     # dE/d(r^2) = -(6 A/r^12 - 3 B/r^6 + C/(2 r)) / r^2; dE/dd = 2 d dE/d(r^2)
     de = -(6.0 * a6 - 3.0 * b) * inv_r6 - 0.5 * e_c
     g = (2.0 * de * inv_r2) * d
-    _scatter(grad, idx, torch.stack((g, -g), 1))
+    _scatter(grad, idx, g, -g)
     return e_lj.sum(0), e_c.sum(0)
 
 
@@ -96,14 +99,15 @@ def harmonic_angle(p: torch.Tensor, grad: torch.Tensor | None, idx: torch.Tensor
     s = de / wn
     gu = _cross(u, w) * (s / _dot(u, u).clamp_min(TINY))
     gv = _cross(w, v) * (s / _dot(v, v).clamp_min(TINY))
-    _scatter(grad, idx, torch.stack((gu, -(gu + gv), gv), 1))
+    _scatter(grad, idx, gu, -(gu + gv), gv)
     return 0.5 * (de * dth).sum(0)
 
 
-def dihedral(p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """IUPAC dihedral angles in (-pi, pi] of idx: (4, n) -> (phi: (n, batch), saved for the gradient).
+def dihedral(p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """cos and sin of the IUPAC dihedral angles of idx: (4, n) -> (cos, sin: (n, batch), saved for the gradient).
 
-    0 where undefined, like ``native._dihedral``."""
+    The angle is ``atan2(sin, cos)``; where it is undefined (collinear atoms) cos = 1, sin = 0, i.e. 0,
+    like ``native._dihedral``."""
     x = _gather(p, idx)
     b1, b2, b3 = x[:, 1] - x[:, 0], x[:, 2] - x[:, 1], x[:, 3] - x[:, 2]
     m, n = _cross(b1, b2), _cross(b2, b3)
@@ -112,8 +116,28 @@ def dihedral(p: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, tuple[to
     yy = b2n * _dot(b1, n)
     xx = _dot(m, n)
     bad = (xx.abs() + yy.abs()) < 1e-18
-    phi = torch.atan2(torch.where(bad, torch.zeros_like(yy), yy), torch.where(bad, torch.ones_like(xx), xx))
-    return phi, (b1, b2, b3, m, n, b2n2, b2n)
+    inv = torch.rsqrt((xx * xx + yy * yy).clamp_min(TINY))
+    cos = torch.where(bad, torch.ones_like(xx), xx * inv)
+    sin = torch.where(bad, torch.zeros_like(yy), yy * inv)
+    return cos, sin, (b1, b2, b3, m, n, b2n2, b2n)
+
+
+def fourier_torsion(cos: torch.Tensor, sin: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Periodic torsions summed per dihedral as a Fourier series, with no trigonometric calls.
+
+    sum_terms k (1 + cos(n phi - phase)) = const + sum_n (kc[n] cos(n phi) + ks[n] sin(n phi)) with
+    ``kc[n-1] = sum k cos(phase)``, ``ks[n-1] = sum k sin(phase)`` over the terms of periodicity n:
+    (n_max, n_dihedrals, 1). cos(n phi), sin(n phi) come from the angle-addition recurrence.
+    Returns (energy without the constant (batch,), dE/dphi (n_dihedrals, batch))."""
+    cn, sn = cos, sin
+    e = kc[0] * cn + ks[0] * sn
+    de = ks[0] * cn - kc[0] * sn
+    for k in range(1, kc.shape[0]):
+        cn, sn = cn * cos - sn * sin, sn * cos + cn * sin
+        e = e + kc[k] * cn + ks[k] * sn
+        de = de + (k + 1) * (ks[k] * cn - kc[k] * sn)
+    return e.sum(0), de
 
 
 def dihedral_gradient(grad: torch.Tensor | None, idx: torch.Tensor, saved: tuple[torch.Tensor, ...], de: torch.Tensor) -> None:
@@ -127,13 +151,7 @@ def dihedral_gradient(grad: torch.Tensor | None, idx: torch.Tensor, saved: tuple
     f3 = _dot(b3, b2) / b2n2
     g1 = f3 * g3 - (1.0 + f1) * g0
     g2 = f1 * g0 - (1.0 + f3) * g3
-    _scatter(grad, idx, torch.stack((g0, g1, g2, g3), 1))
-
-
-def periodic_torsion(phi: torch.Tensor, n: torch.Tensor, phase: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Terms k (1 + cos(n phi - phase)) for phi: (n_terms, batch) -> (energy (batch,), dE/dphi (n_terms, batch))."""
-    arg = n * phi - phase
-    return (k * (1.0 + torch.cos(arg))).sum(0), -(k * n) * torch.sin(arg)
+    _scatter(grad, idx, g0, g1, g2, g3)
 
 
 def wrapped_improper(th: torch.Tensor, k: torch.Tensor, theta0: torch.Tensor, two_pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,25 +206,29 @@ def energy_and_gradient(p: torch.Tensor, prm: dict[str, torch.Tensor], need_grad
     if "angle_idx" in prm:
         e = e + harmonic_angle(p, grad, prm["angle_idx"], prm["angle_k"], prm["angle_t0"])
     if "dq_idx" in prm:
-        phi, saved = dihedral(p, prm["dq_idx"])
-        de = torch.zeros_like(phi)
-        if "torsion_map" in prm:
-            m = prm["torsion_map"]
-            et, dt = periodic_torsion(phi.index_select(0, m), prm["torsion_n"], prm["torsion_phase"], prm["torsion_k"])
-            e = e + et
-            de.index_add_(0, m, dt)
-        if "improper_map" in prm:
-            m = prm["improper_map"]
-            ei, di = wrapped_improper(phi.index_select(0, m), prm["improper_k"], prm["improper_t0"], prm["improper_2pi"])
-            e = e + ei
-            de.index_add_(0, m, di)
-        if "cmap_phi_map" in prm:
-            mp, ms = prm["cmap_phi_map"], prm["cmap_psi_map"]
-            ec, dp, ds = cmap(phi.index_select(0, mp), phi.index_select(0, ms), prm["cmap_coeff"], prm["cmap_base"],
-                              prm["cmap_size"], prm["cmap_delta"])
-            e = e + ec
-            de.index_add_(0, mp, dp)
-            de.index_add_(0, ms, ds)
+        cos, sin, saved = dihedral(p, prm["dq_idx"])
+        if "torsion_kc" in prm:
+            et, de = fourier_torsion(cos, sin, prm["torsion_kc"], prm["torsion_ks"])
+            e = e + et + prm["torsion_const"]
+        else:
+            de = torch.zeros_like(cos)
+        if "angle_quads" in prm:  # impropers and CMAP need the angle itself: the last rows of dq_idx
+            a0 = cos.shape[0] - prm["angle_quads"].shape[0]
+            phi = torch.atan2(sin[a0:], cos[a0:])
+            de_a = torch.zeros_like(phi)
+            if "improper_map" in prm:
+                m = prm["improper_map"]
+                ei, di = wrapped_improper(phi.index_select(0, m), prm["improper_k"], prm["improper_t0"], prm["improper_2pi"])
+                e = e + ei
+                de_a.index_add_(0, m, di)
+            if "cmap_phi_map" in prm:
+                mp, ms = prm["cmap_phi_map"], prm["cmap_psi_map"]
+                ec, dp, ds = cmap(phi.index_select(0, mp), phi.index_select(0, ms), prm["cmap_coeff"], prm["cmap_base"],
+                                  prm["cmap_size"], prm["cmap_delta"])
+                e = e + ec
+                de_a.index_add_(0, mp, dp)
+                de_a.index_add_(0, ms, ds)
+            de = torch.cat((de[:a0], de[a0:] + de_a))
         dihedral_gradient(grad, prm["dq_idx"], saved, de)
     return e, grad
 
