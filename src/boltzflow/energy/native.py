@@ -736,6 +736,7 @@ class NativeEnergy(torch.nn.Module):
                 buf("cmap_psi_map", both[n:], "i")
         self._fast_cache: dict = {}
         self._fast_kernel = None
+        self._gb_compiled = None
         #: configurations per kernel call on the analytic path (larger batches are split)
         self.chunk_size = 1024
 
@@ -788,6 +789,10 @@ class NativeEnergy(torch.nn.Module):
             return outs[0]
         us, vs, gs = zip(*outs)
         return torch.cat(us), torch.cat(vs), (torch.cat(gs) if need_grad else None)
+
+    def _gb_from_x(self, x: torch.Tensor) -> torch.Tensor:
+        """GB energy (batch,) kJ/mol for x: (batch, n_atoms, 3) nm (autograd)."""
+        return self._gb_e(x.permute(2, 1, 0).contiguous().unbind(0))
 
     def _total_kj_autograd(self, x: torch.Tensor, gb: bool = True) -> torch.Tensor:
         c = x.permute(2, 1, 0).contiguous().unbind(0)
@@ -971,9 +976,14 @@ class NativeEnergy(torch.nn.Module):
             return EnergyResult(log_linear_cap(u, self.cap.energy_max), valid)
         mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         xm = _MaskGrad.apply(x, mask)
-        if fast:  # GB (dense Born-radius chain rule) stays on autograd
+        if fast:  # GB (dense Born-radius chain rule) stays on autograd (compiled with the rest when compile=True)
             u, _ = _AnalyticEnergy.apply(xm, self)
-            u = u + self._gb_e(xm.permute(2, 1, 0).contiguous().unbind(0)) * self.beta
+            gb = self._gb_from_x
+            if self.compile:
+                if self._gb_compiled is None:
+                    self._gb_compiled = torch.compile(self._gb_from_x, dynamic=True)
+                gb = self._gb_compiled
+            u = u + gb(xm) * self.beta
         elif self.compile and self.cap.term_grad_max is None:
             if self._compiled is None:
                 self._compiled = torch.compile(self._total_kj, dynamic=True)
