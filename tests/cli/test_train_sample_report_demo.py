@@ -150,3 +150,25 @@ def test_train_with_langevin_augmentation(tmp_path):
     s2 = RunDir(run).read_summary()
     assert s2["training_finished"] and s2["data_augmentation"] == aug
     np.testing.assert_array_equal(np.load(run / "data" / "augmented.npz")["positions"], cached)
+
+
+@needs_ref
+def test_internal_generator_trains_without_penalty_batches(tmp_path):
+    """Internal coordinates have no alignment penalty: the trainer runs with penalty weight 0 (no extra
+    flow batch per step, no 'penalty' metric) although the default config asks for 1."""
+    import torch
+
+    from boltzflow import pipeline
+    from boltzflow.cli import build_parser
+    from boltzflow.cli.train import overrides_from_args
+    from boltzflow.systems.builtin import builtin_system
+
+    run = tmp_path / "nopen"
+    args = build_parser().parse_args(["train", "alanine-dipeptide", "-o", str(run)] + TINY)
+    cfg = pipeline.load_run_config(None, overrides_from_args(args))
+    assert cfg.training.pretrain.penalty_weight == 1.0 and cfg.generator.representation == "internal"
+    pipeline.train(builtin_system("alanine-dipeptide"), cfg, run, progress=False, max_steps=4)
+    state = torch.load(run / "checkpoints" / "latest.pt", weights_only=False)
+    assert state["config"]["pretrain"]["penalty_weight"] == 0.0 and state["config"]["finetune"]["penalty_weight"] == 0.0
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("penalty" not in r for r in rows)

@@ -205,6 +205,19 @@ def test_works_with_losses(ad, pipeline, representation):
 
 
 @pytest.mark.parametrize("pipeline,representation", COMBOS)
+def test_has_penalty_only_where_penalty_can_be_nonzero(ad, pipeline, representation):
+    system, data = ad
+    gen = build_generator(system, _small(pipeline, representation), data)
+    x = data[:8].float() + 0.3  # translated: a Cartesian alignment penalty is > 0 here
+    pen = gen.penalty(gen._as_x(x) @ torch.tensor([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]]))
+    expected = pipeline != "internal-all" and representation == "cartesian"
+    assert gen.has_penalty == expected
+    assert bool((pen > 0).any()) == expected
+    if expected:
+        assert not build_generator(system, _small(pipeline, representation, lambda_align=0.0), data).has_penalty
+
+
+@pytest.mark.parametrize("pipeline,representation", COMBOS)
 def test_butane_pipelines(pipeline, representation):
     """Every pipeline also builds on butane (4 heavy atoms, terminal methyls, no chiral centre)."""
     from boltzflow.systems.builtin import builtin_system

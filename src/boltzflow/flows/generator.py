@@ -233,6 +233,13 @@ class MolecularGenerator(nn.Module):
             lp = lp + self.h_flow.log_prob(x)
         return lp
 
+    @property
+    def has_penalty(self) -> bool:
+        """Whether :meth:`penalty` can be non-zero (Cartesian heavy atoms with lambda_align > 0); losses
+        need not draw a batch for it otherwise."""
+        c = self.config
+        return c.pipeline != "internal-all" and c.representation == "cartesian" and c.lambda_align > 0
+
     def penalty(self, x: torch.Tensor) -> torch.Tensor:
         """(n,) lambda_align x alignment distance of the heavy atoms (Cartesian), else zeros."""
         if self.config.pipeline == "internal-all" or self.config.representation != "cartesian":
