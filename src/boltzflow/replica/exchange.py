@@ -135,7 +135,11 @@ def _make_sampler(config: ReplicaExchangeConfig):
         timestep=config.timestep_fs * unit.femtosecond,
         collision_rate=config.collision_rate_per_ps / unit.picosecond,
         n_steps=int(config.steps_per_iteration),
-        reassign_velocities=False,
+        # Draw fresh Maxwell-Boltzmann velocities at the replica's current temperature every iteration.
+        # Without this a configuration swapped down the ladder keeps the hotter replica's velocities,
+        # which a 1/ps friction barely cools within one iteration: the cold states then sample too hot
+        # (alanine dipeptide "300 K" looked like ~335 K). Sampling of configurations stays exact.
+        reassign_velocities=True,
     )
     cls = multistate.ParallelTemperingSampler if config.method == "parallel-tempering" else multistate.ReplicaExchangeSampler
     sampler = cls(mcmc_moves=move, number_of_iterations=int(config.n_iterations),
@@ -143,6 +147,14 @@ def _make_sampler(config: ReplicaExchangeConfig):
     sampler._global_citation_silence = True  # no citation banner on stdout
     _set_caches(sampler, config)
     return sampler
+
+
+def _reassign_velocities(sampler) -> None:
+    """Make every Langevin move of a (resumed) sampler redraw velocities each iteration."""
+    moves = sampler._mcmc_moves
+    for mv in (moves if isinstance(moves, (list, tuple)) else [moves]):
+        if hasattr(mv, "reassign_velocities"):
+            mv.reassign_velocities = True
 
 
 def _set_caches(sampler, config: ReplicaExchangeConfig) -> None:
@@ -219,6 +231,7 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
         with contextlib.redirect_stdout(io.StringIO()):  # from_storage prints a citation banner
             sampler = cls.from_storage(reporter)
         _set_caches(sampler, config)
+        _reassign_velocities(sampler)  # runs stored before the fix kept velocities across swaps
         sampler.number_of_iterations = max(int(config.n_iterations), int(sampler.iteration))
         record["resumed_from_iteration"] = int(sampler.iteration)
         record["fingerprint_history"] = old.get("fingerprint_history", []) + (
