@@ -184,3 +184,21 @@ def test_resume_accepts_reserialised_system_but_not_another_one(tmp_path):
     other = harmonic_system(2, k_kj_mol_nm2=150.0)
     with pytest.raises(InputError, match="energies differ"):
         run_replica_exchange(other, dataclasses.replace(cfg, n_iterations=5), tmp_path, progress=False)
+
+
+def test_cold_state_is_not_heated_by_swapped_velocities(tmp_path):
+    # Weak friction (1/ps) and short iterations (0.1 ps): if velocities are kept across swaps, a
+    # configuration arriving at 300 K from a hotter replica brings its hot velocities along and the
+    # 300 K state samples too hot (<u> ~ 18.4 instead of the exact 15 for 10 oscillators). With
+    # velocities reassigned every iteration <u> at every state is exactly 3N/2 (equipartition).
+    from boltzflow.replica.exchange import _make_sampler
+
+    n = 10
+    cfg = ReplicaExchangeConfig(n_iterations=500, **{**FAST, "collision_rate_per_ps": 1.0})
+    assert _make_sampler(cfg).mcmc_moves.reassign_velocities
+    path = run_replica_exchange(harmonic_system(n), cfg, tmp_path, progress=False)
+    ss = extract_samples(path, state_index=0, decorrelate=False)
+    u = ss.reduced_energy
+    g = ss.provenance["statistical_inefficiency"]
+    se = np.std(u) / np.sqrt(len(u) / g)
+    assert abs(np.mean(u) - 1.5 * n) < max(4 * se, 1.0), (np.mean(u), se)
