@@ -52,7 +52,9 @@ class ReplicaExchangeConfig:
     n_iterations: total iterations (a resume extends a finished run up to this number).
     steps_per_iteration: Langevin steps between exchange attempts.
     timestep_fs: fs (systems are unconstrained: keep <= 1 fs for hydrogens).
-    collision_rate_per_ps: Langevin friction in 1/ps.
+    collision_rate_per_ps: Langevin friction in 1/ps. Velocities are redrawn at the replica's current
+        temperature at the start of every iteration (kept velocities would carry a swapped
+        configuration's hotter temperature down the ladder).
     platform: OpenMM platform name ("CPU", "CUDA", "OpenCL", "Reference") or "auto".
     threads: CPU platform threads (None = OpenMM default).
     checkpoint_interval: iterations between checkpoints (positions + velocities for resuming).
