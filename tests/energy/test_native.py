@@ -13,6 +13,8 @@ from boltzflow.energy.native import NativeEnergy, unsupported_forces
 from boltzflow.errors import UnsupportedForceError
 
 N_CONF = 100
+#: the analytic path's two CPU kernels (C++ via native_cpu, torch via native_kernels)
+KERNELS = pytest.mark.parametrize("kernel", ["cpp", "torch"])
 
 
 def _perturbed(ms, n: int, scale: float, seed: int) -> torch.Tensor:
@@ -92,9 +94,10 @@ def _ala():
     return builtin_system("alanine-dipeptide", "obc2", route="pdb")
 
 
-def test_degenerate_geometry_finite_values_and_gradients():
+@KERNELS
+def test_degenerate_geometry_finite_values_and_gradients(kernel):
     ms = _ala()
-    e = NativeEnergy(ms)
+    e = NativeEnergy(ms, cpu_kernel=kernel)
     x0 = torch.tensor(ms.positions)
     bonds = [(b[0].index, b[1].index) for b in ms.topology.bonds()]
     i, j = bonds[0]
@@ -119,9 +122,10 @@ def test_degenerate_geometry_finite_values_and_gradients():
             assert bool(torch.isfinite(t).all()), name
 
 
-def test_non_finite_and_overflowing_inputs_are_flagged_with_zero_gradient():
+@KERNELS
+def test_non_finite_and_overflowing_inputs_are_flagged_with_zero_gradient(kernel):
     ms = _ala()
-    e = NativeEnergy(ms)
+    e = NativeEnergy(ms, cpu_kernel=kernel)
     x = _perturbed(ms, 3, 0.01, seed=4)
     x[1, 5, 0] = float("nan")
     x[2, 7] = x[2, 12]  # coincident non-excluded atoms: LJ overflows in float32
@@ -370,13 +374,14 @@ def test_compiled_path_matches_eager():
     assert torch.allclose(ue, uc, rtol=1e-10) and torch.allclose(ge, gc, rtol=1e-8, atol=1e-8)
 
 
+@KERNELS
 @pytest.mark.parametrize("solvent", ["vacuum", "obc2"])
-def test_analytic_forces_match_autograd_path(solvent):
+def test_analytic_forces_match_autograd_path(solvent, kernel):
     """The hand-derived kernels (default) against autograd through the same formulas, float64."""
     from boltzflow.systems.builtin import builtin_system
 
     ms = builtin_system("alanine-dipeptide", solvent)
-    fast, slow = NativeEnergy(ms), NativeEnergy(ms, analytic=False)
+    fast, slow = NativeEnergy(ms, cpu_kernel=kernel), NativeEnergy(ms, analytic=False)
     x = _perturbed(ms, 40, 0.03, seed=11)
     xf, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     uf, us = fast(xf), slow(xs)
@@ -385,17 +390,18 @@ def test_analytic_forces_match_autograd_path(solvent):
     assert _rel(uf, us) < 1e-12 and _rel(gf, gs) < 1e-10
 
 
-def test_analytic_path_gradcheck_chunks_and_no_grad_vacuum():
+@KERNELS
+def test_analytic_path_gradcheck_chunks_and_no_grad_vacuum(kernel):
     from boltzflow.systems.builtin import builtin_system
 
     ms = builtin_system("alanine-dipeptide", "vacuum")
-    e = NativeEnergy(ms)
+    e = NativeEnergy(ms, cpu_kernel=kernel)
     x = _perturbed(ms, 2, 0.01, seed=4).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda y: e(y), (x,), eps=1e-6, atol=1e-5, rtol=1e-5)
     assert torch.autograd.gradgradcheck(lambda y: e(y), (x,), eps=1e-6, atol=1e-4, rtol=1e-4)
     # a batch split into kernel chunks equals the unsplit batch; energy-only evaluation equals it too
     x = _perturbed(ms, 37, 0.02, seed=5)
-    whole = NativeEnergy(ms)
+    whole = NativeEnergy(ms, cpu_kernel=kernel)
     e.chunk_size = 8
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ua, ub = e(xa), whole(xb)
@@ -423,7 +429,8 @@ def test_compiled_analytic_path_matches_eager_vacuum_float32():
     assert _rel(gc, ge) < 1e-4 and torch.isfinite(gc).all() and float(gc[3].abs().max()) == 0.0
 
 
-def test_analytic_torsions_any_periodicity_and_phase_with_shared_quads_against_openmm():
+@KERNELS
+def test_analytic_torsions_any_periodicity_and_phase_with_shared_quads_against_openmm(kernel):
     """The analytic path's trig-free Fourier torsions (n = 1..6, arbitrary phases, several terms per
     dihedral) and a CMAP and an improper on the same dihedrals, total energy and forces vs OpenMM."""
     import openmm
@@ -448,10 +455,79 @@ def test_analytic_torsions_any_periodicity_and_phase_with_shared_quads_against_o
     s.addForce(cm)
     x = rng.normal(scale=0.15, size=(60, 5, 3))
     e_ref, f_ref = _openmm_energy_forces(s, x)
-    e = NativeEnergy(_wrap(s, 5))
+    e = NativeEnergy(_wrap(s, 5), cpu_kernel=kernel)
     assert e.analytic
     xt = torch.tensor(x, requires_grad=True)
     u = e(xt) / e.beta
     (g,) = torch.autograd.grad(u.sum(), xt)
     assert np.allclose(u.detach().numpy(), e_ref, rtol=1e-9, atol=1e-8)
     assert np.abs(-g.numpy() - f_ref).max() <= 1e-6 * np.abs(f_ref).max()
+
+
+def test_cpp_kernel_blocks_threads_and_dtypes_match_torch_kernel():
+    """The C++ kernel pads the last block of lanes, spreads blocks over threads, and computes
+    float32 in float32: batch sizes around the block width, 1 vs 2 threads, a NaN mid-block."""
+    from boltzflow.systems.builtin import builtin_system
+
+    ms = builtin_system("alanine-dipeptide", "vacuum")
+    cpp, ref = NativeEnergy(ms, cpu_kernel="cpp"), NativeEnergy(ms, cpu_kernel="torch")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 15, 16, 17, 33, 70):
+            x = _perturbed(ms, n, 0.02, seed=n)
+            if n > 10:
+                x[9, 3, 2] = float("nan")
+            for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+                xd = x.to(dtype)
+                u_ref, valid_ref, g_ref = ref._fast_u(xd)
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    u, valid, g = cpp._fast_u(xd)
+                    assert u.dtype == dtype and g.dtype == dtype and g.shape == x.shape
+                    assert torch.equal(valid, valid_ref) and torch.equal(torch.isinf(u), ~valid)
+                    assert _rel(u[valid], u_ref[valid]) < tol and _rel(g, g_ref) < tol
+                    assert float(g[~valid].abs().sum()) == 0.0
+                    u2, _, none = cpp._fast_u(xd, need_grad=False)
+                    assert none is None and torch.equal(torch.isinf(u2), ~valid) and _rel(u2[valid], u[valid]) < tol
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpp_kernel_unavailable_falls_back_or_says_why(monkeypatch):
+    from boltzflow.energy import native_cpu
+    from boltzflow.systems.builtin import builtin_system
+
+    ms = builtin_system("butane", "vacuum")
+    x = _perturbed(ms, 4, 0.01, seed=1)
+    expected = NativeEnergy(ms, cpu_kernel="torch")(x)
+    def reset():
+        monkeypatch.setattr(native_cpu, "_tried", False)
+        monkeypatch.setattr(native_cpu, "_lib", None)
+        monkeypatch.setattr(native_cpu, "_reason", None)
+
+    reset()  # a broken compiler: a warning that says why, then the torch kernels
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.warns(RuntimeWarning, match="building the CPU kernel failed"):
+        auto = NativeEnergy(ms)(x)
+    assert torch.allclose(auto, expected, rtol=1e-13)
+    reset()  # switched off by the user: silent fallback; asking for it explicitly says why not
+    monkeypatch.setenv("BOLTZFLOW_CPU_KERNEL", "0")
+    assert torch.allclose(NativeEnergy(ms)(x), expected, rtol=1e-13)
+    with pytest.raises(RuntimeError, match="kernel is unavailable: disabled by BOLTZFLOW_CPU_KERNEL=0"):
+        NativeEnergy(ms, cpu_kernel="cpp")(x)
+    with pytest.raises(ValueError, match="cpu_kernel must be"):
+        NativeEnergy(ms, cpu_kernel="fortran")
+
+
+def test_cpp_kernel_survives_pickling_and_dtype_moves():
+    import pickle
+
+    from boltzflow.systems.builtin import builtin_system
+
+    ms = builtin_system("butane", "vacuum")
+    e = NativeEnergy(ms, cpu_kernel="cpp")
+    x = _perturbed(ms, 5, 0.01, seed=2)
+    u = e(x)
+    e2 = pickle.loads(pickle.dumps(e))
+    assert torch.allclose(e2(x), u, rtol=1e-13)
+    assert torch.allclose(e.float()(x.float()).double(), u, rtol=1e-5)

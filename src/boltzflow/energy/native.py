@@ -597,14 +597,20 @@ class NativeEnergy(torch.nn.Module):
         ``torch.compile``: about 3x faster on CPU after a compilation of about a minute per dtype
         (needs a C++ compiler); per-term gradient caps run eagerly.
     analytic: hand-derived forces (default; ~2x faster eager than autograd); False: autograd path.
+    cpu_kernel: on the CPU, the analytic path's kernel: ``"auto"`` (default) the C++ kernel
+        (:mod:`boltzflow.energy.native_cpu`, built on first use, OpenMP over ``torch.get_num_threads()``;
+        about 10x the eager torch kernels) when a C++ compiler is available, else the torch kernels;
+        ``"cpp"`` requires it; ``"torch"`` always uses the torch kernels (``compile`` applies to them).
 
     ``forward(x) -> (batch,) kT``; ``evaluate(x) -> EnergyResult(u, valid)``;
     ``terms(x) -> {name: (batch,) kT}`` (uncapped values; sum == u before the log-linear cap).
     """
 
     def __init__(self, system, cap: EnergyCap | None = None, dtype: torch.dtype = torch.float64, device=None,
-                 compile: bool = False, analytic: bool = True):
+                 compile: bool = False, analytic: bool = True, cpu_kernel: str = "auto"):
         super().__init__()
+        if cpu_kernel not in ("auto", "cpp", "torch"):
+            raise ValueError(f"cpu_kernel must be 'auto', 'cpp' or 'torch', got {cpu_kernel!r}")
         from ..errors import UnsupportedForceError
 
         comp = _compile(system.system)
@@ -619,6 +625,8 @@ class NativeEnergy(torch.nn.Module):
         self.cap = cap if cap is not None else EnergyCap()
         self.compile = bool(compile)
         self.analytic = bool(analytic)
+        self.cpu_kernel = cpu_kernel
+        self._cpu = None  # native_cpu.CpuKernel, made on first CPU call
         self._compiled = None
         # a HarmonicBondForce pair joining the two ends of an angle is Urey-Bradley (as in energy.terms)
         ends = {(min(a[0], a[2]), max(a[0], a[2])) for a in comp.angles}
@@ -766,6 +774,7 @@ class NativeEnergy(torch.nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # .to(device/dtype) invalidates the kernels' parameter cache
         self._fast_cache = {}
+        self._cpu = None
         return super()._apply(fn, *args, **kwargs)
 
     def _fast_u(self, x: torch.Tensor, need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -773,6 +782,10 @@ class NativeEnergy(torch.nn.Module):
         +inf where invalid; valid (batch,); du/dx (batch, n_atoms, 3) kT/nm, zero rows where invalid, or None)."""
         from . import native_kernels
 
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and self.cpu_kernel != "torch":
+            kernel = self._cpu_kernel()
+            if kernel is not None:
+                return kernel(x, self.beta, need_grad)
         fn = native_kernels.reduced_energy_and_gradient
         if self.compile:
             if self._fast_kernel is None:
@@ -789,6 +802,23 @@ class NativeEnergy(torch.nn.Module):
             return outs[0]
         us, vs, gs = zip(*outs)
         return torch.cat(us), torch.cat(vs), (torch.cat(gs) if need_grad else None)
+
+    def _cpu_kernel(self):
+        """The C++ kernel bound to this system (None when unavailable and cpu_kernel='auto')."""
+        if self._cpu is None:
+            from . import native_cpu
+
+            lib = native_cpu.load()
+            if lib is None:
+                if self.cpu_kernel == "cpp":
+                    raise RuntimeError(f"cpu_kernel='cpp' but the C++ kernel is unavailable: "
+                                       f"{native_cpu.unavailable_reason()}; use cpu_kernel='auto' or 'torch'")
+                return None
+            self._cpu = native_cpu.CpuKernel(lib, self._fast_params(torch.empty(0, dtype=torch.float64)), self.n_atoms)
+        return self._cpu
+
+    def __getstate__(self):  # the ctypes kernel holds raw pointers: rebuilt on first use after unpickling
+        return {**self.__dict__, "_cpu": None}
 
     def _gb_from_x(self, x: torch.Tensor) -> torch.Tensor:
         """GB energy (batch,) kJ/mol for x: (batch, n_atoms, 3) nm (autograd)."""
