@@ -778,8 +778,8 @@ class NativeEnergy(torch.nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _fast_u(self, x: torch.Tensor, need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Analytic reduced energy of every term but GB for x: (batch, n_atoms, 3) nm -> (u (batch,) kT,
-        +inf where invalid; valid (batch,); du/dx (batch, n_atoms, 3) kT/nm, zero rows where invalid, or None)."""
+        """Analytic reduced energy for x: (batch, n_atoms, 3) nm of every term but GB on the torch kernels,
+        of every term on the C++ kernel (see :meth:`_kernel_has_gb`) -> (u (batch,) kT, +inf where invalid; valid (batch,); du/dx (batch, n_atoms, 3) kT/nm, zero rows where invalid, or None)."""
         from . import native_kernels
 
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and self.cpu_kernel != "torch":
@@ -814,8 +814,18 @@ class NativeEnergy(torch.nn.Module):
                     raise RuntimeError(f"cpu_kernel='cpp' but the C++ kernel is unavailable: "
                                        f"{native_cpu.unavailable_reason()}; use cpu_kernel='auto' or 'torch'")
                 return None
-            self._cpu = native_cpu.CpuKernel(lib, self._fast_params(torch.empty(0, dtype=torch.float64)), self.n_atoms)
+            gb = None
+            if "gb" in self._terms:
+                gb = {"q": self.gb_q.cpu().double().numpy(), "or": self.gb_or.cpu().double().numpy(),
+                      "sr": self.gb_sr.cpu().double().numpy(), **self._gb_const}
+            self._cpu = native_cpu.CpuKernel(lib, self._fast_params(torch.empty(0, dtype=torch.float64)), self.n_atoms, gb)
         return self._cpu
+
+    def _kernel_has_gb(self, x: torch.Tensor) -> bool:
+        """Whether the analytic path's kernel for x computes GB too (the C++ CPU kernel does)."""
+        if "gb" not in self._terms or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return False
+        return self.cpu_kernel != "torch" and self._cpu_kernel() is not None
 
     def __getstate__(self):  # the ctypes kernel holds raw pointers: rebuilt on first use after unpickling
         return {**self.__dict__, "_cpu": None}
@@ -1001,7 +1011,7 @@ class NativeEnergy(torch.nn.Module):
         """EnergyResult(u: (batch,) kT, valid: (batch,) bool); invalid rows get u=+inf and zero gradient."""
         x = check_positions(x, self.n_atoms)
         fast = self.analytic and self.cap.term_grad_max is None
-        if fast and "gb" not in self._terms:  # everything in one (optionally compiled) region
+        if fast and ("gb" not in self._terms or self._kernel_has_gb(x)):  # everything in one kernel
             u, valid = _AnalyticEnergy.apply(x, self)
             return EnergyResult(log_linear_cap(u, self.cap.energy_max), valid)
         mask = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
@@ -1036,7 +1046,8 @@ class NativeEnergy(torch.nn.Module):
 
 
 class _AnalyticEnergy(torch.autograd.Function):
-    """(u (batch,) kT, valid (batch,)) of every term but GB with hand-derived forces (``native_kernels``).
+    """(u (batch,) kT, valid (batch,)) with hand-derived forces: every term but GB on the torch kernels
+    (``native_kernels``), every term including GB on the C++ CPU kernel (``native_cpu``).
 
     Invalid rows (non-finite input or energy) get u = +inf and a zero gradient. First-order backward
     uses the forces computed in forward; a backward with ``create_graph=True`` (double backward)
@@ -1048,6 +1059,7 @@ class _AnalyticEnergy(torch.autograd.Function):
         ctx.mark_non_differentiable(valid)
         ctx.save_for_backward(x, g, valid)
         ctx.module = module
+        ctx.with_gb = module._kernel_has_gb(x)
         return u, valid
 
     @staticmethod
@@ -1055,7 +1067,7 @@ class _AnalyticEnergy(torch.autograd.Function):
         x, g, valid = ctx.saved_tensors
         if torch.is_grad_enabled():
             with torch.enable_grad():
-                u = ctx.module._total_kj_autograd(x, gb=False) * ctx.module.beta
+                u = ctx.module._total_kj_autograd(x, gb=ctx.with_gb) * ctx.module.beta
                 u = torch.where(valid, u, torch.zeros_like(u))
             (gx,) = torch.autograd.grad(u, x, gu, create_graph=True)
             return gx, None

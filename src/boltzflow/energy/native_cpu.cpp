@@ -4,7 +4,7 @@
 // geometry, same validity rule), built on first use by boltzflow/energy/native_cpu.py and called
 // through ctypes (which releases the GIL). Terms: harmonic distances (bonds + Urey-Bradley),
 // LJ + Coulomb pairs, harmonic angles, periodic torsions as a per-dihedral Fourier series,
-// wrapped harmonic impropers and CMAP. GB is not here (it stays on the torch path).
+// wrapped harmonic impropers, CMAP, and OBC2 generalized Born with the ACE surface term.
 //
 // Layout: positions x (batch, n_atoms, 3) nm, row-major; energies u (batch,) kT; gradient
 // g (batch, n_atoms, 3) kT/nm. Configurations are processed in blocks of L lanes: each block is
@@ -56,10 +56,17 @@ struct BfParams {
     const int32_t* cmap_size;     // grid size of the map
     const double* cmap_delta;     // 2 pi / size
     const double* cmap_coeff;     // (patches, 16) bicubic coefficients c[4 i + j] of da^i db^j
+    int64_t gb;          // 1: OBC2 generalized Born (+ ACE surface area) over all atoms; 0: none
+    const double* gb_q;  // (n_atoms,) charges, e
+    const double* gb_or; // offset radii (radius - offset), nm
+    const double* gb_sr; // scaled offset radii, nm
+    double gb_offset, gb_pref, gb_eps_in, gb_eps_out, gb_kappa, gb_sa_coef, gb_sa_offset, gb_probe;
 };
 }
 
 namespace {
+
+#define BF_INLINE inline __attribute__((always_inline))
 
 constexpr double kTiny = 1e-30;  // clamp for squared norms (as native_kernels.TINY)
 constexpr double kPi = 3.14159265358979323846;
@@ -72,19 +79,20 @@ template <> struct AtanTerms<float> { static constexpr int n = 6; };
 // the Taylor series sum (-1)^k z^(2k+1) / (2k+1) converges to machine precision with AtanTerms
 // terms. Branch-free, so the lane loops stay vectorised.
 template <typename T>
-inline T atan01(T a) {
+BF_INLINE T atan01(T a) {
     T z = a / (T(1) + std::sqrt(T(1) + a * a));
     z = z / (T(1) + std::sqrt(T(1) + z * z));
     const T z2 = z * z;
     constexpr int n = AtanTerms<T>::n;
     T p = T((n - 1) % 2 ? -1.0 : 1.0) / T(2 * (n - 1) + 1);
+#pragma GCC unroll 16
     for (int k = n - 2; k >= 0; --k) p = p * z2 + T(k % 2 ? -1.0 : 1.0) / T(2 * k + 1);
     return T(4) * z * p;
 }
 
 // atan2(y, x) with the quadrant rules of std::atan2 for finite arguments.
 template <typename T>
-inline T atan2_(T y, T x) {
+BF_INLINE T atan2_(T y, T x) {
     const T ax = std::fabs(x), ay = std::fabs(y);
     const T mx = ax > ay ? ax : ay;
     const T mn = ax > ay ? ay : ax;
@@ -93,6 +101,62 @@ inline T atan2_(T y, T x) {
     r = ay > ax ? T(kPi / 2) - r : r;
     r = x < T(0) ? T(kPi) - r : r;
     return y < T(0) ? -r : r;
+}
+
+// Vectorisable exp and log (the libm calls are not vectorised without -ffast-math, which would
+// also drop the isfinite checks). Range reduction by powers of two through the bit pattern,
+// then Taylor series to machine precision.
+template <typename T> struct Bits;
+template <> struct Bits<double> {
+    using U = uint64_t;
+    using I = int64_t;
+    static constexpr int mant = 52, bias = 1023, exp_terms = 14, log_terms = 11;
+    static constexpr double min_arg = -700.0;
+};
+template <> struct Bits<float> {
+    using U = uint32_t;
+    using I = int32_t;
+    static constexpr int mant = 23, bias = 127, exp_terms = 8, log_terms = 5;
+    static constexpr double min_arg = -85.0;
+};
+constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+
+// exp(x) for x <= 0 (0 below Bits::min_arg); |error| ~ 1 ulp.
+template <typename T>
+BF_INLINE T exp_neg(T x) {
+    using B = Bits<T>;
+    const bool under = x < T(B::min_arg);
+    x = under ? T(0) : x;
+    const T k = std::nearbyint(x * T(1.4426950408889634));
+    const T r = (x - k * T(kLn2Hi)) - k * T(kLn2Lo);  // |r| <= ln2 / 2
+    T p = T(1);
+#pragma GCC unroll 16
+    for (int n = B::exp_terms; n >= 1; --n) p = T(1) + p * r / T(n);
+    const typename B::U bits = static_cast<typename B::U>(static_cast<typename B::I>(k) + B::bias) << B::mant;
+    T scale;
+    std::memcpy(&scale, &bits, sizeof(T));
+    return under ? T(0) : p * scale;
+}
+
+// log(x) for normal x > 0: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh((m-1)/(m+1)).
+template <typename T>
+BF_INLINE T log_pos(T x) {
+    using B = Bits<T>;
+    typename B::U bits;
+    std::memcpy(&bits, &x, sizeof(T));
+    typename B::I e = static_cast<typename B::I>(bits >> B::mant) - B::bias;
+    const typename B::U mb = (bits & ((typename B::U(1) << B::mant) - 1)) | (static_cast<typename B::U>(B::bias) << B::mant);
+    T m;
+    std::memcpy(&m, &mb, sizeof(T));
+    const bool big = m > T(1.4142135623730951);
+    m = big ? m * T(0.5) : m;
+    e = big ? e + 1 : e;
+    const T z = (m - T(1)) / (m + T(1)), z2 = z * z;
+    T p = T(1) / T(2 * B::log_terms - 1);
+#pragma GCC unroll 16
+    for (int k = B::log_terms - 2; k >= 0; --k) p = p * z2 + T(1) / T(2 * k + 1);
+    const T te = T(e);
+    return te * T(kLn2Hi) + (T(2) * z * p + te * T(kLn2Lo));
 }
 
 template <typename T, int L, bool NG>
@@ -105,9 +169,148 @@ struct Block {
     T* __restrict cs;   // [n_dq][L] cos (then, from a0 on, the angle), sin, dE/dphi of every quad
     T* __restrict sn;
     T* __restrict de;
+    T* __restrict gbs;  // [4][N][L]: Born integral I, radius B, dE/dB (then dE/dI), dB/dI
 
     inline const T* p(int c, int a) const { return pos + (c * N + a) * L; }
     inline T* g(int c, int a) const { return grd + (c * N + a) * L; }
+
+    // OBC2 Born integral term of atom o (offset radius o) from a neighbour of scaled radius s at
+    // distance r, and its r-derivative; zero where r + s < o (as in OpenMM's CustomGBForce).
+    static BF_INLINE T gb_val(T r, T inv_r, T o, T s) {
+        const T U = r + s, Lr = std::fabs(r - s) > o ? std::fabs(r - s) : o;
+        const T iU = T(1) / U, iL = T(1) / Lr;
+        const T v = T(0.5) * (iL - iU + T(0.25) * (r - s * s * inv_r) * (iU * iU - iL * iL) + T(0.5) * log_pos(Lr * iU) * inv_r);
+        const T keep = r + s - o >= T(0) ? T(1) : T(0);  // a product, not a select: keeps gcc's loop branch-free
+        return v * keep;
+    }
+    static BF_INLINE T gb_dval(T r, T inv_r, T o, T s) {
+        const T ad = std::fabs(r - s);
+        const T U = r + s, Lr = ad > o ? ad : o;
+        const T Lp = ad > o ? (r > s ? T(1) : T(-1)) : T(0);
+        const T iU = T(1) / U, iL = T(1) / Lr;
+        const T iU2 = iU * iU, iL2 = iL * iL;
+        const T dv = T(0.5) * (-Lp * iL2 + iU2 + T(0.25) * (T(1) + s * s * inv_r * inv_r) * (iU2 - iL2)
+                               + T(0.25) * (r - s * s * inv_r) * (T(-2) * iU2 * iU + T(2) * Lp * iL2 * iL)
+                               + T(0.5) * ((Lp * iL - iU) * inv_r - log_pos(Lr * iU) * inv_r * inv_r));
+        const T keep = r + s - o >= T(0) ? T(1) : T(0);
+        return dv * keep;
+    }
+
+    void gb() {
+        if (!P.gb) return;
+        constexpr T tiny = T(1e-12);  // clamp of r^2 (as native._GB_TINY)
+        T* I = gbs;
+        T* Bv = gbs + N * L;
+        T* D = gbs + 2 * N * L;
+        T* dBdI = gbs + 3 * N * L;
+        std::memset(I, 0, sizeof(T) * N * L);
+        const T ein = T(1.0 / P.gb_eps_in), eout = T(1.0 / P.gb_eps_out), kap = T(P.gb_kappa), pref = T(P.gb_pref);
+        for (int i = 0; i < N; ++i) {  // pass 1: Born integrals
+            const T oi = T(P.gb_or[i]), si = T(P.gb_sr[i]);
+            for (int j = i + 1; j < N; ++j) {
+                const T oj = T(P.gb_or[j]), sj = T(P.gb_sr[j]);
+                const T *xi = p(0, i), *yi = p(1, i), *zi = p(2, i), *xj = p(0, j), *yj = p(1, j), *zj = p(2, j);
+                T *Ii = I + i * L, *Ij = I + j * L;
+#pragma omp simd
+                for (int l = 0; l < L; ++l) {
+                    const T dx = xi[l] - xj[l], dy = yi[l] - yj[l], dz = zi[l] - zj[l];
+                    T r2 = dx * dx + dy * dy + dz * dz;
+                    r2 = r2 > tiny ? r2 : tiny;
+                    const T r = std::sqrt(r2), inv_r = T(1) / r;
+                    Ii[l] += gb_val(r, inv_r, oi, sj);
+                    Ij[l] += gb_val(r, inv_r, oj, si);
+                }
+            }
+        }
+        for (int i = 0; i < N; ++i) {  // Born radii, self and surface-area energies, their dE/dB
+            const T o = T(P.gb_or[i]), q = T(P.gb_q[i]), radius = T(P.gb_or[i] + P.gb_offset);
+            const T rad = T(P.gb_or[i] + P.gb_sa_offset);
+            const T sa = T(P.gb_sa_coef) * (rad + T(P.gb_probe)) * (rad + T(P.gb_probe));
+            const T *Ii = I + i * L;
+            T *Bi = Bv + i * L, *Di = D + i * L, *dBi = dBdI + i * L;
+#pragma omp simd
+            for (int l = 0; l < L; ++l) {
+                const T psi = Ii[l] * o;
+                const T phi = psi - T(0.8) * psi * psi + T(4.85) * psi * psi * psi;
+                const T em = exp_neg(T(-2) * std::fabs(phi));
+                const T th = (phi < T(0) ? T(-1) : T(1)) * (T(1) - em) / (T(1) + em);
+                const T B = T(1) / (T(1) / o - th / radius);
+                Bi[l] = B;
+                dBi[l] = B * B * (T(1) - th * th) * (T(1) - T(1.6) * psi + T(14.55) * psi * psi) * o / radius;
+                const T es = exp_neg(-kap * B) * eout;
+                const T scr = ein - es;
+                const T iB = T(1) / B;
+                e[l] += T(-0.5) * pref * scr * q * q * iB;
+                T dEdB = T(-0.5) * pref * q * q * (kap * es * iB - scr * iB * iB);
+                if (sa != T(0)) {
+                    const T rb = rad * iB, rb2 = rb * rb, rb6 = rb2 * rb2 * rb2;
+                    e[l] += sa * rb6;
+                    dEdB += T(-6) * sa * rb6 * iB;
+                }
+                Di[l] = dEdB;
+            }
+        }
+        for (int i = 0; i < N; ++i) {  // pass 2: pair screening energies, explicit forces, dE/dB
+            for (int j = i + 1; j < N; ++j) {
+                const T qq = T(P.gb_q[i] * P.gb_q[j]);
+                if (qq == T(0)) continue;
+                const T *xi = p(0, i), *yi = p(1, i), *zi = p(2, i), *xj = p(0, j), *yj = p(1, j), *zj = p(2, j);
+                T *gxi = g(0, i), *gyi = g(1, i), *gzi = g(2, i), *gxj = g(0, j), *gyj = g(1, j), *gzj = g(2, j);
+                const T *Bi = Bv + i * L, *Bj = Bv + j * L;
+                T *Di = D + i * L, *Dj = D + j * L;
+#pragma omp simd
+                for (int l = 0; l < L; ++l) {
+                    const T dx = xi[l] - xj[l], dy = yi[l] - yj[l], dz = zi[l] - zj[l];
+                    T r2 = dx * dx + dy * dy + dz * dz;
+                    const bool clamped = !(r2 > tiny);
+                    r2 = clamped ? tiny : r2;
+                    const T BB = Bi[l] * Bj[l];
+                    const T ex = exp_neg(-r2 / (T(4) * BB));
+                    const T f = std::sqrt(r2 + BB * ex), inv_f = T(1) / f;
+                    const T ef = exp_neg(-kap * f) * eout;
+                    const T scr = ein - ef;
+                    e[l] += -pref * qq * scr * inv_f;
+                    if (NG) {
+                        const T c = -pref * qq * (kap * ef * inv_f - scr * inv_f * inv_f) * T(0.5) * inv_f;
+                        const T dEdBB = c * ex * (T(1) + r2 / (T(4) * BB));
+                        Di[l] += dEdBB * Bj[l];
+                        Dj[l] += dEdBB * Bi[l];
+                        const T s = clamped ? T(0) : T(2) * c * (T(1) - T(0.25) * ex);
+                        gxi[l] += s * dx; gyi[l] += s * dy; gzi[l] += s * dz;
+                        gxj[l] -= s * dx; gyj[l] -= s * dy; gzj[l] -= s * dz;
+                    }
+                }
+            }
+        }
+        if (!NG) return;
+        for (int i = 0; i < N; ++i) {  // dE/dI = dE/dB dB/dI (kept in D)
+            T *Di = D + i * L;
+            const T* dBi = dBdI + i * L;
+#pragma omp simd
+            for (int l = 0; l < L; ++l) Di[l] *= dBi[l];
+        }
+        for (int i = 0; i < N; ++i) {  // pass 3: forces through the Born integrals
+            const T oi = T(P.gb_or[i]), si = T(P.gb_sr[i]);
+            for (int j = i + 1; j < N; ++j) {
+                const T oj = T(P.gb_or[j]), sj = T(P.gb_sr[j]);
+                const T *xi = p(0, i), *yi = p(1, i), *zi = p(2, i), *xj = p(0, j), *yj = p(1, j), *zj = p(2, j);
+                T *gxi = g(0, i), *gyi = g(1, i), *gzi = g(2, i), *gxj = g(0, j), *gyj = g(1, j), *gzj = g(2, j);
+                const T *Gi = D + i * L, *Gj = D + j * L;
+#pragma omp simd
+                for (int l = 0; l < L; ++l) {
+                    const T dx = xi[l] - xj[l], dy = yi[l] - yj[l], dz = zi[l] - zj[l];
+                    T r2 = dx * dx + dy * dy + dz * dz;
+                    const bool clamped = !(r2 > tiny);
+                    r2 = clamped ? tiny : r2;
+                    const T r = std::sqrt(r2), inv_r = T(1) / r;
+                    const T dv = Gi[l] * gb_dval(r, inv_r, oi, sj) + Gj[l] * gb_dval(r, inv_r, oj, si);
+                    const T s = clamped ? T(0) : dv * inv_r;
+                    gxi[l] += s * dx; gyi[l] += s * dy; gzi[l] += s * dz;
+                    gxj[l] -= s * dx; gyj[l] -= s * dy; gzj[l] -= s * dz;
+                }
+            }
+        }
+    }
 
     void harmonic_distance() {
         for (int64_t t = 0; t < P.n_hd; ++t) {
@@ -363,12 +566,12 @@ void run(const BfParams* P, const T* x, int64_t batch, T* u, T* gout, double bet
     const int64_t na = P->n_dq;
 #pragma omp parallel num_threads(n_threads)
     {
-        std::vector<T> scratch(static_cast<size_t>((6 * N + 1 + 3 * na) * L));
+        std::vector<T> scratch(static_cast<size_t>((6 * N + 1 + 3 * na + (P->gb ? 4 * N : 0)) * L));
         T* pos = scratch.data();
         T* grd = pos + 3 * N * L;
         T* e = grd + 3 * N * L;
         T* cs = e + L;
-        Block<T, L, NG> blk{*P, N, pos, grd, e, cs, cs + na * L, cs + 2 * na * L};
+        Block<T, L, NG> blk{*P, N, pos, grd, e, cs, cs + na * L, cs + 2 * na * L, cs + 3 * na * L};
         bool finite[L];
 #pragma omp for schedule(static)
         for (int64_t ib = 0; ib < n_blocks; ++ib) {
@@ -390,6 +593,7 @@ void run(const BfParams* P, const T* x, int64_t batch, T* u, T* gout, double bet
             blk.pairs();
             blk.angles();
             blk.dihedrals();
+            blk.gb();
             for (int l = 0; l < nb; ++l) {
                 const T ul = e[l] * T(beta);
                 const bool ok = finite[l] && std::isfinite(ul);
@@ -419,5 +623,5 @@ int bf_energy_f32(const BfParams* P, const float* x, int64_t batch, float* u, fl
     else run<float, 32, false>(P, x, batch, u, g, beta, n_threads);
     return 0;
 }
-int bf_abi_version() { return 1; }
+int bf_abi_version() { return 2; }
 }

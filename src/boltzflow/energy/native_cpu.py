@@ -1,7 +1,8 @@
 """The native energy's CPU kernel: ``native_cpu.cpp`` built on first use and called through ctypes.
 
 :class:`CpuKernel` evaluates the same terms as :func:`boltzflow.energy.native_kernels.reduced_energy_and_gradient`
-(everything but GB: bonds, Urey-Bradley, LJ + Coulomb pairs, angles, torsions, impropers, CMAP)
+(bonds, Urey-Bradley, LJ + Coulomb pairs, angles, torsions, impropers, CMAP) plus OBC2 GB with its
+surface-area term (which the torch path leaves to autograd)
 for ``x: (batch, n_atoms, 3)`` nm on the CPU in float32 or float64, energy and analytic gradient in
 one pass, over OpenMP threads (``torch.get_num_threads()``); ctypes releases the GIL during the call.
 
@@ -57,7 +58,14 @@ class BfParams(ctypes.Structure):
         ("n_cmap", ctypes.c_int64), ("cmap_phi_map", ctypes.c_void_p), ("cmap_psi_map", ctypes.c_void_p),
         ("cmap_base", ctypes.c_void_p), ("cmap_size", ctypes.c_void_p), ("cmap_delta", ctypes.c_void_p),
         ("cmap_coeff", ctypes.c_void_p),
+        ("gb", ctypes.c_int64), ("gb_q", ctypes.c_void_p), ("gb_or", ctypes.c_void_p), ("gb_sr", ctypes.c_void_p),
+        ("gb_offset", ctypes.c_double), ("gb_pref", ctypes.c_double), ("gb_eps_in", ctypes.c_double),
+        ("gb_eps_out", ctypes.c_double), ("gb_kappa", ctypes.c_double), ("gb_sa_coef", ctypes.c_double),
+        ("gb_sa_offset", ctypes.c_double), ("gb_probe", ctypes.c_double),
     ]
+
+#: constants of ``NativeEnergy._gb_const`` the kernel takes (OBC2 + ACE surface area)
+GB_CONSTANTS = ("offset", "pref", "eps_in", "eps_out", "kappa", "sa_coef", "sa_offset", "probe")
 
 
 def _cpu_tag() -> str:
@@ -138,9 +146,10 @@ class CpuKernel:
     """The C++ kernel bound to one NativeEnergy's fast-path parameters (kept alive here).
 
     ``prm`` is ``NativeEnergy._fast_params`` of a CPU float64 reference (tensors as the torch kernels
-    take them); ``n_atoms`` the system size."""
+    take them); ``n_atoms`` the system size; ``gb`` (optional) the OBC2 parameters: per-atom arrays
+    ``q`` (e), ``or`` and ``sr`` (offset and scaled offset radii, nm) and the :data:`GB_CONSTANTS`."""
 
-    def __init__(self, lib: ctypes.CDLL, prm: dict[str, torch.Tensor], n_atoms: int):
+    def __init__(self, lib: ctypes.CDLL, prm: dict[str, torch.Tensor], n_atoms: int, gb: dict | None = None):
         self._lib = lib
         keep: list[np.ndarray] = []
 
@@ -194,6 +203,17 @@ class CpuKernel:
                 coeff = np.ascontiguousarray(prm["cmap_coeff"].detach().cpu().double().numpy().T)  # (patches, 16)
                 keep.append(coeff)
                 p.cmap_coeff = coeff.ctypes.data
+        if gb is not None:
+            p.gb = 1
+            for name in ("q", "or", "sr"):
+                a = np.ascontiguousarray(np.asarray(gb[name], dtype=np.float64).reshape(-1))
+                if a.shape != (n_atoms,):
+                    raise ValueError(f"GB parameter {name!r} must have {n_atoms} entries, got {a.shape}")
+                keep.append(a)
+                setattr(p, f"gb_{name}", a.ctypes.data)
+            for name in GB_CONSTANTS:
+                setattr(p, f"gb_{name}", float(gb[name]))
+        self.has_gb = gb is not None
         self._keep = keep
         self._params = p
         self.n_atoms = int(n_atoms)
