@@ -5,13 +5,16 @@ parameter tensors (registered buffers, so ``.to(device)`` works) and evaluates
 ``x: (batch, n_atoms, 3)`` nm -> ``u: (batch,)`` kT in vectorised tensor ops, in x's dtype
 (float32 or float64) and on x's device.
 
-Two evaluation paths compute the same formulas. The default *analytic* path
-(:mod:`boltzflow.energy.native_kernels`) computes energy and hand-derived forces together in one
-pass over batch chunks of ``chunk_size`` configurations, in a component-major ``(3, n_atoms,
-batch)`` layout, optionally fused by ``torch.compile`` (``compile=True``, the fast path: one
-compiled region per call); GB stays on autograd. The *autograd* path (``analytic=False``, and
-whenever per-term gradient caps are set) differentiates the energy with autograd. Double backward
-works on both (the analytic path re-evaluates through autograd when ``create_graph=True``).
+Two evaluation paths compute the same formulas. The default *analytic* path computes energy and
+hand-derived forces together in one pass. On the CPU it runs the C++ kernel
+(:mod:`boltzflow.energy.native_cpu`: built on first use with the system compiler, every term
+including OBC2 GB, vectorised over blocks of configurations, OpenMP over ``torch.get_num_threads()``;
+``cpu_kernel="auto"``); on CUDA, or with ``cpu_kernel="torch"`` or no compiler, the torch kernels
+(:mod:`boltzflow.energy.native_kernels`) over batch chunks of ``chunk_size`` configurations in a
+component-major ``(3, n_atoms, batch)`` layout, optionally fused by ``torch.compile``
+(``compile=True``), with GB on autograd. The *autograd* path (``analytic=False``, and whenever
+per-term gradient caps are set) differentiates the energy with autograd. Double backward works on
+both (the analytic path re-evaluates through autograd when ``create_graph=True``).
 
 Supported forces (everything CHARMM36m produces in vacuum / OBC2 through the ForceField
 route ``charmm36_2024.xml [+ implicit/obc2.xml]`` and through ``CharmmPsfFile``), all NoCutoff,
@@ -593,9 +596,10 @@ class NativeEnergy(torch.nn.Module):
     cap: optional :class:`EnergyCap` (per-term gradient cap, log-linear total-energy cap).
     dtype: storage dtype of the parameter buffers (computation always follows x's dtype).
     device: where the buffers live initially (``.to(device)`` moves them later).
-    compile: fuse the analytic kernels (or, with ``analytic=False``, the autograd energy) with
-        ``torch.compile``: about 3x faster on CPU after a compilation of about a minute per dtype
-        (needs a C++ compiler); per-term gradient caps run eagerly.
+    compile: fuse the torch analytic kernels (or, with ``analytic=False``, the autograd energy) with
+        ``torch.compile``: about 3x faster than eager after a compilation of about a minute per dtype;
+        on the CPU the C++ kernel (below) is faster still and takes precedence unless
+        ``cpu_kernel="torch"``; per-term gradient caps run eagerly.
     analytic: hand-derived forces (default; ~2x faster eager than autograd); False: autograd path.
     cpu_kernel: on the CPU, the analytic path's kernel: ``"auto"`` (default) the C++ kernel
         (:mod:`boltzflow.energy.native_cpu`, built on first use, OpenMP over ``torch.get_num_threads()``;
