@@ -159,6 +159,28 @@ BF_INLINE T log_pos(T x) {
     return te * T(kLn2Hi) + (T(2) * z * p + te * T(kLn2Lo));
 }
 
+// The four atoms' coordinate rows (component-major scratch) of one dihedral quad.
+template <typename T>
+struct Quad {
+    const T *x0, *y0, *z0, *x1, *y1, *z1, *x2, *y2, *z2, *x3, *y3, *z3;
+};
+
+// Bond vectors b1 = p1 - p0, b2 = p2 - p1, b3 = p3 - p2, normals m = b1 x b2, n = b2 x b3 and the
+// clamped |b2|^2 of lane l of a quad (shared by the angle and the gradient passes).
+template <typename T>
+struct Dihedral {
+    T b1x, b1y, b1z, b2x, b2y, b2z, b3x, b3y, b3z, mx, my, mz, nx, ny, nz, b2n2;
+    BF_INLINE Dihedral(const Quad<T>& q, int l) {
+        b1x = q.x1[l] - q.x0[l]; b1y = q.y1[l] - q.y0[l]; b1z = q.z1[l] - q.z0[l];
+        b2x = q.x2[l] - q.x1[l]; b2y = q.y2[l] - q.y1[l]; b2z = q.z2[l] - q.z1[l];
+        b3x = q.x3[l] - q.x2[l]; b3y = q.y3[l] - q.y2[l]; b3z = q.z3[l] - q.z2[l];
+        mx = b1y * b2z - b1z * b2y; my = b1z * b2x - b1x * b2z; mz = b1x * b2y - b1y * b2x;
+        nx = b2y * b3z - b2z * b3y; ny = b2z * b3x - b2x * b3z; nz = b2x * b3y - b2y * b3x;
+        const T b22 = b2x * b2x + b2y * b2y + b2z * b2z;
+        b2n2 = b22 > T(kTiny) ? b22 : T(kTiny);
+    }
+};
+
 template <typename T, int L, bool NG>
 struct Block {
     const BfParams& P;
@@ -400,21 +422,15 @@ struct Block {
     void dihedral_angle(int64_t t) {
         const int32_t* q = P.dq_idx + 4 * t;
         const int i0 = q[0], i1 = q[1], i2 = q[2], i3 = q[3];
-        const T *x0 = p(0, i0), *y0 = p(1, i0), *z0 = p(2, i0), *x1 = p(0, i1), *y1 = p(1, i1), *z1 = p(2, i1);
-        const T *x2 = p(0, i2), *y2 = p(1, i2), *z2 = p(2, i2), *x3 = p(0, i3), *y3 = p(1, i3), *z3 = p(2, i3);
+        const Quad<T> Q{p(0, i0), p(1, i0), p(2, i0), p(0, i1), p(1, i1), p(2, i1),
+                        p(0, i2), p(1, i2), p(2, i2), p(0, i3), p(1, i3), p(2, i3)};
         T* cs_s = cs + t * L;
         T* sn_s = sn + t * L;
 #pragma omp simd
         for (int l = 0; l < L; ++l) {
-            const T b1x = x1[l] - x0[l], b1y = y1[l] - y0[l], b1z = z1[l] - z0[l];
-            const T b2x = x2[l] - x1[l], b2y = y2[l] - y1[l], b2z = z2[l] - z1[l];
-            const T b3x = x3[l] - x2[l], b3y = y3[l] - y2[l], b3z = z3[l] - z2[l];
-            const T mx = b1y * b2z - b1z * b2y, my = b1z * b2x - b1x * b2z, mz = b1x * b2y - b1y * b2x;
-            const T nx = b2y * b3z - b2z * b3y, ny = b2z * b3x - b2x * b3z, nz = b2x * b3y - b2y * b3x;
-            T b2n2 = b2x * b2x + b2y * b2y + b2z * b2z;
-            b2n2 = b2n2 > T(kTiny) ? b2n2 : T(kTiny);
-            const T yy = std::sqrt(b2n2) * (b1x * nx + b1y * ny + b1z * nz);
-            const T xx = mx * nx + my * ny + mz * nz;
+            const Dihedral<T> D(Q, l);
+            const T yy = std::sqrt(D.b2n2) * (D.b1x * D.nx + D.b1y * D.ny + D.b1z * D.nz);
+            const T xx = D.mx * D.nx + D.my * D.ny + D.mz * D.nz;
             const bool bad = (std::fabs(xx) + std::fabs(yy)) < T(1e-18);
             T h2 = xx * xx + yy * yy;
             h2 = h2 > T(kTiny) ? h2 : T(kTiny);
@@ -464,29 +480,23 @@ struct Block {
     void dihedral_gradient(int64_t t) {
         const int32_t* q = P.dq_idx + 4 * t;
         const int i0 = q[0], i1 = q[1], i2 = q[2], i3 = q[3];
-        const T *x0 = p(0, i0), *y0 = p(1, i0), *z0 = p(2, i0), *x1 = p(0, i1), *y1 = p(1, i1), *z1 = p(2, i1);
-        const T *x2 = p(0, i2), *y2 = p(1, i2), *z2 = p(2, i2), *x3 = p(0, i3), *y3 = p(1, i3), *z3 = p(2, i3);
+        const Quad<T> Q{p(0, i0), p(1, i0), p(2, i0), p(0, i1), p(1, i1), p(2, i1),
+                        p(0, i2), p(1, i2), p(2, i2), p(0, i3), p(1, i3), p(2, i3)};
         T *g0x = g(0, i0), *g0y = g(1, i0), *g0z = g(2, i0), *g1x = g(0, i1), *g1y = g(1, i1), *g1z = g(2, i1);
         T *g2x = g(0, i2), *g2y = g(1, i2), *g2z = g(2, i2), *g3x = g(0, i3), *g3y = g(1, i3), *g3z = g(2, i3);
         const T* d = de + t * L;
 #pragma omp simd
         for (int l = 0; l < L; ++l) {
-            const T b1x = x1[l] - x0[l], b1y = y1[l] - y0[l], b1z = z1[l] - z0[l];
-            const T b2x = x2[l] - x1[l], b2y = y2[l] - y1[l], b2z = z2[l] - z1[l];
-            const T b3x = x3[l] - x2[l], b3y = y3[l] - y2[l], b3z = z3[l] - z2[l];
-            const T mx = b1y * b2z - b1z * b2y, my = b1z * b2x - b1x * b2z, mz = b1x * b2y - b1y * b2x;
-            const T nx = b2y * b3z - b2z * b3y, ny = b2z * b3x - b2x * b3z, nz = b2x * b3y - b2y * b3x;
-            T b2n2 = b2x * b2x + b2y * b2y + b2z * b2z;
-            b2n2 = b2n2 > T(kTiny) ? b2n2 : T(kTiny);
-            const T b2n = std::sqrt(b2n2);
-            T m2 = mx * mx + my * my + mz * mz, n2 = nx * nx + ny * ny + nz * nz;
+            const Dihedral<T> D(Q, l);
+            const T b2n = std::sqrt(D.b2n2);
+            T m2 = D.mx * D.mx + D.my * D.my + D.mz * D.mz, n2 = D.nx * D.nx + D.ny * D.ny + D.nz * D.nz;
             m2 = m2 > T(kTiny) ? m2 : T(kTiny);
             n2 = n2 > T(kTiny) ? n2 : T(kTiny);
             const T s0 = -d[l] * b2n / m2, s3 = d[l] * b2n / n2;
-            const T a0x = mx * s0, a0y = my * s0, a0z = mz * s0;
-            const T a3x = nx * s3, a3y = ny * s3, a3z = nz * s3;
-            const T f1 = (b1x * b2x + b1y * b2y + b1z * b2z) / b2n2;
-            const T f3 = (b3x * b2x + b3y * b2y + b3z * b2z) / b2n2;
+            const T a0x = D.mx * s0, a0y = D.my * s0, a0z = D.mz * s0;
+            const T a3x = D.nx * s3, a3y = D.ny * s3, a3z = D.nz * s3;
+            const T f1 = (D.b1x * D.b2x + D.b1y * D.b2y + D.b1z * D.b2z) / D.b2n2;
+            const T f3 = (D.b3x * D.b2x + D.b3y * D.b2y + D.b3z * D.b2z) / D.b2n2;
             g0x[l] += a0x; g0y[l] += a0y; g0z[l] += a0z;
             g3x[l] += a3x; g3y[l] += a3y; g3z[l] += a3z;
             g1x[l] += f3 * a3x - (T(1) + f1) * a0x;
