@@ -1,11 +1,13 @@
 """Replica exchange on cheap systems with exact answers (real OpenMM + openmmtools)."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -202,3 +204,211 @@ def test_cold_state_is_not_heated_by_swapped_velocities(tmp_path):
     g = ss.provenance["statistical_inefficiency"]
     se = np.std(u) / np.sqrt(len(u) / g)
     assert abs(np.mean(u) - 1.5 * n) < max(4 * se, 1.0), (np.mean(u), se)
+
+
+SMALL = {**FAST, "n_replicas": 3, "steps_per_iteration": 20}
+
+
+def _zlib_chunks(data: bytes) -> list[tuple[int, int]]:
+    """(address, size) of the stored chunks that are zlib streams (openmmtools compresses positions
+    and velocities; velocities stay unwritten), in iteration order, read from the leaf nodes ("TREE",
+    type 1 = chunk index, level 0) of the HDF5 v1 B-trees: after the 24-byte node header come
+    ``used`` entries of (key: chunk size u32, filter mask u32, rank+1 offsets u64; chunk address u64)."""
+    import struct
+    import zlib
+
+    out = []
+    i = data.find(b"TREE")
+    while i >= 0:
+        if data[i + 4] == 1 and data[i + 5] == 0:
+            used = struct.unpack_from("<H", data, i + 6)[0]
+            for rank in range(1, 8):  # the key size depends on the dataset's rank: try them all
+                ks = 8 + 8 * (rank + 1)
+                try:
+                    entries = [(struct.unpack_from("<Q", data, o + ks)[0], struct.unpack_from("<I", data, o)[0])
+                               for o in (i + 24 + k * (ks + 8) for k in range(used))]
+                    if all(zlib.decompress(data[a:a + n]) for a, n in entries):
+                        out.extend(entries)
+                        break
+                except (zlib.error, struct.error, OverflowError):
+                    continue
+        i = data.find(b"TREE", i + 4)
+    return out
+
+
+def _damage(path, how):
+    """Damage an HDF5 file the way a kill mid-write can.
+
+    "positions": zero the stored (zlib) chunk of iteration 2's positions; openmmtools' resume does not
+    read it, the later ``read_replica`` fails with "RuntimeError: NetCDF: HDF error" (the CI failure).
+    "index": overwrite the signatures of the B-tree nodes of the chunk indices (all but the root group's).
+    "truncate": cut off the second half of the file."""
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        del data[len(data) // 2:]
+    elif how == "positions":
+        chunks = _zlib_chunks(bytes(data))
+        assert len(chunks) >= 4, chunks
+        a, n = chunks[2]
+        data[a:a + n] = bytes(n)
+    else:
+        hits = [i for i in range(len(data) - 4) if data[i:i + 4] == b"TREE"]
+        assert hits, "no v1 B-tree node found in the file"
+        for i in hits[1:]:  # keep the first (the root group's): the file still opens
+            data[i:i + 4] = b"\0\0\0\0"
+    path.write_bytes(bytes(data))
+
+
+@contextlib.contextmanager
+def _no_restore_warning():
+    """StorageRestoredWarning (a lossy restore) is an error inside this block."""
+    from boltzflow.replica.storage import StorageRestoredWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StorageRestoredWarning)
+        yield
+
+
+@pytest.mark.parametrize("how", ["positions", "index", "truncate"])
+def test_resume_from_damaged_storage_uses_the_snapshots(tmp_path, how):
+    """Storage damaged by a kill mid-write (the CI failure: resume fine, read_replica "NetCDF: HDF error"):
+    the resume continues from the snapshots of the last checkpoint, loses nothing and reads everything."""
+    from boltzflow.replica.storage import StorageCorruptError, check_storage, snapshot_pair
+
+    system = harmonic_system(2)
+    path = run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=7, checkpoint_interval=2, **SMALL),
+                                tmp_path, progress=False)
+    assert json.loads((tmp_path / "replica_cost.json").read_text())["snapshot_iteration"] == 6
+    assert check_storage(*snapshot_pair(path)) == 6
+    _damage(path, how)
+    with pytest.raises(StorageCorruptError, match="replica.nc"):
+        check_storage(path)
+    leftover = tmp_path / ".replica.nc.snapshot.k1ll3d.partial"  # a snapshot copy killed midway
+    leftover.write_bytes(b"half a copy")
+    # resuming at the last checkpoint is what a resume does anyway: no warning, unless the storage cannot
+    # even be opened (then its last checkpoint is unknown)
+    from boltzflow.replica.storage import StorageRestoredWarning
+
+    expect = (pytest.warns(StorageRestoredWarning, match="cannot be opened.*iteration 6 .*cannot be read")
+              if how == "truncate" else _no_restore_warning())
+    with expect:
+        run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=12, checkpoint_interval=2, **SMALL),
+                             tmp_path, progress=False)
+    assert not leftover.exists()
+    assert check_storage(path) == 12
+    data = read_replica(path)
+    assert data.n_iterations == 12 and np.all(np.isfinite(data.energies)) and np.all(np.isfinite(data.positions))
+    assert np.all(np.sort(data.states, axis=1) == np.arange(3))
+    rec = json.loads((tmp_path / "replica_config.json").read_text())
+    assert rec["resumed_from_iteration"] == 6 and rec["resume_source"] == "snapshot"
+    assert [r["iteration"] for r in rec["restored_from_snapshot"]] == ([6] if how == "truncate" else [])
+    cost = json.loads((tmp_path / "replica_cost.json").read_text())
+    assert cost["iteration"] == 12 and cost["snapshot_iteration"] == 12 and cost["wall_time_s"] > 0
+    assert len(extract_samples(path)) > 0
+
+
+def test_damaged_storage_newer_than_its_snapshots_goes_back_with_a_warning(tmp_path):
+    """Snapshots older than the last checkpoint (skipped for size, or the kill hit the snapshot itself):
+    an intact storage is continued as it is, a damaged one goes back to the snapshots with a warning."""
+    import shutil
+
+    from boltzflow.replica.storage import StorageRestoredWarning, snapshot_pair
+
+    system = harmonic_system(2)
+    cfg = ReplicaExchangeConfig(n_iterations=4, checkpoint_interval=2, **SMALL)
+    path = run_replica_exchange(system, cfg, tmp_path, progress=False)
+    old = tmp_path / "old"
+    old.mkdir()
+    for p in snapshot_pair(path):
+        shutil.copy(p, old / p.name)  # the snapshots of iteration 4
+
+    def run_to(n, snapshots_of_4=True):
+        if snapshots_of_4:
+            for p in snapshot_pair(path):
+                shutil.copy(old / p.name, p)
+        run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=n, checkpoint_interval=2, **SMALL),
+                             tmp_path, progress=False)
+        return json.loads((tmp_path / "replica_config.json").read_text())
+
+    rec = run_to(9)  # intact storage, last checkpoint 8 > 4: continued in place
+    assert rec["resumed_from_iteration"] == 4 and rec["resume_source"] == "snapshot"  # first resume: 4 == 4
+    with _no_restore_warning():
+        rec = run_to(11)
+    assert rec["resumed_from_iteration"] == 8 and rec["resume_source"] == "storage"
+    for p in snapshot_pair(path):
+        shutil.copy(old / p.name, p)
+    _damage(path, "positions")
+    with pytest.warns(StorageRestoredWarning, match=r"replica\.nc'?: variable '/positions'.*iteration 4 \(the "
+                                                    r"storage's last checkpoint was iteration 10\)"):
+        rec = run_to(13, snapshots_of_4=False)
+    assert rec["resumed_from_iteration"] == 4 and rec["resume_source"] == "snapshot"
+    assert [r["iteration"] for r in rec["restored_from_snapshot"]] == [4]
+    assert "HDF error" in rec["restored_from_snapshot"][0]["problem"]
+    data = read_replica(path)
+    assert data.n_iterations == 13 and np.all(np.isfinite(data.positions))
+    cost = json.loads((tmp_path / "replica_cost.json").read_text())
+    assert cost["iteration"] == 13 and cost["snapshot_iteration"] == 12
+
+
+def test_damaged_storage_without_snapshots_is_a_clear_error(tmp_path):
+    system = harmonic_system(2)
+    cfg = ReplicaExchangeConfig(n_iterations=5, checkpoint_interval=2, **SMALL)
+    path = run_replica_exchange(system, cfg, tmp_path, progress=False)
+    for p in tmp_path.glob("*.snapshot"):
+        p.unlink()  # a run made before snapshots existed
+    _damage(path, "positions")
+    damaged = path.read_bytes()
+    with pytest.raises(InputError, match=r"cannot resume .*replica\.nc.*HDF error.*no snapshots.*new -o directory"):
+        run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=8, checkpoint_interval=2, **SMALL),
+                             tmp_path, progress=False)
+    assert path.read_bytes() == damaged  # left as it was for the user to inspect
+
+
+def test_inconsistent_storage_pair_and_stale_snapshots(tmp_path):
+    """A checkpoint file older than the analysis file (a kill between the two replaces of a restore)
+    is caught and repaired; snapshots without storage are neither reused nor deleted."""
+    import shutil
+
+    from boltzflow.replica.storage import StorageCorruptError, check_storage
+
+    system = harmonic_system(2)
+    cfg = ReplicaExchangeConfig(n_iterations=4, checkpoint_interval=2, **SMALL)
+    path = run_replica_exchange(system, cfg, tmp_path, progress=False)
+    ckpt = tmp_path / "replica_checkpoint.nc"
+    shutil.copy(ckpt, tmp_path / "old_checkpoint.nc")
+    run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=8, checkpoint_interval=2, **SMALL), tmp_path,
+                         progress=False)
+    os.replace(tmp_path / "old_checkpoint.nc", ckpt)
+    with pytest.raises(StorageCorruptError, match="lacks the checkpoint of iteration 8"):
+        check_storage(path)
+    run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=9, checkpoint_interval=2, **SMALL), tmp_path,
+                         progress=False)
+    assert check_storage(path) == 9 and read_replica(path).n_iterations == 9
+    path.unlink()
+    ckpt.unlink()
+    with pytest.raises(InputError, match="snapshots of an earlier run"):
+        run_replica_exchange(system, cfg, tmp_path, progress=False)
+    assert (tmp_path / "replica.nc.snapshot").is_file()
+
+
+def test_storage_openmmtools_cannot_resume_goes_back_to_the_snapshots(tmp_path):
+    """A storage every variable of which reads, but whose stored MCMC move openmmtools cannot rebuild
+    (bytes damaged inside a string), falls back to the (older) snapshots as well."""
+    from boltzflow.replica.storage import StorageRestoredWarning, check_storage, snapshot_pair
+
+    system = harmonic_system(2)
+    path = run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=4, checkpoint_interval=2, **SMALL),
+                                tmp_path, progress=False)
+    old = {p: p.read_bytes() for p in snapshot_pair(path)}  # the snapshots of iteration 4
+    run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=7, checkpoint_interval=2, **SMALL), tmp_path,
+                         progress=False)
+    for p, b in old.items():
+        p.write_bytes(b)
+    data = path.read_bytes()
+    assert b"LangevinDynamicsMove" in data
+    path.write_bytes(data.replace(b"LangevinDynamicsMove", b"LangevinDynamicsMovX"))
+    assert check_storage(path) == 7  # HDF5 sees nothing wrong
+    with pytest.warns(StorageRestoredWarning, match="openmmtools could not resume.*iteration 4"):
+        run_replica_exchange(system, ReplicaExchangeConfig(n_iterations=9, checkpoint_interval=2, **SMALL),
+                             tmp_path, progress=False)
+    assert read_replica(path).n_iterations == 9

@@ -6,13 +6,39 @@ One run directory holds::
                                    at every iteration; MultiStateReporter NetCDF)
     OUT_DIR/replica_checkpoint.nc  checkpoint storage (positions + velocities every
                                    ``checkpoint_interval`` iterations: what a resume restarts from)
-    OUT_DIR/replica_config.json    the ReplicaExchangeConfig and the system fingerprint
-    OUT_DIR/replica_cost.json      wall time spent sampling (accumulated over resumes)
+    OUT_DIR/replica.nc.snapshot, OUT_DIR/replica_checkpoint.nc.snapshot
+                                   copies of both storage files taken at a checkpoint iteration
+                                   (atomically: temp file + fsync + rename); a resume falls back to
+                                   them when the storage is damaged
+    OUT_DIR/replica_config.json    the ReplicaExchangeConfig and the system fingerprint (plus
+                                   ``restored_from_snapshot`` entries when a resume used the snapshots)
+    OUT_DIR/replica_cost.json      wall time spent sampling (accumulated over resumes), the iteration
+                                   it was written at, and ``snapshot_iteration`` /
+                                   ``snapshot_wall_time_s`` of the current snapshots
+    OUT_DIR/.<file>.<random>.partial  leftover of a copy killed midway; deleted by the next run
 
 Resuming after a kill restarts from the last checkpoint iteration (iterations after it are
-recomputed). MPI: launched as ``mpirun -n K boltzflow simulate ...`` with mpi4py installed,
-openmmtools (through mpiplus) distributes the replicas over the K ranks by itself; nothing in
-boltzflow changes. Without mpi4py the run is serial.
+recomputed). HDF5 files are not crash-safe: a kill during a write can leave ``replica.nc`` damaged
+in ways openmmtools' resume does not notice (a chunk it later overwrites, or one it never reads
+until the analysis fails with "NetCDF: HDF error"). So a resume never continues in a killed file
+when it need not:
+
+* snapshots of the storage's last checkpoint iteration (the usual case) are copied over the
+  storage and the run continues from them; nothing is lost, openmmtools would restart there too;
+* otherwise (no snapshots, or older ones) every variable of both storage files is read first
+  (:func:`boltzflow.replica.storage.check_storage`); an intact storage is continued as it is, a
+  damaged one is replaced by the older snapshots with a
+  :class:`~boltzflow.replica.storage.StorageRestoredWarning` naming the damaged file and the
+  iteration the run goes back to, or, without usable snapshots, the resume stops with a
+  :class:`~boltzflow.replica.storage.StorageCorruptError` (an InputError) that says what to do.
+
+Snapshots are taken at every checkpoint iteration while the storage is small; for storage larger
+than ``SNAPSHOT_BYTES_PER_CHECKPOINT`` only every ``ceil(size / SNAPSHOT_BYTES_PER_CHECKPOINT)``-th
+checkpoint is copied, which bounds the copying to about that many bytes per checkpoint interval.
+
+MPI: launched as ``mpirun -n K boltzflow simulate ...`` with mpi4py installed,
+openmmtools (through mpiplus) distributes the replicas over the K ranks by itself; boltzflow only
+keeps its own file writing (cost record, snapshots, restores) on rank 0. Without mpi4py the run is serial.
 
 Not bitwise reproducible: openmmtools draws Langevin noise and swap decisions from unseeded
 generators.
@@ -25,6 +51,7 @@ import io
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +61,13 @@ import numpy as np
 from ..errors import ConfigError, InputError
 from ..io import atomic_write_json
 from ..systems.molecular import prune_unused_cmap_maps  # re-exported by boltzflow.replica
+from . import storage as _storage
 
 METHODS = ("parallel-tempering", "replica-exchange")
 STORAGE_NAME = "replica.nc"
 CONFIG_NAME = "replica_config.json"
 COST_NAME = "replica_cost.json"  # accumulated wall time of the sampling (survives resumes)
+SNAPSHOT_BYTES_PER_CHECKPOINT = 64 << 20  # larger storage is snapshotted at every ceil(size / this)-th checkpoint
 
 
 @dataclass(frozen=True)
@@ -193,6 +222,137 @@ def _same_energies(system, path: Path, n_frames: int = 4) -> bool:
     return bool(np.all(np.abs(u_now - u_stored) < 1e-3 * np.maximum(1.0, np.abs(u_stored))))
 
 
+def _mpi_comm():
+    """The MPI communicator openmmtools uses (None when the run is serial)."""
+    import mpiplus
+
+    return mpiplus.get_mpicomm()
+
+
+def _restore_snapshot(path: Path, cost_path: Path, iteration: int) -> None:
+    """Copy the (checked) snapshots of ``iteration`` over the storage ``path``; rewrite the cost record
+    to the snapshot's iteration and wall time."""
+    _storage.restore_snapshot(path)
+    cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
+    if cost.get("snapshot_iteration") == iteration:
+        wall = float(cost["snapshot_wall_time_s"])
+    else:  # killed between writing the snapshot and the cost record: the last recorded time is closest
+        wall = float(cost.get("wall_time_s", 0.0))
+    atomic_write_json(cost_path, {"wall_time_s": wall, "iteration": iteration, "snapshot_iteration": iteration,
+                                  "snapshot_wall_time_s": wall})
+
+
+def _usable_snapshot(path: Path) -> tuple[int | None, str]:
+    """(iteration of the snapshots, "") when both snapshot files read completely, else (None, why not)."""
+    if not _storage.has_snapshot(path):
+        names = " and ".join(p.name for p in _storage.snapshot_pair(path))
+        return None, f"there are no snapshots ({names})"
+    try:
+        return _storage.check_storage(*_storage.snapshot_pair(path)), ""
+    except _storage.StorageCorruptError as e:
+        return None, f"the snapshots are unusable ({e})"
+
+
+def _prepare_resume(path: Path, cost_path: Path) -> dict[str, Any]:
+    """Choose what a resume continues from; restore the snapshots over the storage when they are used.
+
+    Returns ``{"source": "snapshot" | "storage", "iteration": snapshot iteration or None,
+    "problem": what was wrong with the storage or None}``. Raises StorageCorruptError when the storage
+    is damaged and no usable snapshot exists."""
+    snap_it, snap_why = _usable_snapshot(path)
+    try:
+        resume_at = _storage.resume_iteration(path)
+    except _storage.StorageCorruptError:
+        resume_at = None  # cannot even read last_iteration: check_storage below says what is wrong
+    if snap_it is not None and snap_it == resume_at:
+        _restore_snapshot(path, cost_path, snap_it)
+        logging.getLogger(__name__).info("resuming %s from its snapshot of iteration %d", path, snap_it)
+        return {"source": "snapshot", "iteration": snap_it, "problem": None}
+    try:
+        _storage.check_storage(path)
+    except _storage.StorageCorruptError as e:
+        if snap_it is None:
+            raise _storage.StorageCorruptError(
+                f"cannot resume '{path.parent}': {e}. The run was probably killed while writing it, and {snap_why}, "
+                "so there is nothing to go back to (runs killed before their first checkpoint, or made by a "
+                "boltzflow without snapshots, have none). Start the run again in a new -o directory (or delete "
+                "this one)") from e
+        _restore_snapshot(path, cost_path, snap_it)
+        _warn_restored(str(e), path, snap_it, resume_at)
+        return {"source": "snapshot", "iteration": snap_it, "problem": str(e)}
+    if _storage.has_snapshot(path) and snap_it is None:
+        warnings.warn(f"{snap_why}; the intact storage '{path}' is continued and the snapshots are replaced at "
+                      "the next checkpoint", stacklevel=3)
+    return {"source": "storage", "iteration": None, "problem": None}
+
+
+def _warn_restored(problem: str, path: Path, snap_it: int, resume_at: int | None) -> None:
+    snap_a, snap_c = _storage.snapshot_pair(path)
+    lost = (f" (the storage's last checkpoint was iteration {resume_at})" if resume_at is not None
+            else " (the storage's own last checkpoint cannot be read)")
+    warnings.warn(f"{problem}. Restored the snapshots {snap_a.name} and {snap_c.name} of iteration {snap_it}{lost}: "
+                  f"the run continues from iteration {snap_it} and recomputes the iterations after it",
+                  _storage.StorageRestoredWarning, stacklevel=4)
+
+
+def _load_sampler(path: Path, config: ReplicaExchangeConfig):
+    """(sampler, reporter) resumed from the storage ``path`` by openmmtools."""
+    from openmmtools import multistate
+
+    cls = (multistate.ParallelTemperingSampler if config.method == "parallel-tempering"
+           else multistate.ReplicaExchangeSampler)
+    reporter = multistate.MultiStateReporter(str(path), open_mode="a")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # from_storage prints a citation banner
+            sampler = cls.from_storage(reporter)
+    except BaseException:
+        reporter.close()
+        raise
+    return sampler, reporter
+
+
+class _Snapshots:
+    """Snapshots of the storage at checkpoint iterations: every checkpoint while the storage is at most
+    SNAPSHOT_BYTES_PER_CHECKPOINT, else every ceil(size / SNAPSHOT_BYTES_PER_CHECKPOINT)-th one."""
+
+    def __init__(self, path: Path, iteration: int | None = None, wall_time_s: float | None = None):
+        self.path = path
+        self.iteration, self.wall_time_s = iteration, wall_time_s
+        self._skipped = None  # checkpoints passed since this process's last snapshot (None: none yet)
+
+    def maybe_take(self, reporter, iteration: int, wall_time_s: float) -> bool:
+        """Snapshot now (flushing the reporter first) unless the storage is too large for this checkpoint."""
+        size = sum(p.stat().st_size for p in _storage.storage_pair(self.path))
+        if self._skipped is not None and (self._skipped + 1) * SNAPSHOT_BYTES_PER_CHECKPOINT < size:
+            self._skipped += 1
+            return False
+        reporter.sync()  # HDF5 buffers -> file, so the copies are complete
+        _storage.take_snapshot(self.path)
+        self._skipped = 0
+        self.iteration, self.wall_time_s = int(iteration), float(wall_time_s)
+        return True
+
+    def record(self) -> dict[str, Any]:
+        if self.iteration is None:
+            return {}
+        return {"snapshot_iteration": self.iteration, "snapshot_wall_time_s": self.wall_time_s}
+
+
+def _existing_snapshots(path: Path, cost_path: Path) -> _Snapshots:
+    """The snapshots a resumed run starts with: iteration from the snapshot itself, wall time from the
+    cost record when that was written for the same snapshot (else the cost record's last time)."""
+    if not _storage.has_snapshot(path):
+        return _Snapshots(path)
+    try:
+        it = _storage.read_last_iteration(_storage.snapshot_path(path))
+    except _storage.StorageCorruptError as e:
+        warnings.warn(f"{e}; the snapshots will be replaced at the next checkpoint iteration", stacklevel=3)
+        return _Snapshots(path)
+    cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
+    wall = cost.get("snapshot_wall_time_s") if cost.get("snapshot_iteration") == it else cost.get("wall_time_s")
+    return _Snapshots(path, it, None if wall is None else float(wall))
+
+
 def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | Path, resume: bool = True,
                          progress: bool = True) -> Path:
     """Run (or resume) replica exchange of ``system`` (a MolecularSystem); returns the storage path.
@@ -210,35 +370,66 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
     out.mkdir(parents=True, exist_ok=True)
     path = storage_path(out)
     cfg_path = out / CONFIG_NAME
+    cost_path = out / COST_NAME
+    comm = _mpi_comm()
+    is_root = comm is None or comm.rank == 0
     fingerprint = system.fingerprint()
     record = {"config": config.to_dict(), "fingerprint": fingerprint, "system": system.name,
               "temperatures_k": config.temperatures().tolist(), "n_atoms": system.n_atoms}
 
+    if is_root:
+        for leftover in _storage.remove_partial_copies(path):
+            logging.getLogger(__name__).info("removed %s (a copy killed midway)", leftover)
     if path.exists():
         if not resume:
             raise InputError(f"'{path}' already exists; pass --resume to continue it or choose another -o directory")
         if not cfg_path.is_file():
             raise InputError(f"'{path}' exists but '{cfg_path}' is missing; it was not made by boltzflow simulate")
         old = json.loads(cfg_path.read_text())
-        if old.get("fingerprint") != fingerprint and not _same_energies(system, path):
-            raise InputError(f"'{path}' was made for another system ({old.get('system')}, fingerprint "
-                             f"{old.get('fingerprint')}, energies differ); use a new -o directory")
         oc = old["config"]
         for key in ("method", "t_min", "t_max", "n_replicas", "steps_per_iteration", "timestep_fs"):
             if oc.get(key) != getattr(config, key):
                 raise InputError(f"cannot resume '{path}' with {key}={getattr(config, key)!r}: the run used "
                                  f"{oc.get(key)!r}; use the same settings or a new -o directory")
-        reporter = multistate.MultiStateReporter(str(path), open_mode="a")
-        cls = multistate.ParallelTemperingSampler if config.method == "parallel-tempering" else multistate.ReplicaExchangeSampler
-        with contextlib.redirect_stdout(io.StringIO()):  # from_storage prints a citation banner
-            sampler = cls.from_storage(reporter)
+        source = _prepare_resume(path, cost_path) if is_root else {"source": "storage", "iteration": None,
+                                                                   "problem": None}
+        if comm is not None:
+            comm.barrier()  # the other ranks read the storage only once rank 0 has checked/restored it
+        if old.get("fingerprint") != fingerprint and not _same_energies(system, path):
+            raise InputError(f"'{path}' was made for another system ({old.get('system')}, fingerprint "
+                             f"{old.get('fingerprint')}, energies differ); use a new -o directory")
+        try:
+            sampler, reporter = _load_sampler(path, config)
+        except Exception as e:
+            # check_storage read everything, yet openmmtools failed (e.g. a damaged serialised state):
+            # older snapshots are the way back, once; without them the original error stands
+            snap_it = _usable_snapshot(path)[0] if is_root and source["source"] == "storage" else None
+            if snap_it is None:
+                raise
+            problem = f"openmmtools could not resume from '{path}' ({type(e).__name__}: {e})"
+            _restore_snapshot(path, cost_path, snap_it)
+            _warn_restored(problem, path, snap_it, None)
+            source = {"source": "snapshot", "iteration": snap_it, "problem": problem}
+            sampler, reporter = _load_sampler(path, config)
         _set_caches(sampler, config)
         _reassign_velocities(sampler)  # runs stored before the fix kept velocities across swaps
         sampler.number_of_iterations = max(int(config.n_iterations), int(sampler.iteration))
         record["resumed_from_iteration"] = int(sampler.iteration)
         record["fingerprint_history"] = old.get("fingerprint_history", []) + (
             [old.get("fingerprint")] if old.get("fingerprint") != fingerprint else [])
+        record["resume_source"] = source["source"]
+        damaged = [{"iteration": source["iteration"], "problem": source["problem"]}] if source["problem"] else []
+        record["restored_from_snapshot"] = old.get("restored_from_snapshot", []) + damaged
+        snapshots = _existing_snapshots(path, cost_path)
     else:
+        stale = [p for p in _storage.snapshot_pair(path) if p.exists()]
+        if stale:
+            raise InputError(
+                f"'{out}' holds snapshots of an earlier run ({', '.join(p.name for p in stale)}) but no "
+                f"{path.name}. To continue that run copy {_storage.snapshot_path(path).name} to {path.name} and "
+                f"{_storage.snapshot_path(_storage.checkpoint_path(path)).name} to "
+                f"{_storage.checkpoint_path(path).name} and pass --resume; to start a new run delete the "
+                "snapshots or choose another -o directory")
         sysobj = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system.system))
         prune_unused_cmap_maps(sysobj)
         temps = config.temperatures()
@@ -260,16 +451,20 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
             sampler.create(tstates, sstate, reporter, metadata=meta)
         if config.minimize:
             sampler.minimize()
+        snapshots = _Snapshots(path)
     atomic_write_json(cfg_path, record)
 
     total = int(sampler.number_of_iterations)
-    cost_path = out / COST_NAME
     prior = json.loads(cost_path.read_text()).get("wall_time_s", 0.0) if (resume and cost_path.is_file()) else 0.0
     t_start = time.perf_counter()
 
+    def wall_time() -> float:
+        return prior + time.perf_counter() - t_start
+
     def save_cost() -> None:
-        atomic_write_json(cost_path, {"wall_time_s": prior + time.perf_counter() - t_start,
-                                      "iteration": int(sampler.iteration)})
+        if is_root:
+            atomic_write_json(cost_path, {"wall_time_s": wall_time(), "iteration": int(sampler.iteration),
+                                          **snapshots.record()})
 
     bar = None
     if progress:
@@ -283,6 +478,10 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
             if bar is not None:
                 bar.update(1)
             if sampler.iteration % config.checkpoint_interval == 0:
+                # the reporter has written this iteration's checkpoint: snapshot the storage, then record
+                # the cost with the snapshot's iteration (a kill in between leaves the older, valid pair)
+                if is_root:
+                    snapshots.maybe_take(reporter, int(sampler.iteration), wall_time())
                 save_cost()
     finally:
         save_cost()
