@@ -15,9 +15,10 @@ EXAMPLE = """\
   # several MPI ranks (needs mpi4py): openmmtools spreads the replicas over the ranks
   mpirun -n 4 boltzflow simulate butane --iterations 2000 -o runs/butane-pt
 
-Writes RUN_DIR/replica.nc (+ replica_checkpoint.nc, NetCDF), RUN_DIR/samples.npz (decorrelated
-SampleSet of the t-min state, nm / kT) and RUN_DIR/summary.json (statistical inefficiency, mode
-populations with block errors). Energies use the system's OpenMM System as is (no constraints:
+Writes RUN_DIR/replica.nc (+ replica_checkpoint.nc, NetCDF, and their *.snapshot copies taken at
+each checkpoint, which --resume falls back to when a kill damaged the storage), RUN_DIR/samples.npz
+(decorrelated SampleSet of the t-min state, nm / kT) and RUN_DIR/summary.json (statistical
+inefficiency, mode populations with block errors). Energies use the system's OpenMM System as is (no constraints:
 keep --timestep-fs <= 1).
 """
 
