@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write ``path`` atomically: ``write(fh)`` fills a temp file in the same directory,
-    which is fsynced and renamed over ``path``. A crash leaves the old file intact."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", suffix: str = ".tmp") -> Path:
+    """Write ``path`` atomically: ``write(fh)`` fills a temp file ``.<name>.<random><suffix>`` in the
+    same directory, which is fsynced and renamed over ``path``. A crash leaves the old file intact
+    (and at worst the temp file behind)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             write(fh)

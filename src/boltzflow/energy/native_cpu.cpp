@@ -196,6 +196,23 @@ struct Block {
     inline const T* p(int c, int a) const { return pos + (c * N + a) * L; }
     inline T* g(int c, int a) const { return grd + (c * N + a) * L; }
 
+    // Coordinate and gradient rows of a pair of atoms i, j (d = p_i - p_j).
+    struct Rows {
+        const T *xi, *yi, *zi, *xj, *yj, *zj;
+        T *gxi, *gyi, *gzi, *gxj, *gyj, *gzj;
+        BF_INLINE T dx(int l) const { return xi[l] - xj[l]; }
+        BF_INLINE T dy(int l) const { return yi[l] - yj[l]; }
+        BF_INLINE T dz(int l) const { return zi[l] - zj[l]; }
+        // grad_i += s d, grad_j -= s d
+        BF_INLINE void add(int l, T s, T dx, T dy, T dz) const {
+            gxi[l] += s * dx; gyi[l] += s * dy; gzi[l] += s * dz;
+            gxj[l] -= s * dx; gyj[l] -= s * dy; gzj[l] -= s * dz;
+        }
+    };
+    inline Rows rows(int i, int j) const {
+        return {p(0, i), p(1, i), p(2, i), p(0, j), p(1, j), p(2, j), g(0, i), g(1, i), g(2, i), g(0, j), g(1, j), g(2, j)};
+    }
+
     // OBC2 Born integral term of atom o (offset radius o) from a neighbour of scaled radius s at
     // distance r, and its r-derivative; zero where r + s < o (as in OpenMM's CustomGBForce).
     static BF_INLINE T gb_val(T r, T inv_r, T o, T s) {
@@ -231,11 +248,11 @@ struct Block {
             const T oi = T(P.gb_or[i]), si = T(P.gb_sr[i]);
             for (int j = i + 1; j < N; ++j) {
                 const T oj = T(P.gb_or[j]), sj = T(P.gb_sr[j]);
-                const T *xi = p(0, i), *yi = p(1, i), *zi = p(2, i), *xj = p(0, j), *yj = p(1, j), *zj = p(2, j);
+                const Rows R = rows(i, j);
                 T *Ii = I + i * L, *Ij = I + j * L;
 #pragma omp simd
                 for (int l = 0; l < L; ++l) {
-                    const T dx = xi[l] - xj[l], dy = yi[l] - yj[l], dz = zi[l] - zj[l];
+                    const T dx = R.dx(l), dy = R.dy(l), dz = R.dz(l);
                     T r2 = dx * dx + dy * dy + dz * dz;
                     r2 = r2 > tiny ? r2 : tiny;
                     const T r = std::sqrt(r2), inv_r = T(1) / r;
@@ -276,13 +293,12 @@ struct Block {
             for (int j = i + 1; j < N; ++j) {
                 const T qq = T(P.gb_q[i] * P.gb_q[j]);
                 if (qq == T(0)) continue;
-                const T *xi = p(0, i), *yi = p(1, i), *zi = p(2, i), *xj = p(0, j), *yj = p(1, j), *zj = p(2, j);
-                T *gxi = g(0, i), *gyi = g(1, i), *gzi = g(2, i), *gxj = g(0, j), *gyj = g(1, j), *gzj = g(2, j);
+                const Rows R = rows(i, j);
                 const T *Bi = Bv + i * L, *Bj = Bv + j * L;
                 T *Di = D + i * L, *Dj = D + j * L;
 #pragma omp simd
                 for (int l = 0; l < L; ++l) {
-                    const T dx = xi[l] - xj[l], dy = yi[l] - yj[l], dz = zi[l] - zj[l];
+                    const T dx = R.dx(l), dy = R.dy(l), dz = R.dz(l);
                     T r2 = dx * dx + dy * dy + dz * dz;
                     const bool clamped = !(r2 > tiny);
                     r2 = clamped ? tiny : r2;
@@ -298,8 +314,7 @@ struct Block {
                         Di[l] += dEdBB * Bj[l];
                         Dj[l] += dEdBB * Bi[l];
                         const T s = clamped ? T(0) : T(2) * c * (T(1) - T(0.25) * ex);
-                        gxi[l] += s * dx; gyi[l] += s * dy; gzi[l] += s * dz;
-                        gxj[l] -= s * dx; gyj[l] -= s * dy; gzj[l] -= s * dz;
+                        R.add(l, s, dx, dy, dz);
                     }
                 }
             }
@@ -315,20 +330,18 @@ struct Block {
             const T oi = T(P.gb_or[i]), si = T(P.gb_sr[i]);
             for (int j = i + 1; j < N; ++j) {
                 const T oj = T(P.gb_or[j]), sj = T(P.gb_sr[j]);
-                const T *xi = p(0, i), *yi = p(1, i), *zi = p(2, i), *xj = p(0, j), *yj = p(1, j), *zj = p(2, j);
-                T *gxi = g(0, i), *gyi = g(1, i), *gzi = g(2, i), *gxj = g(0, j), *gyj = g(1, j), *gzj = g(2, j);
+                const Rows R = rows(i, j);
                 const T *Gi = D + i * L, *Gj = D + j * L;
 #pragma omp simd
                 for (int l = 0; l < L; ++l) {
-                    const T dx = xi[l] - xj[l], dy = yi[l] - yj[l], dz = zi[l] - zj[l];
+                    const T dx = R.dx(l), dy = R.dy(l), dz = R.dz(l);
                     T r2 = dx * dx + dy * dy + dz * dz;
                     const bool clamped = !(r2 > tiny);
                     r2 = clamped ? tiny : r2;
                     const T r = std::sqrt(r2), inv_r = T(1) / r;
                     const T dv = Gi[l] * gb_dval(r, inv_r, oi, sj) + Gj[l] * gb_dval(r, inv_r, oj, si);
                     const T s = clamped ? T(0) : dv * inv_r;
-                    gxi[l] += s * dx; gyi[l] += s * dy; gzi[l] += s * dz;
-                    gxj[l] -= s * dx; gyj[l] -= s * dy; gzj[l] -= s * dz;
+                    R.add(l, s, dx, dy, dz);
                 }
             }
         }
@@ -338,11 +351,10 @@ struct Block {
         for (int64_t t = 0; t < P.n_hd; ++t) {
             const int i = P.hd_idx[2 * t], j = P.hd_idx[2 * t + 1];
             const T k = T(P.hd_k[t]), r0 = T(P.hd_r0[t]);
-            const T *xi = p(0, i), *yi = p(1, i), *zi = p(2, i), *xj = p(0, j), *yj = p(1, j), *zj = p(2, j);
-            T *gxi = g(0, i), *gyi = g(1, i), *gzi = g(2, i), *gxj = g(0, j), *gyj = g(1, j), *gzj = g(2, j);
+            const Rows R = rows(i, j);
 #pragma omp simd
             for (int l = 0; l < L; ++l) {
-                const T dx = xi[l] - xj[l], dy = yi[l] - yj[l], dz = zi[l] - zj[l];
+                const T dx = R.dx(l), dy = R.dy(l), dz = R.dz(l);
                 T r2 = dx * dx + dy * dy + dz * dz;
                 r2 = r2 > T(kTiny) ? r2 : T(kTiny);
                 const T r = std::sqrt(r2);
@@ -350,8 +362,7 @@ struct Block {
                 e[l] += T(0.5) * kdr * dr;
                 if (NG) {
                     const T s = kdr / r;
-                    gxi[l] += s * dx; gyi[l] += s * dy; gzi[l] += s * dz;
-                    gxj[l] -= s * dx; gyj[l] -= s * dy; gzj[l] -= s * dz;
+                    R.add(l, s, dx, dy, dz);
                 }
             }
         }
@@ -361,11 +372,10 @@ struct Block {
         for (int64_t t = 0; t < P.n_pair; ++t) {
             const int i = P.pair_idx[2 * t], j = P.pair_idx[2 * t + 1];
             const T A = T(P.pair_a[t]), B = T(P.pair_b[t]), C = T(P.pair_c[t]);
-            const T *xi = p(0, i), *yi = p(1, i), *zi = p(2, i), *xj = p(0, j), *yj = p(1, j), *zj = p(2, j);
-            T *gxi = g(0, i), *gyi = g(1, i), *gzi = g(2, i), *gxj = g(0, j), *gyj = g(1, j), *gzj = g(2, j);
+            const Rows R = rows(i, j);
 #pragma omp simd
             for (int l = 0; l < L; ++l) {
-                const T dx = xi[l] - xj[l], dy = yi[l] - yj[l], dz = zi[l] - zj[l];
+                const T dx = R.dx(l), dy = R.dy(l), dz = R.dz(l);
                 T r2 = dx * dx + dy * dy + dz * dz;
                 r2 = r2 > T(kTiny) ? r2 : T(kTiny);
                 const T inv_r2 = T(1) / r2;
@@ -376,8 +386,7 @@ struct Block {
                 e[l] += (a6 - B) * inv_r6 + ec;
                 if (NG) {
                     const T s = T(2) * (-(T(6) * a6 - T(3) * B) * inv_r6 - T(0.5) * ec) * inv_r2;
-                    gxi[l] += s * dx; gyi[l] += s * dy; gzi[l] += s * dz;
-                    gxj[l] -= s * dx; gyj[l] -= s * dy; gzj[l] -= s * dz;
+                    R.add(l, s, dx, dy, dz);
                 }
             }
         }

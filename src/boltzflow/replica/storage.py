@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
+from ..io import atomic_write
 
 SNAPSHOT_SUFFIX = ".snapshot"
 PARTIAL_SUFFIX = ".partial"
@@ -211,20 +211,8 @@ def _row_blocks(var) -> list[slice]:
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` through a fsynced ``.partial`` temp file renamed over ``dst``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=PARTIAL_SUFFIX, dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        shutil.copymode(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with open(src, "rb") as inp:
+        atomic_write(dst, lambda out: shutil.copyfileobj(inp, out, 1 << 20), suffix=PARTIAL_SUFFIX)
 
 
 def _fsync_dir(d: Path) -> None:
