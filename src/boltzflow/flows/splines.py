@@ -42,12 +42,19 @@ def positive_derivatives(unnormalised: torch.Tensor, min_derivative: float = MIN
     return min_derivative + F.softplus(unnormalised + offset)
 
 
+def _softmax_last(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension in elementwise ops: for the spline's few bins (K ~ 8) torch's
+    softmax kernel is ~5x slower on the CPU (fwd) and ~2.5x (fwd + bwd); same values to rounding."""
+    e = torch.exp(x - x.detach().amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
+
+
 def _knots(unnormalised: torch.Tensor, low: float, high: float, min_size: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Knot positions ``(..., K + 1)`` and bin sizes ``(..., K)`` on ``[low, high]``."""
     k = unnormalised.shape[-1]
     if min_size * k >= 1.0:
         raise ValueError(f"minimal bin size {min_size} too large for {k} bins")
-    frac = F.softmax(unnormalised, dim=-1)
+    frac = _softmax_last(unnormalised)
     frac = min_size + (1.0 - min_size * k) * frac
     cum = torch.cumsum(frac, dim=-1)
     cum = F.pad(cum, (1, 0), value=0.0)
