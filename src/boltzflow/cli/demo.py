@@ -5,7 +5,7 @@ from __future__ import annotations
 from .common import add_verb, print_json
 
 EXAMPLE = """\
-  boltzflow demo                      # ~7 min on 2 CPU cores; uses a GPU automatically when present
+  boltzflow demo                      # ~5 min on 2 CPU cores; uses a GPU automatically when present
   boltzflow demo -o runs/demo2 --json
   boltzflow demo --quick              # toy-size smoke run (about a minute)
 Re-running with the same -o resumes a killed demo.
