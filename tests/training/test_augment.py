@@ -77,3 +77,11 @@ def test_no_frames_and_bad_input():
         LangevinAugmentConfig(frames_per_start=1, stride=0)
     with pytest.raises(InputError):
         langevin_augment(harmonic([0.1]), torch.zeros(4, 1, 3), [1.0, 2.0], KT, LangevinAugmentConfig(frames_per_start=1))
+
+
+def test_run_config_defaults_match_the_augment_defaults():
+    """DataConfig's flat ``md_*`` TOML keys repeat LangevinAugmentConfig's defaults: keep them equal."""
+    from boltzflow.pipeline import DataConfig
+    from boltzflow.training.augment import LangevinAugmentConfig
+
+    assert DataConfig().augment_config() == LangevinAugmentConfig()
