@@ -159,6 +159,13 @@ BF_INLINE T log_pos(T x) {
     return te * T(kLn2Hi) + (T(2) * z * p + te * T(kLn2Lo));
 }
 
+// max(v, floor), and whether the floor applied (a gradient through a floored value is zero).
+template <typename T>
+BF_INLINE T floored(T v, T floor, bool& applied) {
+    applied = !(v > floor);
+    return applied ? floor : v;
+}
+
 // The four atoms' coordinate rows (component-major scratch) of one dihedral quad.
 template <typename T>
 struct Quad {
@@ -299,9 +306,8 @@ struct Block {
 #pragma omp simd
                 for (int l = 0; l < L; ++l) {
                     const T dx = R.dx(l), dy = R.dy(l), dz = R.dz(l);
-                    T r2 = dx * dx + dy * dy + dz * dz;
-                    const bool clamped = !(r2 > tiny);
-                    r2 = clamped ? tiny : r2;
+                    bool clamped;
+                    const T r2 = floored(dx * dx + dy * dy + dz * dz, tiny, clamped);
                     const T BB = Bi[l] * Bj[l];
                     const T ex = exp_neg(-r2 / (T(4) * BB));
                     const T f = std::sqrt(r2 + BB * ex), inv_f = T(1) / f;
@@ -335,9 +341,8 @@ struct Block {
 #pragma omp simd
                 for (int l = 0; l < L; ++l) {
                     const T dx = R.dx(l), dy = R.dy(l), dz = R.dz(l);
-                    T r2 = dx * dx + dy * dy + dz * dz;
-                    const bool clamped = !(r2 > tiny);
-                    r2 = clamped ? tiny : r2;
+                    bool clamped;
+                    const T r2 = floored(dx * dx + dy * dy + dz * dz, tiny, clamped);
                     const T r = std::sqrt(r2), inv_r = T(1) / r;
                     const T dv = Gi[l] * gb_dval(r, inv_r, oi, sj) + Gj[l] * gb_dval(r, inv_r, oj, si);
                     const T s = clamped ? T(0) : dv * inv_r;
