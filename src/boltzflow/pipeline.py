@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import dump_toml, from_dict, merge_dicts, read_config_data, to_dict
 from .errors import InputError
+from .io import atomic_write
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,10 +349,7 @@ def _augmented_data(system, config: RunConfig, rd, x_train: np.ndarray, ref_u, t
             "mean_u_reference": u_ref, "mean_u_langevin": float(np.mean(res.reduced_energy)),
             "config": {k: getattr(config.data, k) for k in ("md_frames", "md_burnin", "md_stride", "md_timestep_fs",
                                                             "md_friction")}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, positions=res.positions, info=json.dumps(info))
-    tmp.replace(path)
+    atomic_write(path, lambda fh: np.savez(fh, positions=res.positions, info=json.dumps(info)))
     ref_txt = f"; mean u {u_ref:.2f} kT on the reference frames" if u_ref is not None else ""
     rd.log(f"Langevin augmentation: {info['frames']} frames from {info['starts']} starts in {res.wall_s:.1f} s "
            f"({res.energy_evals} energy evaluations, {res.dropped_chains} chains dropped); mean u "

@@ -786,10 +786,9 @@ class NativeEnergy(torch.nn.Module):
         of every term on the C++ kernel (see :meth:`_kernel_has_gb`) -> (u (batch,) kT, +inf where invalid; valid (batch,); du/dx (batch, n_atoms, 3) kT/nm, zero rows where invalid, or None)."""
         from . import native_kernels
 
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and self.cpu_kernel != "torch":
-            kernel = self._cpu_kernel()
-            if kernel is not None:
-                return kernel(x, self.beta, need_grad)
+        kernel = self._cpu_kernel_for(x)
+        if kernel is not None:
+            return kernel(x, self.beta, need_grad)
         fn = native_kernels.reduced_energy_and_gradient
         if self.compile:
             if self._fast_kernel is None:
@@ -806,6 +805,13 @@ class NativeEnergy(torch.nn.Module):
             return outs[0]
         us, vs, gs = zip(*outs)
         return torch.cat(us), torch.cat(vs), (torch.cat(gs) if need_grad else None)
+
+    def _cpu_kernel_for(self, x: torch.Tensor):
+        """The C++ kernel when it evaluates x (CPU float32/float64, ``cpu_kernel`` not "torch", a compiler
+        available), else None (the torch kernels do)."""
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or self.cpu_kernel == "torch":
+            return None
+        return self._cpu_kernel()
 
     def _cpu_kernel(self):
         """The C++ kernel bound to this system (None when unavailable and cpu_kernel='auto')."""
@@ -827,9 +833,8 @@ class NativeEnergy(torch.nn.Module):
 
     def _kernel_has_gb(self, x: torch.Tensor) -> bool:
         """Whether the analytic path's kernel for x computes GB too (the C++ CPU kernel does)."""
-        if "gb" not in self._terms or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            return False
-        return self.cpu_kernel != "torch" and self._cpu_kernel() is not None
+        kernel = self._cpu_kernel_for(x)
+        return kernel is not None and kernel.has_gb
 
     def __getstate__(self):  # the ctypes kernel holds raw pointers: rebuilt on first use after unpickling
         return {**self.__dict__, "_cpu": None}

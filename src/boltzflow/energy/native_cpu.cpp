@@ -165,6 +165,10 @@ BF_INLINE T floored(T v, T floor, bool& applied) {
     applied = !(v > floor);
     return applied ? floor : v;
 }
+template <typename T>
+BF_INLINE T floored(T v, T floor) {
+    return v > floor ? v : floor;
+}
 
 // The four atoms' coordinate rows (component-major scratch) of one dihedral quad.
 template <typename T>
@@ -360,8 +364,7 @@ struct Block {
 #pragma omp simd
             for (int l = 0; l < L; ++l) {
                 const T dx = R.dx(l), dy = R.dy(l), dz = R.dz(l);
-                T r2 = dx * dx + dy * dy + dz * dz;
-                r2 = r2 > T(kTiny) ? r2 : T(kTiny);
+                const T r2 = floored(dx * dx + dy * dy + dz * dz, T(kTiny));
                 const T r = std::sqrt(r2);
                 const T dr = r - r0, kdr = k * dr;
                 e[l] += T(0.5) * kdr * dr;
@@ -381,8 +384,7 @@ struct Block {
 #pragma omp simd
             for (int l = 0; l < L; ++l) {
                 const T dx = R.dx(l), dy = R.dy(l), dz = R.dz(l);
-                T r2 = dx * dx + dy * dy + dz * dz;
-                r2 = r2 > T(kTiny) ? r2 : T(kTiny);
+                const T r2 = floored(dx * dx + dy * dy + dz * dz, T(kTiny));
                 const T inv_r2 = T(1) / r2;
                 const T inv_r = std::sqrt(inv_r2);
                 const T inv_r6 = inv_r2 * inv_r2 * inv_r2;
