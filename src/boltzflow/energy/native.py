@@ -613,9 +613,10 @@ class NativeEnergy(torch.nn.Module):
     def __init__(self, system, cap: EnergyCap | None = None, dtype: torch.dtype = torch.float64, device=None,
                  compile: bool = False, analytic: bool = True, cpu_kernel: str = "auto"):
         super().__init__()
+        from ..errors import ConfigError, UnsupportedForceError
+
         if cpu_kernel not in ("auto", "cpp", "torch"):
-            raise ValueError(f"cpu_kernel must be 'auto', 'cpp' or 'torch', got {cpu_kernel!r}")
-        from ..errors import UnsupportedForceError
+            raise ConfigError(f"cpu_kernel must be 'auto', 'cpp' or 'torch', got {cpu_kernel!r}")
 
         comp = _compile(system.system)
         if comp.unsupported:
