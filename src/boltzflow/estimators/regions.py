@@ -3,13 +3,16 @@
 Grammar (angles in degrees, ``&`` or ``and`` joins conditions)::
 
     region     := condition ( ("&" | "and") condition )*
-    condition  := coordinate OP number | "mode" ("=" | "==") NAME
+    condition  := coordinate OP number | "mode" ("=" | "==") NAME    NAME: a mode of the system, or for
+                                                                   peptides a residue state res<i>_<state>
     coordinate := "phi" | "psi" | "phi<i>" | "psi<i>"        backbone torsions found from the topology
                 | "dihedral(a,b,c,d)"                          any torsion by 0-based atom indices
                 | "x[i]"                                       coordinate i of flat (n, dim) samples
     OP         := ">" | "<" | ">=" | "<="
 
-Examples: ``phi>0``, ``phi<0 & psi>100``, ``mode=phi_positive``, ``dihedral(4,6,8,14)>0``.
+Examples: ``phi>0``, ``phi<0 & psi>100``, ``mode=phi_positive``, ``dihedral(4,6,8,14)>0``; for a
+peptide (:class:`boltzflow.systems.modes.PeptideModes`) ``mode=any_alpha_L``, ``mode=res1_alpha_R``
+(residue ``i`` as in ``phi<i>``/``psi<i>``; states alpha_R, beta_PPII, alpha_L).
 """
 
 from __future__ import annotations
@@ -78,10 +81,14 @@ def _condition(text: str, whole: str, topology, modes) -> Callable[[np.ndarray],
         if modes is None:
             raise InputError(f"'{text.strip()}' needs a system with modes; pass --system (alanine-dipeptide, butane, ...)")
         names = list(modes.names)
-        if name not in names:
-            raise InputError(f"unknown mode {name!r} in {whole!r}; this system's modes are {', '.join(names)}")
-        i = names.index(name)
-        return lambda x: modes.assign(x) == i
+        extra = list(getattr(modes, "region_names", []))  # per-residue states of peptides
+        if name in names:
+            i = names.index(name)
+            return lambda x: modes.assign(x) == i
+        if name in extra:
+            return modes.region(name)
+        known = ", ".join(names) + (f"; per residue {extra[0]} ... {extra[-1]}" if extra else "")
+        raise InputError(f"unknown mode {name!r} in {whole!r}; this system's modes are {known}")
     coord = re.sub(r"\s+", "", m.group("coord"))
     op = m.group("op")
     thr = float(m.group("num"))

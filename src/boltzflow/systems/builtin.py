@@ -1,4 +1,9 @@
-"""Shipped molecules: ``alanine-dipeptide`` (ACE-ALA-NME, CHARMM36m) and ``butane`` (CHARMM BUTA).
+"""Shipped molecules: ``alanine-dipeptide`` (ACE-ALA-NME, CHARMM36m), ``alanine-tetrapeptide``
+(ACE-(ALA)3-NME), ``alanine-hexapeptide`` (ACE-(ALA)5-NME) and ``butane`` (CHARMM BUTA).
+
+The tetra- and hexapeptide files are what ``boltzflow prepare --sequence ACE-ALA-ALA-ALA-NME``
+(``ACE-ALA-ALA-ALA-ALA-ALA-NME``) builds, so both routes give the same atom order; their modes are
+the automatic backbone states of :class:`boltzflow.systems.modes.PeptideModes`.
 
 Files live in the repository's ``systems/<name>/`` (``<name>.pdb``, ``.psf``, ``.prm``, ``.rtf``,
 README, ``make_files.py``); set ``BOLTZFLOW_SYSTEMS`` to a directory holding ``<name>/`` folders
@@ -13,14 +18,17 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
-from .modes import TorsionModes
+from .modes import PeptideModes, TorsionModes, peptide_modes
 from .molecular import MolecularSystem
 
-BUILTIN_SYSTEMS = ("alanine-dipeptide", "butane")
+BUILTIN_SYSTEMS = ("alanine-dipeptide", "alanine-tetrapeptide", "alanine-hexapeptide", "butane")
 ROUTES = ("pdb", "psf")
 
 #: OpenMM force-field files of the PDB route (butane's BUTA template exists only in charmm36.xml)
-_FORCE_FIELD = {"alanine-dipeptide": ("charmm36_2024.xml",), "butane": ("charmm36.xml",)}
+_FORCE_FIELD = {"alanine-dipeptide": ("charmm36_2024.xml",), "alanine-tetrapeptide": ("charmm36_2024.xml",),
+                "alanine-hexapeptide": ("charmm36_2024.xml",), "butane": ("charmm36.xml",)}
+#: the sequence each shipped peptide is built from (``systems/<name>/make_files.py``)
+SEQUENCES = {"alanine-tetrapeptide": "ACE-ALA-ALA-ALA-NME", "alanine-hexapeptide": "ACE-ALA-ALA-ALA-ALA-ALA-NME"}
 
 
 def builtin_dir(name: str) -> Path:
@@ -43,8 +51,11 @@ def _atom(topology, name: str) -> int:
     return hits[0]
 
 
-def builtin_modes(name: str, topology) -> TorsionModes:
-    """Mode definition of a shipped system (alanine dipeptide: phi sign; butane: trans/gauche)."""
+def builtin_modes(name: str, topology) -> TorsionModes | PeptideModes:
+    """Mode definition of a shipped system (alanine dipeptide: phi sign; butane: trans/gauche;
+    tetra-/hexapeptide: backbone states, :class:`PeptideModes`)."""
+    if name in SEQUENCES:
+        return peptide_modes(topology)
     if name == "alanine-dipeptide":
         # phi = C(ACE) - N - CA - C(ALA); ACE's C is CY after cap conversion
         atoms = tuple(_atom(topology, n) for n in ("CY", "N", "CA", "C"))
@@ -59,7 +70,7 @@ def builtin_system(name: str, solvent: str = "vacuum", temperature: float = 300.
                    route: str = "pdb") -> MolecularSystem:
     """A shipped system as a :class:`MolecularSystem` with its modes.
 
-    name: "alanine-dipeptide" or "butane". solvent: "vacuum" | "obc2". temperature: K.
+    name: one of ``BUILTIN_SYSTEMS``. solvent: "vacuum" | "obc2". temperature: K.
     route: "pdb" (OpenMM force-field XML on the PDB) or "psf" (PSF + .prm/.rtf); same energies."""
     if route not in ROUTES:
         raise InputError(f"unknown route {route!r}; choose one of {', '.join(ROUTES)}")

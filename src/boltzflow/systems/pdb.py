@@ -14,6 +14,9 @@ What the builder does to a user's PDB:
   heavy atom it is bonded to. The prepared system's ``topology.pdb`` is then the authoritative
   atom order (``boltzflow prepare`` writes it).
 * Vacuum = NoCutoff; no constraints; no CMMotionRemover.
+* **Modes.** A peptide (any residue with both backbone torsions phi and psi) gets backbone
+  conformational states automatically (:func:`boltzflow.systems.modes.peptide_modes`), so
+  populations, ``compare`` and ``report --replica`` work on it; other molecules get none.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, SystemBuildError
+from .modes import peptide_modes
 from .molecular import SOLVENTS, MolecularSystem, hydrogen_bookkeeping, prune_unused_cmap_maps
 
 FORCE_FIELD_FILES = ("charmm36_2024.xml",)
@@ -349,4 +353,5 @@ def from_pdb(path: str | Path, solvent: str = "vacuum", temperature: float = 300
     }
     return MolecularSystem(name=name or p.stem, topology=topology, system=system, positions=pos,
                            temperature=float(temperature), solvent=solvent, heavy_indices=heavy,
-                           hydrogen_indices=hyd, hydrogen_parents=parents, metadata=meta)
+                           hydrogen_indices=hyd, hydrogen_parents=parents, modes=peptide_modes(topology),
+                           metadata=meta)

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError, SystemBuildError
+from .modes import peptide_modes
 from .molecular import MolecularSystem, hydrogen_bookkeeping
 from .pdb import check_solvent_temperature, finish_system, read_pdb
 
@@ -114,4 +115,5 @@ def from_psf(psf_path: str | Path, param_paths: Sequence[str | Path], coords_pat
     }
     return MolecularSystem(name=name or p.stem, topology=topology, system=system, positions=pos,
                            temperature=float(temperature), solvent=solvent, heavy_indices=heavy,
-                           hydrogen_indices=hyd, hydrogen_parents=parents, metadata=meta)
+                           hydrogen_indices=hyd, hydrogen_parents=parents, modes=peptide_modes(topology),
+                           metadata=meta)
