@@ -1,4 +1,9 @@
-"""Crash-safe file writing: every file boltzflow writes goes through a temp file + rename."""
+"""Crash-safe file writing and output guards.
+
+Every file boltzflow writes goes through a temp file + rename, with the permissions the user's
+umask gives a newly created file. :func:`check_output_dir` / :func:`check_output_file` refuse to
+write over what a verb did not make itself (see :data:`RUN_KINDS`) unless asked to.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; a new file honours the umask
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
@@ -29,6 +35,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             pass
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: setting it to read it is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -58,3 +78,61 @@ def _json_default(o: Any):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"object of type {type(o).__name__} is not JSON serializable")
+
+
+# ---------------------------------------------------------------------------------------------
+# output guards: nothing a user made is overwritten without being asked
+# ---------------------------------------------------------------------------------------------
+#: kind of boltzflow directory -> (files any one of which marks it, the verb that makes it); checked in order
+RUN_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "replica-exchange run": (("replica.nc", "replica_config.json"), "simulate"),
+    "training run": (("config.toml", "generator.pt", "checkpoints", "metrics.jsonl"), "train"),
+    "comparison": (("compare.json",), "compare"),
+    "system": (("metadata.json",), "prepare"),
+}
+
+
+def run_kind(path: str | os.PathLike) -> str | None:
+    """The kind of boltzflow directory ``path`` is (a key of :data:`RUN_KINDS`), or None."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    for kind, (markers, _verb) in RUN_KINDS.items():
+        if any((p / m).exists() for m in markers):
+            return kind
+    return None
+
+
+def check_output_dir(path: str | os.PathLike, kind: str, overwrite: bool = False, option: str = "-o") -> Path:
+    """Refuse to write a ``kind`` directory at ``path`` when it holds something else: a file, a
+    non-empty folder boltzflow did not make, or another kind of boltzflow directory; ``overwrite``
+    allows the last two. A new or empty folder, or one of the same kind, passes (the verb decides
+    about resuming or rewriting its own outputs). Raises InputError; returns the path."""
+    from .errors import InputError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{option} '{p}' exists and is not a directory; choose another {option}")
+    if not p.is_dir() or not any(p.iterdir()):
+        return p
+    found = run_kind(p)
+    if found == kind or overwrite:
+        return p
+    if found is None:
+        raise InputError(f"{option} '{p}' is a non-empty folder that boltzflow did not make; choose a new or empty "
+                         f"{option}, or pass --overwrite to write into it")
+    verb = RUN_KINDS[found][1]
+    raise InputError(f"{option} '{p}' is a {found} directory (made by `boltzflow {verb}`), not a {kind} directory; "
+                     f"choose another {option}, or pass --overwrite to write into it anyway")
+
+
+def check_output_file(path: str | os.PathLike, overwrite: bool = False, option: str = "-o") -> Path:
+    """Refuse an output file ``path`` that already exists (or is a directory) unless ``overwrite``."""
+    from .errors import InputError
+
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{option} '{p}' is a directory; give a file name")
+    if p.exists() and not overwrite:
+        raise InputError(f"{option} '{p}' already exists; pass --overwrite to replace it or choose another name")
+    return p

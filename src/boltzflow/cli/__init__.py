@@ -26,8 +26,15 @@ VERB_MODULES = (
 )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2), like boltzflow's own."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="boltzflow",
         description=(
             "Train normalizing flows (Boltzmann generators) for CHARMM36m molecules in OpenMM and turn "

@@ -20,6 +20,31 @@ def add_verb(sub, name: str, help: str, example: str, func) -> argparse.Argument
     return p
 
 
+def add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    """The --overwrite flag of a verb that writes ``what``."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"write {what} even over existing files boltzflow did not make for this verb")
+
+
+#: above this many K a temperature is accepted with a warning (molecules come apart; CHARMM is not fit there)
+HOT_TEMPERATURE_K = 1000.0
+
+
+def check_temperature(value: float, option: str) -> float:
+    """``value`` (K) if finite and positive, else InputError; warns on stderr above HOT_TEMPERATURE_K."""
+    import math
+
+    from ..errors import InputError
+
+    t = float(value)
+    if not (math.isfinite(t) and t > 0):
+        raise InputError(f"{option} must be a finite temperature > 0 K, got {value!r}")
+    if t > HOT_TEMPERATURE_K:
+        print(f"warning: {option} {t:g} K is above {HOT_TEMPERATURE_K:g} K: bonds break and the force field is not "
+              "meant for it; check the structures", file=sys.stderr)
+    return t
+
+
 def print_json(obj: Any) -> None:
     from ..io import _json_default
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_verb, print_json
+from .common import add_overwrite, add_verb, check_temperature, print_json
 
 EXAMPLE = """\
   boltzflow prepare alanine-dipeptide -o systems-prepared/adp                 # shipped system
@@ -43,6 +43,7 @@ def register(sub) -> None:
                    help="OpenMM force-field files for PDB input (default charmm36_2024.xml; "
                         "charmm36.xml has extra CHARMM/CGenFF residues such as BUTA)")
     p.add_argument("-o", "--output", required=True, metavar="SYSTEM_DIR", help="directory to write")
+    add_overwrite(p, "SYSTEM_DIR")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
@@ -98,11 +99,10 @@ def _from_sequence(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InputError
+    from ..io import check_output_dir
 
-    out = Path(args.output)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metadata.json").is_file())):
-        raise InputError(f"-o '{out}' exists and is not an (empty or boltzflow) system directory; choose another")
+    out = check_output_dir(args.output, "system", args.overwrite)
+    check_temperature(args.temperature, "--temperature")
     system = build_system(args)
     system.save(out)
     summary = {
