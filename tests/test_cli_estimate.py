@@ -117,8 +117,8 @@ def test_compare_table_json_and_plots(butane_run, capsys, tmp_path):
 
     u = reduced_energies(builtin_system("butane"), x, 300.0, platform="Reference")
     log_q = -u + rng.normal(0, 0.3, len(u))
-    gen = SampleSet(x, u, log_q, -u - log_q, 300.0, {"sampler": "flow", "wall_time_s": 2.0,
-                                                     "training_energy_evaluations": 1000}).save(tmp_path / "gen.npz")
+    gen = SampleSet(x, u, log_q, -u - log_q, 300.0, {"sampler": "flow", "wall_s": 2.0,
+                                                     "training_energy_evals": 1000}).save(tmp_path / "gen.npz")
     out_dir = tmp_path / "cmp"
     rc, out, err = run_cli(capsys, "compare", "--replica", butane_run, "--samples", gen, "--system", "butane",
                            "-o", out_dir, "--json")
@@ -136,6 +136,10 @@ def test_compare_table_json_and_plots(butane_run, capsys, tmp_path):
     assert rc == 0 and "replica exchange" in out and "P(trans)" in out
     rc, _, err = run_cli(capsys, "compare", "--replica", tmp_path / "none", "--samples", gen, "--system", "butane")
     assert rc == 2 and "simulate" in err
+    before = sorted(p.name for p in butane_run.iterdir())
+    rc, out, _ = run_cli(capsys, "compare", "--replica", butane_run, "--samples", gen, "--system", "butane")
+    assert rc == 0 and "P(trans)" in out and "compare.json" not in out
+    assert sorted(p.name for p in butane_run.iterdir()) == before  # nothing written into the replica run
 
 
 def test_estimate_uses_block_errors_for_time_ordered_frames(capsys, tmp_path):

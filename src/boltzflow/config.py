@@ -149,12 +149,37 @@ def replace(obj: T, **changes: Any) -> T:
     return dataclasses.replace(obj, **flat)
 
 
-def dump_toml(obj: Any) -> str:
-    """Serialise a dataclass (or nested dict) as TOML. Supports scalars, lists of scalars, tables."""
-    data = to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+def dump_toml(obj: Any, show_unset: bool = False) -> str:
+    """Serialise a dataclass (or nested dict) as TOML. Supports scalars, lists of scalars, tables.
+    TOML has no null: fields that are None are left out, or with ``show_unset`` written as a
+    commented line naming the field and its type (``# lr = <float>  (unset: ...)``)."""
+    if dataclasses.is_dataclass(obj):
+        data = _to_dict_with_unset(obj) if show_unset else to_dict(obj)
+    else:
+        data = dict(obj)
     lines: list[str] = []
     _emit_table(data, [], lines)
     return "\n".join(lines).strip() + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unset:
+    """A None-valued dataclass field in :func:`dump_toml` output; ``type`` is its annotation."""
+
+    type: str
+
+
+def _to_dict_with_unset(obj: Any) -> dict[str, Any]:
+    """:func:`to_dict` that keeps None fields as :class:`_Unset` markers."""
+    out = to_dict(obj)
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = _to_dict_with_unset(v)
+        elif v is None:
+            tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            out[f.name] = _Unset(tp.replace(" | None", "").replace("Optional[", "").rstrip("]") or "value")
+    return out
 
 
 def _emit_table(data: Mapping[str, Any], prefix: list[str], lines: list[str]) -> None:
@@ -163,6 +188,9 @@ def _emit_table(data: Mapping[str, Any], prefix: list[str], lines: list[str]) ->
     if prefix and scalars:
         lines.append(f"[{'.'.join(prefix)}]")
     for k, v in scalars.items():
+        if isinstance(v, _Unset):
+            lines.append(f"# {k} = <{v.type}>  (unset by default; uncomment and give a value to set it)")
+            continue
         lines.append(f"{k} = {_toml_value(v)}")
     if scalars:
         lines.append("")

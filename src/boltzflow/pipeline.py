@@ -414,8 +414,8 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
 
     rd = RunDir(run_dir, create=False)
     system, config, gen, energy = load_trained(rd.path, device)
-    n = int(n or config.sampling.n)
-    bs = int(batch_size or config.sampling.batch_size)
+    n = int(config.sampling.n if n is None else n)
+    bs = int(config.sampling.batch_size if batch_size is None else batch_size)
     if n < 1 or bs < 1:
         raise InputError("the number of samples and the batch size must be >= 1")
     t0 = time.time()

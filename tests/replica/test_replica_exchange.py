@@ -42,7 +42,7 @@ def test_extract_samples_is_a_readable_sampleset(harmonic_run, tmp_path):
     assert ss.log_q is None and ss.log_weights is None
     g = ss.provenance["statistical_inefficiency"]
     assert g >= 1.0 and ss.provenance["n_iterations"] == 200
-    assert ss.provenance["energy_evaluations"] == 200 * 4 * 100
+    assert ss.provenance["energy_evals"] == 200 * 4 * 100
     # stored reduced energies are U/kT of the stored positions (positions float32 -> loose tolerance)
     u = reduced_energies(system, ss.positions[:20], 300.0, platform="Reference")
     np.testing.assert_allclose(ss.reduced_energy[:20], u, rtol=1e-4, atol=1e-4)

@@ -45,6 +45,31 @@ def check_temperature(value: float, option: str) -> float:
     return t
 
 
+NO_ERROR_BAR = "+- ? (too few samples for an error bar)"
+
+
+def has_error_bar(stderr: float | None) -> bool:
+    """Whether ``stderr`` is a usable error bar: finite and > 0 (0 comes from too few samples, e.g.
+    all of them in one state, not from a known value)."""
+    return stderr is not None and stderr == stderr and 0 < stderr < float("inf")
+
+
+def format_pm(value: float, stderr: float | None, digits: int = 4) -> str:
+    """``value +- stderr`` with ``digits`` decimals, or the value and a note when there is no error bar."""
+    if not has_error_bar(stderr):
+        return f"{value:.{digits}f} {NO_ERROR_BAR}"
+    return f"{value:.{digits}f} +- {stderr:.{digits}f}"
+
+
+def estimate_line(est) -> str:
+    """One Estimate as a line: ``name = value +- stderr unit (n=..., ESS ...)``, saying so when
+    the samples are too few for an error bar."""
+    unit = f" {est.unit}" if est.unit and est.unit != "probability" else ""
+    ess = f", ESS {est.ess:.0f}" if est.ess == est.ess else ""
+    pm = f"+- {est.stderr:.2g}" if has_error_bar(est.stderr) else NO_ERROR_BAR
+    return f"{est.name} = {est.value:.4g} {pm}{unit} (n={est.n}{ess})"
+
+
 def print_json(obj: Any) -> None:
     from ..io import _json_default
 

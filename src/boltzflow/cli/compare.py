@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import add_verb, print_json
+from .common import add_overwrite, add_verb, print_json
 
 EXAMPLE = """\
   boltzflow compare --replica runs/adp-pt --samples runs/adp-flow/samples/generated.npz \\
@@ -18,7 +18,8 @@ series; generator: self-normalised importance weights), the minor mode's conform
 Ramachandran KL(replica || generator) on a 64x64 phi/psi grid (or a 64-bin torsion histogram for
 systems without phi/psi), reduced-energy statistics, ESS, and the cost (energy evaluations, wall
 time from provenance) to reach --target-stderr on the minor-mode population, extrapolated as
-cost * (stderr / target)^2. Plots go to OUT_DIR (default RUN_DIR/compare).
+cost * (stderr / target)^2. With -o OUT_DIR the plots and compare.json go there (a new or empty folder, or
+an earlier comparison; --overwrite for any other); without -o nothing is written.
 """
 
 
@@ -30,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--system", required=True, help="system directory or built-in name")
     p.add_argument("--target-stderr", type=float, default=0.005,
                    help="standard error on the minor-mode population to cost out (default 0.005)")
-    p.add_argument("-o", "--output", metavar="OUT_DIR", help="directory for plots and compare.json")
+    p.add_argument("-o", "--output", metavar="OUT_DIR", help="directory for plots and compare.json (default: none)")
+    add_overwrite(p, "OUT_DIR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
@@ -38,12 +40,11 @@ def register(sub) -> None:
 MIN_ESS = 20.0
 
 
-def _cost(prov: dict, keys: tuple[str, ...]) -> float:
-    """The first numeric provenance entry among ``keys`` (nan when none)."""
-    for k in keys:
-        v = prov.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
-            return float(v)
+def _cost(prov: dict, key: str) -> float:
+    """The numeric provenance entry ``key`` (see SampleSet's PROVENANCE_KEYS), nan when absent."""
+    v = prov.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+        return float(v)
     return float("nan")
 
 
@@ -116,14 +117,14 @@ def compare(replica: str | Path, generated, system, target_stderr: float = 0.005
     ref_prov, gen_prov = ref.provenance or {}, gen.provenance or {}
     ref_ess = float(ref_pops[minor].ess) if ref_pops[minor].ess == ref_pops[minor].ess else float(len(ref))
     gen_ess = kish_ess(gen.log_weights).value if gen.log_weights is not None else float(len(gen))
-    ref_evals = _cost(ref_prov, ("energy_evaluations",))
-    gen_evals_sampling = _cost(gen_prov, ("energy_evaluations", "sampling_energy_evaluations", "energy_evals"))
+    ref_evals = _cost(ref_prov, "energy_evals")
+    gen_evals_sampling = _cost(gen_prov, "energy_evals")
     if gen_evals_sampling != gen_evals_sampling:
         gen_evals_sampling = float(len(gen))  # one energy per generated sample for its weight
-    gen_evals_train = _cost(gen_prov, ("training_energy_evaluations", "train_energy_evals", "training_energy_evals"))
-    ref_wall = _cost(ref_prov, ("wall_time_s",))
-    gen_wall = _cost(gen_prov, ("wall_time_s", "sampling_wall_time_s", "wall_s"))
-    gen_wall_train = _cost(gen_prov, ("training_wall_time_s", "train_wall_s", "training_wall_s"))
+    gen_evals_train = _cost(gen_prov, "training_energy_evals")
+    ref_wall = _cost(ref_prov, "wall_s")
+    gen_wall = _cost(gen_prov, "wall_s")
+    gen_wall_train = _cost(gen_prov, "training_wall_s")
 
     def to_target(se, cost, ess):
         # an error bar from fewer than MIN_ESS effective samples is itself meaningless (ESS ~ 1 gives ~0)
@@ -301,7 +302,7 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, check_output_dir, run_kind
     from ..sampling.sampleset import SampleSet
     from .common import load_system
 
@@ -312,12 +313,19 @@ def run(args: argparse.Namespace) -> int:
         from ..errors import InputError
 
         raise InputError(f"--replica '{rp}' not found; run `boltzflow simulate SYSTEM -o {rp}` first")
-    out_dir = Path(args.output) if args.output else (rp / "compare" if rp.is_dir() else rp.parent / "compare")
+    if rp.is_dir() and run_kind(rp) != "replica-exchange run":
+        from ..errors import InputError
+
+        raise InputError(f"--replica '{rp}' is not a run directory of `boltzflow simulate`; give one, or a "
+                         "SampleSet .npz of reference samples")
+    out_dir = check_output_dir(args.output, "comparison", args.overwrite) if args.output else None
     res = compare(rp, gen, system, target_stderr=args.target_stderr, seed=args.seed, plot_dir=out_dir)
-    atomic_write_json(out_dir / "compare.json", res)
+    if out_dir is not None:
+        atomic_write_json(out_dir / "compare.json", res)
     if args.json:
         print_json(res)
     else:
         print_table(res)
-        print(f"plots and compare.json in {out_dir}")
+        if out_dir is not None:
+            print(f"plots and compare.json in {out_dir}")
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_verb, print_json
+from .common import add_overwrite, add_verb, format_pm, has_error_bar, print_json
 
 EXAMPLE = """\
   boltzflow demo                      # ~5 min on 2 CPU cores; uses a GPU automatically when present
@@ -16,6 +16,7 @@ def register(sub) -> None:
     p = add_verb(sub, "demo", "train, sample, reweight and report on alanine dipeptide (the README's main job)",
                  EXAMPLE, run)
     p.add_argument("-o", "--output", default="runs/demo", help="run directory (default runs/demo)")
+    add_overwrite(p, "the run directory (a folder that holds other files or another kind of run)")
     p.add_argument("--quick", action="store_true", help="toy-size run for smoke tests")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
@@ -23,17 +24,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..io import check_output_dir
     from ..pipeline import demo
 
+    check_output_dir(args.output, "training run", args.overwrite)
     res = demo(args.output, quick=args.quick, device=args.device, progress=False if args.no_progress else None)
     if args.json:
         print_json(res)
         return 0
     p, r = res["phi_positive"], res["reference"]
     print("boltzflow demo: alanine dipeptide, CHARMM36m, vacuum, 300 K")
-    print(f"  P(phi > 0), reweighted generator : {p['value']:.4f} +- {p['stderr']:.4f} "
-          f"(95% CI {p['ci_low']:.4f}..{p['ci_high']:.4f}), ESS {p['ess']:.0f}")
-    print(f"  P(phi > 0), replica exchange ref : {r['value']:.4f} +- {r['stderr']:.4f}")
+    ci = f"(95% CI {p['ci_low']:.4f}..{p['ci_high']:.4f}), " if has_error_bar(p["stderr"]) else ""
+    print(f"  P(phi > 0), reweighted generator : {format_pm(p['value'], p['stderr'])} {ci}ESS {p['ess']:.0f}")
+    print(f"  P(phi > 0), replica exchange ref : {format_pm(r['value'], r['stderr'])}")
     print(f"  energy evaluations {res['energy_evals']}, wall time {res['wall_s']:.0f} s")
     print(f"  report: {res['report']}")
     for w in res.get("warnings", []):

@@ -54,9 +54,12 @@ def read_frames(path: str | Path) -> np.ndarray:
         raise
     except Exception as e:
         raise InputError(f"could not read '{p}' as a numpy .npy/.npz array: {type(e).__name__}: {e}") from e
-    if not np.issubdtype(np.asarray(x).dtype, np.number):
-        raise InputError(f"'{p}' must hold numbers (coordinates in nm), got dtype {x.dtype}")
+    dtype = np.asarray(x).dtype
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise InputError(f"'{p}' must hold real numbers (coordinates in nm), got dtype {dtype}")
     x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        raise InputError(f"'{p}' holds no coordinates (shape {x.shape}); give at least one frame")
     bad = ~np.isfinite(x).reshape(len(x) if x.ndim == 3 else 1, -1).all(axis=1)
     if bad.any():
         raise InputError(f"'{p}' has NaN/inf coordinates (frame {int(np.flatnonzero(bad)[0])}); "

@@ -70,10 +70,12 @@ def _table(estimates, title: str) -> None:
     print(f"  {'quantity':<{w}}  {'value':>11}  {'stderr':>9}  {'95% CI':>23}  {'ESS':>9}  {'n':>7}")
     for e in estimates:
         ci = f"[{e.ci_low:.4g}, {e.ci_high:.4g}]" if e.ci_low == e.ci_low else ""
-        se = f"{e.stderr:.3g}" if e.stderr == e.stderr else "-"
+        se = "?" if e.stderr == 0 else f"{e.stderr:.3g}" if e.stderr == e.stderr else "-"
         ess = f"{e.ess:.0f}" if e.ess == e.ess else "-"
         unit = f" {e.unit}" if e.unit in ("kT", "kJ/mol") else ""
         print(f"  {e.name:<{w}}  {e.value:>11.5g}  {se:>9}  {ci:>23}  {ess:>9}  {e.n:>7}{unit}")
+    if any(e.stderr == 0 for e in estimates):
+        print("  ? = too few samples for an error bar (they all agree); draw more samples")
 
 
 def estimate_samples(samples, system=None, populations: list[str] = (), seed: int = 0, n_bootstrap: int = 500) -> list:
@@ -202,12 +204,13 @@ def free_energy_estimates(samples_a, system_a, system_b, temperature_b: float, s
 
 
 def run_free_energy(args: argparse.Namespace) -> int:
-    from .common import load_system
+    from .common import check_temperature, load_system
 
     sa = _load_samples(args.samples)
     system_a = load_system(args.system)
     system_b = load_system(args.to_system) if args.to_system else system_a
-    tb = float(args.to_temperature) if args.to_temperature is not None else float(sa.temperature or system_a.temperature)
+    tb = (check_temperature(args.to_temperature, "--to-temperature") if args.to_temperature is not None
+          else float(sa.temperature or system_a.temperature))
     if args.to_system is None and args.to_temperature is None:
         from ..errors import InputError
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import sys
 
-from .common import add_verb, print_json
+import numpy as np
+
+from .common import add_overwrite, add_verb, check_temperature, format_pm, has_error_bar, print_json
 
 EXAMPLE = """\
   boltzflow simulate alanine-dipeptide --method parallel-tempering --t-min 300 --t-max 700 \\
@@ -41,6 +43,7 @@ def register(sub) -> None:
     p.add_argument("--online-analysis", action="store_true", help="openmmtools online MBAR (slow; off by default)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory")
     p.add_argument("--resume", action="store_true", help="continue an existing run in RUN_DIR")
+    add_overwrite(p, "RUN_DIR (a folder that holds other files; an existing run is continued with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -48,21 +51,23 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..estimators import mode_populations
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, check_output_dir
     from ..replica import ReplicaExchangeConfig, extract_samples, run_replica_exchange, state_populations
     from .common import load_system
 
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"-o '{out}' exists and is not a directory")
+    out = check_output_dir(args.output, "replica-exchange run", args.overwrite)
     if (out / "replica.nc").exists() and not args.resume:
         raise InputError(f"'{out}' already holds a run; pass --resume to continue it or choose another -o directory")
     system = load_system(args.system)
-    t_min = float(args.t_min) if args.t_min is not None else float(system.temperature)
+    t_min = check_temperature(args.t_min if args.t_min is not None else system.temperature, "--t-min")
+    t_max = check_temperature(args.t_max, "--t-max")
+    if t_max == t_min and args.replicas > 1:
+        raise InputError(f"--t-min equals --t-max ({t_min:g} K): all {args.replicas} replicas would run at one "
+                         "temperature and exchanges would do nothing; raise --t-max or pass --replicas 1")
     if abs(t_min - system.temperature) > 1e-6:
         system = system.with_temperature(t_min)
     config = ReplicaExchangeConfig(
-        method=args.method, t_min=t_min, t_max=float(args.t_max), n_replicas=int(args.replicas),
+        method=args.method, t_min=t_min, t_max=t_max, n_replicas=int(args.replicas),
         n_iterations=int(args.iterations), steps_per_iteration=int(args.steps_per_iteration),
         timestep_fs=float(args.timestep_fs), collision_rate_per_ps=float(args.collision_rate),
         platform=args.platform, threads=args.threads, checkpoint_interval=int(args.checkpoint_interval),
@@ -81,11 +86,14 @@ def run(args: argparse.Namespace) -> int:
         "equilibration_iterations": samples.provenance["equilibration_iterations"],
         "statistical_inefficiency": samples.provenance["statistical_inefficiency"],
         "n_samples": len(samples),
-        "energy_evaluations": samples.provenance["energy_evaluations"],
-        "wall_time_s": samples.provenance["wall_time_s"],
+        "energy_evals": samples.provenance["energy_evals"],
+        "wall_s": samples.provenance["wall_s"],
         "simulated_time_ns_per_replica": samples.provenance["n_iterations"] * config.steps_per_iteration
         * config.timestep_fs * 1e-6,
     }
+    broken = broken_frame_fraction(system, samples.positions)
+    if broken > 0:
+        summary["broken_frame_fraction"] = broken
     if system.modes is not None:
         modes = system.modes
         ind = {nm: (lambda x, i=i: modes.assign(x) == i) for i, nm in enumerate(modes.names)}
@@ -94,15 +102,35 @@ def run(args: argparse.Namespace) -> int:
         summary["populations_decorrelated"] = {k: v.to_full_dict() for k, v in
                                                mode_populations(modes, samples.positions).items()}
     atomic_write_json(out / "summary.json", summary)
+    if broken > 0:
+        print(f"warning: {100 * broken:.1f}% of the samples at {t_min:g} K have a bond stretched to over "
+              f"{BROKEN_BOND_FACTOR:g}x its length in the prepared structure: the molecule came apart (too hot "
+              "a ladder or too long a timestep?); these samples are not usable", file=sys.stderr)
     if args.json:
         print_json(summary)
     else:
         print(f"wrote {storage} and {out / 'samples.npz'} ({len(samples)} decorrelated samples at {t_min:g} K; "
               f"statistical inefficiency {summary['statistical_inefficiency']:.1f} iterations)")
         for k, v in summary.get("populations_block", {}).items():
-            print(f"  P({k}) = {v['value']:.4f} +- {v['stderr']:.4f} (block error)"
-                  if v["stderr"] is not None else f"  P({k}) = {v['value']:.4f}")
+            err = " (block error)" if has_error_bar(v["stderr"]) else ""
+            print(f"  P({k}) = {format_pm(v['value'], v['stderr'])}{err}")
     return 0
+
+
+#: a bond longer than this many times its length in the prepared structure marks a broken frame
+BROKEN_BOND_FACTOR = 2.0
+
+
+def broken_frame_fraction(system, positions: np.ndarray) -> float:
+    """Fraction of frames (n, n_atoms, 3) nm with any bond over BROKEN_BOND_FACTOR x its length in
+    ``system.positions`` (0 for a system without bonds in its topology)."""
+    pairs = np.array([(b[0].index, b[1].index) for b in system.topology.bonds()], dtype=int).reshape(-1, 2)
+    if len(pairs) == 0 or len(positions) == 0:
+        return 0.0
+    ref = np.linalg.norm(system.positions[pairs[:, 0]] - system.positions[pairs[:, 1]], axis=-1)
+    x = np.asarray(positions, dtype=np.float64)
+    d = np.linalg.norm(x[:, pairs[:, 0]] - x[:, pairs[:, 1]], axis=-1)
+    return float(np.mean(np.any(d > BROKEN_BOND_FACTOR * ref, axis=1)))
 
 
 def _argv(args: argparse.Namespace) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_verb, load_system, print_json
+from .common import add_overwrite, add_verb, load_system, print_json
 
 EXAMPLE = """\
   boltzflow train --print-config > train.toml           # every option with its default
@@ -35,6 +35,7 @@ def register(sub) -> None:
     p = add_verb(sub, "train", "train a Boltzmann generator (KLz pre-training, then data-free fine-tuning)", EXAMPLE, run)
     p.add_argument("system", nargs="?", help="system directory (from `boltzflow prepare`) or built-in name")
     p.add_argument("-o", "--output", help="run directory to create")
+    add_overwrite(p, "RUN_DIR (a folder that holds other files or another kind of run)")
     p.add_argument("--config", help="TOML configuration (see --print-config)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the full default configuration and exit")
@@ -68,7 +69,9 @@ def run(args) -> int:
     from ..errors import InputError
 
     if args.print_config:
-        print(pipeline.default_config_toml(), end="")
+        from ..config import dump_toml
+
+        print(dump_toml(pipeline.RunConfig(), show_unset=True), end="")
         return 0
     if args.resume:
         from ..systems import MolecularSystem
@@ -83,6 +86,9 @@ def run(args) -> int:
     else:
         if not args.system or not args.output:
             raise InputError("train needs SYSTEM and -o RUN_DIR (or --resume RUN_DIR); see `boltzflow train --help`")
+        from ..io import check_output_dir
+
+        check_output_dir(args.output, "training run", args.overwrite)
         system = load_system(args.system)
         config = pipeline.load_run_config(args.config, overrides_from_args(args))
         summary = pipeline.train(system, config, args.output, progress=False if args.no_progress else None)

@@ -163,8 +163,8 @@ def extract_samples(storage: str | Path, state_index: int = 0, discard_equilibra
         "steps_per_iteration": steps,
         "timestep_fs": data.timestep_fs,
         # every MD step of every replica costs one force evaluation
-        "energy_evaluations": int(data.n_iterations * n_rep * max(steps, 1)),
-        "wall_time_s": data.wall_time_s,
+        "energy_evals": int(data.n_iterations * n_rep * max(steps, 1)),
+        "wall_s": data.wall_time_s,
     }
     return SampleSet(positions=x[idx], reduced_energy=u[idx], temperature=float(data.temperatures[k]),
                      provenance=prov)

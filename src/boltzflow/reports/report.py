@@ -8,9 +8,13 @@ Reads what training and sampling wrote (see :mod:`boltzflow.training.rundir`): t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -37,8 +41,34 @@ def build_report(run_dir: str | Path, replica_dir: str | Path | None = None) -> 
     ref = SampleSet.load(ref_path) if ref_path.is_file() else None
     summary = rd.read_summary()
     rows = rd.read_metrics()
+    comp = summary.get("comparison")
+    if replica_dir is not None:  # before anything is written: a bad --replica leaves the report as it was
+        comp = _compare_with_replica(system, gen, replica_dir)
+    with _staged_plots(rd) as figs:
+        html_text = _render(rd, system, gen, ref, summary, rows, comp, figs)
+    atomic_write_text(rd.path / "report.html", html_text)
+    if replica_dir is not None:
+        rd.update_summary(comparison=comp)
+    return rd.path / "report.html"
+
+
+@contextlib.contextmanager
+def _staged_plots(rd) -> Iterator[Path]:
+    """A scratch folder in the run directory for the figures; when the block succeeds they replace
+    those in RUN_DIR/plots (each file by an atomic rename), otherwise RUN_DIR/plots is left as it was."""
+    tmp = Path(tempfile.mkdtemp(prefix=".plots.", dir=rd.path))
+    try:
+        yield tmp
+        dest = rd.plots_dir
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, dest / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _render(rd, system, gen, ref, summary: dict, rows: list, comp, figs: Path) -> str:
+    """The report page (figures rendered into ``figs``)."""
     sections: list[tuple[str, str]] = []
-    figs = rd.plots_dir
 
     # headline numbers
     est = summary.get("estimates", {})
@@ -70,17 +100,11 @@ def build_report(run_dir: str | Path, replica_dir: str | Path | None = None) -> 
         sections.append(("Training", H.figure(p, "loss, ESS and mode fractions over training")))
 
     # comparison
-    comp = summary.get("comparison")
-    if replica_dir is not None:
-        comp = _compare_with_replica(system, gen, replica_dir)
-        rd.update_summary(comparison=comp)
     if comp:
         sections.append(("Flow vs replica exchange", H.table(comp if isinstance(comp, list) else [comp])))
 
     title = f"boltzflow report: {system.name if system is not None else rd.path.name}"
-    out = rd.path / "report.html"
-    atomic_write_text(out, H.page(title, sections))
-    return out
+    return H.page(title, sections)
 
 
 def _flat(v: Any) -> dict:
@@ -137,6 +161,7 @@ def _compare_with_replica(system, gen, replica_dir) -> list[dict]:
     rep = SampleSet.load(path)
     if system is None or system.modes is None:
         raise InputError("a comparison needs a system with modes (alanine-dipeptide, butane, or a prepared system)")
+    system.check_coordinates(rep.positions[:1], f"--replica samples '{path}'")
     rows = []
     for label, ss in (("replica exchange", rep), ("flow (reweighted)", gen)):
         if ss is None:

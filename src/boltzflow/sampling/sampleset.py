@@ -18,6 +18,43 @@ from ..io import atomic_write
 
 FORMAT = "boltzflow-sampleset/1"
 
+#: version of the provenance record, written into every new file as meta "provenance_version".
+#: 2: one spelling per key (below); files without a version are 1 and have their keys mapped on load.
+PROVENANCE_VERSION = 2
+
+#: the provenance keys every sampler spells the same way (others are free-form)
+PROVENANCE_KEYS = {
+    "sampler": "what drew the samples (replica-exchange, flow:<pipeline>, reference, ...)",
+    "energy_evals": "single-configuration energy evaluations spent drawing these samples",
+    "wall_s": "wall time spent drawing these samples, s",
+    "training_energy_evals": "energy evaluations spent training the sampler (generators)",
+    "training_wall_s": "wall time spent training the sampler, s",
+}
+
+#: older spellings (provenance version 1) -> the key of version 2
+PROVENANCE_ALIASES = {
+    "energy_evaluations": "energy_evals",
+    "sampling_energy_evaluations": "energy_evals",
+    "wall_time_s": "wall_s",
+    "sampling_wall_time_s": "wall_s",
+    "training_energy_evaluations": "training_energy_evals",
+    "train_energy_evals": "training_energy_evals",
+    "training_wall_time_s": "training_wall_s",
+    "train_wall_s": "training_wall_s",
+}
+
+
+def upgrade_provenance(provenance: dict, version: int) -> dict:
+    """A provenance record of ``version`` in the current spelling: old keys renamed (a key already
+    in the new spelling wins over its alias)."""
+    if version >= PROVENANCE_VERSION:
+        return dict(provenance)
+    out = {k: v for k, v in provenance.items() if k not in PROVENANCE_ALIASES}
+    for old, new in PROVENANCE_ALIASES.items():
+        if old in provenance and new not in out:
+            out[new] = provenance[old]
+    return out
+
 
 @dataclass(frozen=True, eq=False)
 class SampleSet:
@@ -29,7 +66,8 @@ class SampleSet:
     log_weights: (n,) log importance weights towards the Boltzmann distribution, or None
         (unweighted, i.e. already Boltzmann-distributed). For flows: -u - log_q.
     temperature: K (None for toy targets in reduced units).
-    provenance: free-form dict (sampler, run directory, system fingerprint, command...).
+    provenance: dict (sampler, cost, run directory, system fingerprint, command...); the keys in
+        :data:`PROVENANCE_KEYS` have one spelling across samplers, versioned by :data:`PROVENANCE_VERSION`.
     """
 
     positions: np.ndarray
@@ -97,7 +135,8 @@ class SampleSet:
             v = getattr(self, name)
             if v is not None:
                 arrays[name] = v
-        meta = {"format": FORMAT, "temperature": self.temperature, "provenance": self.provenance}
+        meta = {"format": FORMAT, "temperature": self.temperature, "provenance_version": PROVENANCE_VERSION,
+                "provenance": self.provenance}
         arrays["meta_json"] = np.array(json.dumps(meta, default=str))
         return atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
 
@@ -114,13 +153,14 @@ class SampleSet:
         if "positions" not in data:
             raise InputError(f"'{p}' has no 'positions' array; it is not a boltzflow SampleSet")
         meta = json.loads(str(data.pop("meta_json"))) if "meta_json" in data else {}
+        provenance = upgrade_provenance(meta.get("provenance", {}), int(meta.get("provenance_version", 1)))
         return cls(
             positions=data["positions"],
             reduced_energy=data.get("reduced_energy"),
             log_q=data.get("log_q"),
             log_weights=data.get("log_weights"),
             temperature=meta.get("temperature"),
-            provenance=meta.get("provenance", {}),
+            provenance=provenance,
         )
 
     def to_mdtraj(self, topology):
@@ -134,10 +174,21 @@ class SampleSet:
 
     def export(self, path: str | Path, topology) -> Path:
         """Write positions as DCD or PDB (by suffix) through mdtraj."""
-        p = Path(path)
+        p = check_export_path(path)
         traj = self.to_mdtraj(topology)
-        if p.suffix.lower() not in (".dcd", ".pdb", ".xtc", ".h5"):
-            raise InputError(f"unsupported trajectory format '{p.suffix}'; use .dcd, .pdb, .xtc or .h5")
         p.parent.mkdir(parents=True, exist_ok=True)
         traj.save(str(p))
         return p
+
+
+#: trajectory formats :meth:`SampleSet.export` writes (by suffix)
+EXPORT_SUFFIXES = (".dcd", ".pdb", ".xtc", ".h5")
+
+
+def check_export_path(path: str | Path) -> Path:
+    """``path`` as a Path if its suffix is a trajectory format SampleSet.export writes, else InputError."""
+    p = Path(path)
+    if p.suffix.lower() not in EXPORT_SUFFIXES:
+        raise InputError(f"unsupported trajectory format '{p.suffix or p.name}'; use "
+                         f"{', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]}")
+    return p

@@ -224,6 +224,46 @@ def _unknown_residues(ff, topology) -> list[str]:
     return out
 
 
+#: atom names of CHARMM's ACE / CT3 cap patches, which a PDB must give as separate ACE / NME residues
+_CHARMM_CAP_NAMES = frozenset(_ACE_NAMES.values()) | frozenset(_NME_NAMES.values())
+#: heavy atoms of CHARMM's ACE / CT3 cap patches (a residue they are merged into has them on top of its template)
+_CAP_HEAVY = {"CAY", "CY", "OY", "NT", "CAT"}
+#: C-terminal oxygens: a residue with any of these may name its carbonyl O differently
+_TERMINAL_OXYGENS = {"OXT", "OT1", "OT2"}
+
+
+def _reject_charmm_named_caps(topology, path: Path) -> None:
+    """SystemBuildError for a PDB whose caps are CHARMM-named atoms inside a residue (CAY, CY, OY,
+    NT, CAT, ...), as in a CHARMM PDB or a prepared system's topology.pdb: they must be separate
+    Amber-style ACE / NME residues."""
+    for res in topology.residues():
+        if res.name.upper() in ("ACE", "NME", "NMA"):
+            continue
+        caps = sorted({a.name for a in res.atoms()} & _CAP_HEAVY)
+        if caps:
+            raise SystemBuildError(
+                f"'{path}': residue {res.name} {res.id} (chain {res.chain.id}) carries CHARMM-named cap atoms "
+                f"({', '.join(caps)}); give each cap as its own residue, ACE (CH3, C, O, H1-H3) before and NME "
+                "(N, H, C, H1-H3) after the residue it caps, or prepare the original PDB")
+
+
+def _missing_heavy_atoms(ff, topology) -> tuple[str, list[str]] | None:
+    """(residue label, heavy-atom names) of the first residue lacking heavy atoms of its force-field
+    template (names matched as in _TEMPLATE_ALIASES; extra cap/terminal atoms are fine), or None."""
+    for res in topology.residues():
+        names = {a.name for a in res.atoms()}
+        for cand in _TEMPLATE_ALIASES.get(res.name, (res.name,)):
+            template = ff._templates.get(cand)
+            if template is None:
+                continue
+            heavy = [a.name for a in template.atoms if a.element is not None and a.element.symbol != "H"]
+            missing = [n for n in heavy if n not in names and not (n == "O" and names & _TERMINAL_OXYGENS)]
+            if missing:
+                return f"{res.name} {res.id} (chain {res.chain.id})", missing
+            break
+    return None
+
+
 def create_charmm_system(topology, solvent: str, force_field: tuple[str, ...] = FORCE_FIELD_FILES):
     """``openmm.System`` for ``topology`` with CHARMM36m in ``solvent``; NoCutoff, no constraints,
     no CMMotionRemover. Raises SystemBuildError naming the residue that has no template."""
@@ -241,6 +281,11 @@ def create_charmm_system(topology, solvent: str, force_field: tuple[str, ...] = 
     try:
         system = (small or ff).createSystem(topology, **kwargs)
     except Exception as e:  # OpenMM raises ValueError/Exception for unmatched or ambiguous residues
+        missing = _missing_heavy_atoms(ff, topology)
+        if missing:  # OpenMM compares with the unpatched template and reports "too many" atoms instead
+            raise SystemBuildError(
+                f"residue {missing[0]} is missing heavy atom(s) {', '.join(missing[1])}: boltzflow adds only "
+                "hydrogens; complete the residue (e.g. pdbfixer's addMissingAtoms) or remove it") from e
         msg = " ".join(str(e).split())
         raise SystemBuildError(
             f"CHARMM36m cannot parametrise this molecule: {msg[:300]} "
@@ -320,6 +365,7 @@ def from_pdb(path: str | Path, solvent: str = "vacuum", temperature: float = 300
     p = Path(path)
     pdb = read_pdb(p)
     topology, positions = pdb.topology, pdb.positions
+    _reject_charmm_named_caps(topology, p)
     file_names = _file_residue_names(p)
     residues = list(topology.residues())
     if len(file_names) == len(residues):
