@@ -51,6 +51,17 @@ def current_umask() -> int:
     return mask
 
 
+def numpy_file_kind(path: str | os.PathLike) -> str | None:
+    """"npy" or "npz" by the file's first bytes (whatever its name), None for anything else."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if head == b"\x93NUMPY":
+        return "npy"
+    if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
+        return "npz"
+    return None
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda fh: fh.write(text), mode="w")
 

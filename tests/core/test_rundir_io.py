@@ -35,3 +35,37 @@ def test_metrics_append_truncate_and_summary(tmp_path):
     rd.write_environment(["boltzflow", "test"])
     env = json.loads((rd.path / "environment.json").read_text())
     assert env["argv"] == ["boltzflow", "test"] and "torch" in env
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_honours_the_umask(tmp_path, umask, mode):
+    import os
+
+    old = os.umask(umask)
+    try:
+        p = atomic_write(tmp_path / "f.bin", lambda fh: fh.write(b"x"))
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == mode
+
+
+def test_output_guards(tmp_path):
+    from boltzflow.errors import InputError
+    from boltzflow.io import check_output_dir, check_output_file, run_kind
+
+    run = tmp_path / "pt"
+    run.mkdir()
+    (run / "replica.nc").write_bytes(b"")
+    assert run_kind(run) == "replica-exchange run" and run_kind(tmp_path / "none") is None
+    assert check_output_dir(tmp_path / "new", "training run") == tmp_path / "new"
+    assert check_output_dir(run, "replica-exchange run") == run  # its own kind: the verb decides
+    with pytest.raises(InputError, match="replica-exchange run directory"):
+        check_output_dir(run, "training run")
+    assert check_output_dir(run, "training run", overwrite=True) == run
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("a")
+    with pytest.raises(InputError, match="did not make"):
+        check_output_dir(tmp_path / "mine", "system")
+    with pytest.raises(InputError, match="already exists"):
+        check_output_file(tmp_path / "mine" / "a.txt")
+    assert check_output_file(tmp_path / "mine" / "a.txt", overwrite=True).name == "a.txt"

@@ -35,3 +35,25 @@ def test_bad_shapes_and_files(tmp_path):
     (tmp_path / "junk.npz").write_text("junk")
     with pytest.raises(InputError, match="readable"):
         SampleSet.load(tmp_path / "junk.npz")
+
+
+def test_provenance_is_versioned_and_old_keys_are_mapped(tmp_path):
+    import json
+
+    from boltzflow.sampling.sampleset import PROVENANCE_VERSION
+
+    p = SampleSet(np.zeros((2, 3)), provenance={"energy_evals": 7, "wall_s": 1.5}).save(tmp_path / "new.npz")
+    with np.load(p) as z:
+        assert json.loads(str(z["meta_json"]))["provenance_version"] == PROVENANCE_VERSION == 2
+    assert SampleSet.load(p).provenance == {"energy_evals": 7, "wall_s": 1.5}
+    # a version-1 file (no version): every old spelling maps onto the one key; a new key already there wins
+    old = {"energy_evaluations": 10, "wall_time_s": 2.0, "training_energy_evaluations": 30,
+           "train_wall_s": 4.0, "sampler": "replica-exchange"}
+    meta = {"format": "boltzflow-sampleset/1", "temperature": 300.0, "provenance": old}
+    np.savez(tmp_path / "v1.npz", positions=np.zeros((2, 3)), meta_json=np.array(json.dumps(meta)))
+    assert SampleSet.load(tmp_path / "v1.npz").provenance == {
+        "sampler": "replica-exchange", "energy_evals": 10, "wall_s": 2.0, "training_energy_evals": 30,
+        "training_wall_s": 4.0}
+    meta["provenance"] = {"energy_evals": 1, "energy_evaluations": 2}
+    np.savez(tmp_path / "both.npz", positions=np.zeros((2, 3)), meta_json=np.array(json.dumps(meta)))
+    assert SampleSet.load(tmp_path / "both.npz").provenance == {"energy_evals": 1}

@@ -38,12 +38,15 @@ def register(sub) -> None:
 def read_frames(path: str | Path) -> np.ndarray:
     """Frames from .npy (or .npz with 'positions'), float64; InputError when missing/unreadable/non-finite."""
     from ..errors import InputError
+    from ..io import numpy_file_kind
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"coordinate file '{p}' not found")
+    if numpy_file_kind(p) is None:
+        raise InputError(f"could not read '{p}': not a numpy .npy/.npz file; save the coordinates with numpy.save")
     try:
-        if p.suffix == ".npz":
+        if numpy_file_kind(p) == "npz":
             with np.load(p, allow_pickle=False) as z:
                 if "positions" not in z:
                     raise InputError(f"'{p}' has no 'positions' array (keys: {', '.join(z.files)})")

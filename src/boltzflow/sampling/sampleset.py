@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..io import atomic_write
+from ..io import atomic_write, numpy_file_kind
 
 FORMAT = "boltzflow-sampleset/1"
 
@@ -145,6 +145,9 @@ class SampleSet:
         p = Path(path)
         if not p.is_file():
             raise InputError(f"sample file '{p}' not found")
+        if numpy_file_kind(p) != "npz":
+            raise InputError(f"'{p}' is not a readable .npz SampleSet (not an .npz file at all); SampleSets are "
+                             "written by boltzflow: SampleSet.save, `boltzflow sample`, `boltzflow simulate`")
         try:
             with np.load(p, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
