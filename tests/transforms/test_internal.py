@@ -152,3 +152,48 @@ def test_bad_input_raises():
         ic(torch.zeros(2, 5, dtype=torch.float64))
     with pytest.raises(InputError):
         build_zmatrix(bond_graph(top), heavy[:2])
+
+
+def test_improper_torsions_are_the_substituent_torsions():
+    from boltzflow.transforms.internal import improper_torsions
+    from boltzflow.transforms.zmatrix import all_atom_zmatrix
+
+    top, pos, heavy, hyd, par = _topology_positions("alanine-dipeptide")
+    adj = bond_graph(top)
+    zm = all_atom_zmatrix(adj, heavy, hyd, par)
+    fixed = improper_torsions(zm, adj)
+    # 19 torsions: phi, psi, two peptide omegas and three methyl rotors stay periodic; the 12 others place
+    # a second substituent of an atom (chirality at CA, carbonyl O, amide H, methyl siblings)
+    assert len(zm.rows) - 3 == 19 and len(fixed) == 12
+    for q in fixed:
+        i, j, k, l = zm.rows[q + 3]
+        assert int(l) in adj[int(j)] and int(i) in adj[int(j)]
+
+
+def test_fixed_torsions_round_trip_logdet_and_no_mirror_images():
+    from boltzflow.transforms.internal import improper_torsions
+    from boltzflow.transforms.zmatrix import all_atom_zmatrix
+
+    top, pos, heavy, hyd, par = _topology_positions("alanine-dipeptide")
+    adj = bond_graph(top)
+    zm = all_atom_zmatrix(adj, heavy, hyd, par)
+    fixed = improper_torsions(zm, adj)
+    ic = InternalCoordinates(zm, pos, atoms=np.arange(len(pos)), fixed_torsions=fixed)
+    x = _conformations(pos, 32, seed=3, noise=0.01)
+    ic.fit(x)
+    assert len(ic.circular) == 7 and len(ic.fixed) == 12 and not set(ic.circular) & set(ic.fixed)
+    assert torch.all(ic.fixed_std < 0.5)
+    z, ld_inv, rigid = ic.to_internal(x)
+    assert z[:, ic.fixed].abs().max() < 6  # standardised deviations, not angles
+    xr, ld_fwd = ic(z, rigid=rigid)
+    assert torch.allclose(xr, x, atol=1e-9) and torch.allclose(ld_inv, -ld_fwd, atol=1e-9)
+    # exact log-det: 3m x 3m Jacobian including the rigid dofs
+    full = torch.cat([rigid[0], z[0]])
+    jac = torch.autograd.functional.jacobian(lambda v: ic(v[6:][None], rigid=v[:6][None])[0].reshape(-1), full)
+    _, logabs = torch.linalg.slogdet(jac)
+    assert abs(logabs.item() - (ld_fwd[0] + torch.log(torch.sin(rigid[0, 3]))).item()) < 1e-8
+    # standard-normal fixed coordinates never flip the chiral centre
+    zs = z[:1].repeat(2000, 1)
+    zs[:, ic.fixed] = torch.randn(2000, len(ic.fixed), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    xs, _ = ic(zs)
+    assert count_mirror_images(xs, chiral_centers(adj, heavy), pos) == 0

@@ -83,13 +83,30 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def find_compiler() -> str | None:
+    """The C++ compiler kernels are built with: ``$CXX``, else g++ or c++ on the PATH (None: none)."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def kernels_disabled() -> bool:
+    """Whether ``BOLTZFLOW_CPU_KERNEL`` switches the C++ kernels off ("0", "false", "no", "off")."""
+    return os.environ.get("BOLTZFLOW_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _build(cxx: str) -> Path:
-    """Compile the kernel (once per source/flags/compiler/CPU) and return the library's path."""
+    """Compile the energy kernel and return the library's path."""
+    return build_shared_library(cxx, SOURCE)
+
+
+def build_shared_library(cxx: str, source: Path) -> Path:
+    """Compile a C++ kernel source (once per source/flags/compiler/CPU, cached, atomic) and return the
+    library's path. RuntimeError with the compiler's message when it fails."""
+    SOURCE = Path(source)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode() + _cpu_tag().encode()).hexdigest()[:16]
     out_dir = _cache_dir()
-    lib = out_dir / f"native_cpu_{key}.so"
+    lib = out_dir / f"{SOURCE.stem}_{key}.so"
     if lib.is_file():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,10 +131,10 @@ def load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("BOLTZFLOW_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        if kernels_disabled():
             _reason = "disabled by BOLTZFLOW_CPU_KERNEL=0"
             return None
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        cxx = find_compiler()
         if cxx is None:
             _reason = "no C++ compiler found (install g++ or set $CXX)"
         else:

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import InputError
 from .base import Bijection
 from .nn import MLP
-from .splines import circular_rq_spline, unconstrained_rq_spline, wrap_angle
+from .splines import packed_rq_spline, wrap_angle
 
 
 def as_mask(spec: torch.Tensor | Sequence[int] | Sequence[bool] | None, dim: int, what: str = "mask") -> torch.Tensor:
@@ -220,20 +220,19 @@ class SplineCoupling(_Coupling):
         logdet = z.new_zeros(z.shape[0])
         y_lin = y_circ = None
         if self.n_lin:
-            w, h, d = p_lin[..., :k], p_lin[..., k : 2 * k], p_lin[..., 2 * k :]
-            y_lin, ld = unconstrained_rq_spline(z.index_select(1, self.trans_lin), w, h, d, self.bound, inverse=inverse)
+            y_lin, ld = packed_rq_spline(z.index_select(1, self.trans_lin), p_lin, False, self.bound, inverse=inverse)
             logdet = logdet + ld.sum(-1)
         if self.n_circ:
             y_circ = z.index_select(1, self.trans_circ)
-            w, h, d = p_circ[..., :k], p_circ[..., k : 2 * k], p_circ[..., 2 * k : 3 * k]
+            spl = p_circ[..., : 3 * k]
             shift = p_circ[..., 3 * k] if self.circular_shift else None
             if inverse:
                 if shift is not None:
                     y_circ = wrap_angle(y_circ - shift)
-                y_circ, ld = circular_rq_spline(y_circ, w, h, d, inverse=True)
+                y_circ, ld = packed_rq_spline(y_circ, spl, True, inverse=True)
                 y_circ = wrap_angle(y_circ)
             else:
-                y_circ, ld = circular_rq_spline(y_circ, w, h, d, inverse=False)
+                y_circ, ld = packed_rq_spline(y_circ, spl, True, inverse=False)
                 if shift is not None:
                     y_circ = y_circ + shift
                 y_circ = wrap_angle(y_circ)

@@ -31,12 +31,13 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..transforms.cartesian import alignment_penalty, prepare_cartesian
-from ..transforms.internal import InternalCoordinates, chiral_centers, mirror_image_mask
+from ..transforms.internal import InternalCoordinates, chiral_centers, improper_torsions, mirror_image_mask
 from ..transforms.zmatrix import all_atom_zmatrix, bond_graph, build_zmatrix
 
 PIPELINES = ("hnet", "conditional", "internal-all")
 REPRESENTATIONS = ("cartesian", "internal")
 FLOW_KINDS = ("auto", "realnvp", "spline")
+FIXED_TORSIONS = ("none", "improper")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,12 @@ class GeneratorConfig:
     (Cartesian only) or "spline". blocks / hidden / depth / bins: main flow (realnvp: blocks x 4
     affine couplings; spline: blocks x 2 RQ-spline couplings). lambda_align: alignment penalty weight
     (Cartesian), max_rotation: cap of its Kabsch rotation (rad). hnet_hidden / hnet_depth: hydrogen
-    net MLP. h_blocks / h_hidden / h_depth / h_bins: conditional hydrogen spline flow. seed: masks.
+    net MLP. h_blocks / h_hidden / h_depth / h_bins: conditional hydrogen spline flow.
+    fixed_torsions: "none" (every Z-matrix torsion is a periodic coordinate) or "improper" (torsions
+    fixed by a centre's geometry, e.g. chirality at CA or a methyl hydrogen next to its sibling, are
+    standardised deviations from their mean: the flow cannot flip a chiral centre or permute
+    hydrogens and models a narrow peak instead of a circle; see
+    :func:`~boltzflow.transforms.internal.improper_torsions`). seed: masks.
     """
 
     pipeline: str = "hnet"
@@ -66,6 +72,7 @@ class GeneratorConfig:
     h_hidden: int = 128
     h_depth: int = 2
     h_bins: int = 8
+    fixed_torsions: str = "none"
     seed: int = 0
 
     def __post_init__(self):
@@ -73,6 +80,8 @@ class GeneratorConfig:
             raise ConfigError(f"unknown pipeline {self.pipeline!r}; choose one of {', '.join(PIPELINES)}")
         if self.representation not in REPRESENTATIONS:
             raise ConfigError(f"unknown representation {self.representation!r}; choose one of {', '.join(REPRESENTATIONS)}")
+        if self.fixed_torsions not in FIXED_TORSIONS:
+            raise ConfigError(f"unknown fixed_torsions {self.fixed_torsions!r}; choose one of {', '.join(FIXED_TORSIONS)}")
         if self.flow not in FLOW_KINDS:
             raise ConfigError(f"unknown flow {self.flow!r}; choose one of {', '.join(FLOW_KINDS)}")
         if self.flow == "realnvp" and (self.representation == "internal" or self.pipeline == "internal-all"):
@@ -123,7 +132,7 @@ class MolecularGenerator(nn.Module):
             kw["bins"] = c.bins
         if c.pipeline == "internal-all":
             zm = all_atom_zmatrix(adj, heavy, system.hydrogen_indices, system.hydrogen_parents)
-            self.all_ic = InternalCoordinates(zm, ref, atoms=np.arange(n))
+            self.all_ic = InternalCoordinates(zm, ref, atoms=np.arange(n), fixed_torsions=self._fixed(zm, adj))
             self.all_flow = make_flow(self.all_ic.dim, kind=kind, circular=self.all_ic.circular, **kw)
             self.to(torch.get_default_dtype())
             return
@@ -135,7 +144,8 @@ class MolecularGenerator(nn.Module):
             self.register_buffer("cart_std", torch.full((3 * n_heavy,), 0.05, dtype=torch.float64))
             self.heavy_flow = make_flow(3 * n_heavy, kind=kind, **kw)
         else:
-            self.heavy_ic = InternalCoordinates(build_zmatrix(adj, heavy), ref[heavy], atoms=heavy)
+            zm = build_zmatrix(adj, heavy)
+            self.heavy_ic = InternalCoordinates(zm, ref[heavy], atoms=heavy, fixed_torsions=self._fixed(zm, adj))
             self.heavy_flow = make_flow(self.heavy_ic.dim, kind=kind, circular=self.heavy_ic.circular, **kw)
         if c.pipeline == "hnet":
             self.hnet = HydrogenNet(system, hidden=c.hnet_hidden, depth=c.hnet_depth)
@@ -143,6 +153,9 @@ class MolecularGenerator(nn.Module):
             self.h_flow = ConditionalHydrogenFlow(system, blocks=c.h_blocks, hidden=c.h_hidden, depth=c.h_depth,
                                                   bins=c.h_bins, seed=c.seed + 1)
         self.to(torch.get_default_dtype())  # float buffers follow the parameters (one dtype per checkpoint)
+
+    def _fixed(self, zmatrix, adjacency) -> list[int]:
+        return improper_torsions(zmatrix, adjacency) if self.config.fixed_torsions == "improper" else []
 
     # ---- data ------------------------------------------------------------------------------------
     def _as_x(self, x, cast: bool = True) -> torch.Tensor:

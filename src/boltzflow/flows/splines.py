@@ -173,3 +173,27 @@ def circular_rq_spline(
         -math.pi, math.pi, -math.pi, math.pi, inverse=inverse,
     )
     return y, ld
+
+
+def packed_rq_spline(
+    x: torch.Tensor, params: torch.Tensor, circular: bool, bound: float = 5.0, inverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Either spline with its parameters packed in one tensor, as coupling layers predict them.
+
+    ``x: (...)``; ``params: (..., P)`` = ``[K width logits | K height logits | derivative logits]``
+    with ``K - 1`` derivative logits (``circular=False``: :func:`unconstrained_rq_spline` on
+    ``[-bound, bound]``) or ``K`` (``circular=True``: :func:`circular_rq_spline`). On the CPU this runs
+    the fused kernel of :mod:`boltzflow.flows.spline_cpu` (same values and first derivatives, several
+    times faster); elsewhere, or without a compiler, the torch ops above. Returns ``(y, logabsdet)``."""
+    from . import spline_cpu
+
+    n_par = params.shape[-1]
+    k = n_par // 3 if circular else (n_par + 1) // 3
+    if spline_cpu.usable(x) and 2 <= k <= 256:
+        offset = math.log(math.expm1(1.0 - MIN_DERIVATIVE))
+        return spline_cpu.fused_spline(x, params, 1 if circular else 0, math.pi if circular else bound, inverse,
+                                       MIN_BIN_WIDTH, MIN_BIN_HEIGHT, MIN_DERIVATIVE, offset)
+    w, h, d = params[..., :k], params[..., k:2 * k], params[..., 2 * k:]
+    if circular:
+        return circular_rq_spline(x, w, h, d, inverse=inverse)
+    return unconstrained_rq_spline(x, w, h, d, bound, inverse=inverse)

@@ -6,6 +6,13 @@ Layouts (flat vectors, ``(batch, dim)``):
   ``[bonds (m-1) | angles (m-2) | torsions (m-3)]``. Bonds and angles are standardised
   (``z = (value - mean) / std``, mean/std fitted on data with :meth:`fit`); torsions are raw
   radians in [-pi, pi) and are periodic: :attr:`circular` lists their indices.
+  ``fixed_torsions`` (indices into the torsion block) are not periodic coordinates but standardised
+  deviations from their mean, ``z = wrap(t - mean) / std``: improper-like torsions whose value is
+  fixed by chemistry (a sibling substituent, a chiral centre's handedness, a methyl hydrogen's place
+  relative to its sibling; :func:`improper_torsions` finds them in a Z-matrix). A flow then models a
+  narrow peak instead of a whole circle and cannot flip a chiral centre or permute hydrogens; the
+  map is a bijection onto ``mean +- pi`` (values beyond ``pi / std`` standard deviations, more than
+  ~15 for any fitted std, are wrapped: their density is below ``exp(-100)``).
   The 6 rigid-body dofs (position of the first atom, orientation of the first bond, rotation
   about it) are not part of the flat vector: ``forward`` places the molecule in a canonical
   frame (or the frame given by ``rigid``).
@@ -129,7 +136,7 @@ class InternalCoordinates(Bijection):
     """
 
     def __init__(self, zmatrix: ZMatrix, reference: np.ndarray, atoms=None, bond_std: float = 0.005,
-                 angle_std: float = 0.05):
+                 angle_std: float = 0.05, fixed_torsions=(), torsion_std: float = 0.15):
         super().__init__()
         atoms = np.sort(zmatrix.order) if atoms is None else np.asarray(atoms, dtype=np.int64)
         if sorted(atoms.tolist()) != sorted(zmatrix.order.tolist()):
@@ -147,7 +154,16 @@ class InternalCoordinates(Bijection):
         ref = torch.as_tensor(np.array(reference, dtype=np.float64)).reshape(1, m, 3)
         b, a, _, _ = self._measure(ref)
         self.std = _Standardizer(b[0], a[0], bond_std, angle_std)
-        self.circular = list(range(2 * m - 3, 3 * m - 6))
+        fixed = sorted({int(q) for q in fixed_torsions})
+        if any(not 0 <= q < max(m - 3, 0) for q in fixed):
+            raise InputError(f"fixed_torsions must index the {max(m - 3, 0)} torsions, got {fixed}")
+        _, _, t_ref, _ = self._measure(ref)
+        self.register_buffer("fixed_idx", torch.as_tensor(fixed, dtype=torch.long))
+        self.register_buffer("fixed_mean", t_ref[0, fixed].clone())
+        self.register_buffer("fixed_std", torch.full((len(fixed),), float(torsion_std), dtype=torch.float64))
+        fset = set(fixed)
+        self.circular = [2 * m - 3 + q for q in range(m - 3) if q not in fset]
+        self.fixed = [2 * m - 3 + q for q in fixed]
 
     # ---- internals --------------------------------------------------------------------------
     def _measure(self, x: torch.Tensor):
@@ -181,9 +197,19 @@ class InternalCoordinates(Bijection):
     def fit(self, x: torch.Tensor) -> "InternalCoordinates":
         """Fit the bond/angle standardisation on data ``x: (n, m, 3)`` nm (``atoms`` order)."""
         x = torch.as_tensor(x, dtype=torch.float64)
-        b, a, _, _ = self._measure(x)
+        b, a, t, _ = self._measure(x)
         self.std.fit(b, a)
+        if len(self.fixed_idx) and x.shape[0] > 1:
+            tf = t[:, self.fixed_idx]
+            mean = torch.atan2(torch.sin(tf).mean(0), torch.cos(tf).mean(0))
+            dev = wrap_angle(tf - mean)
+            with torch.no_grad():
+                self.fixed_mean.copy_(mean.to(self.fixed_mean))
+                self.fixed_std.copy_(dev.pow(2).mean(0).sqrt().clamp_min(1e-2).to(self.fixed_std))
         return self
+
+    def _fixed_log_scale(self, ref: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.fixed_std).sum().to(ref) if len(self.fixed_idx) else ref.new_zeros(())
 
     def default_rigid(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """Canonical frame: atom 0 at the origin, first bond along +x, psi = 0. (n, 6)."""
@@ -199,6 +225,9 @@ class InternalCoordinates(Bijection):
         if rigid is None:
             rigid = self.default_rigid(n, z)
         zb, za, tors = self._split(z)
+        if len(self.fixed_idx):
+            tf = wrap_angle(self.fixed_mean.to(z) + self.fixed_std.to(z) * tors.index_select(1, self.fixed_idx))
+            tors = tors.index_copy(1, self.fixed_idx, tf)
         s = self.std
         bonds = s.bond_mean.to(z) + s.bond_std.to(z) * zb
         angles = s.angle_mean.to(z) + s.angle_std.to(z) * za
@@ -219,7 +248,7 @@ class InternalCoordinates(Bijection):
             xi = nerf(x[:, rr[:, 3]], x[:, rr[:, 2]], x[:, rr[:, 1]], bonds[:, lv - 1], angles[:, lv - 2], tors[:, lv - 3])
             x = x.index_copy(1, rr[:, 0], xi)
         logdet = 2 * torch.log(bonds.abs()).sum(-1) + torch.log(torch.sin(angles).abs()).sum(-1) + s.log_scale().to(z)
-        return x, logdet
+        return x, logdet + self._fixed_log_scale(z)
 
     def inverse(self, x: torch.Tensor, context: torch.Tensor | None = None):
         """x: (batch, m, 3) nm -> z: (batch, 3m-6), logdet = log|det dz/dx| (batch,)."""
@@ -234,20 +263,24 @@ class InternalCoordinates(Bijection):
         s = self.std
         zb = (bonds - s.bond_mean.to(x)) / s.bond_std.to(x)
         za = (angles - s.angle_mean.to(x)) / s.angle_std.to(x)
+        if len(self.fixed_idx):
+            tf = wrap_angle(tors.index_select(1, self.fixed_idx) - self.fixed_mean.to(x)) / self.fixed_std.to(x)
+            tors = tors.index_copy(1, self.fixed_idx, tf)
         z = torch.cat([zb, za, tors], dim=-1)
         logdet = -(2 * torch.log(bonds).sum(-1) + torch.log(torch.sin(angles)).sum(-1) + s.log_scale().to(x))
-        return z, logdet, rigid
+        return z, logdet - self._fixed_log_scale(x), rigid
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Rigid-motion invariant features of x (batch, m, 3): standardised bonds and angles, cos/sin
         of torsions. (batch, (m-1) + (m-2) + 2(m-3))."""
         z, _, _ = self.to_internal(x)
         zb, za, t = self._split(z)
-        return torch.cat([zb, za, torch.cos(t), torch.sin(t)], dim=-1)
+        tc = t.index_select(1, torch.as_tensor(self.circular, dtype=torch.long, device=z.device) - (2 * self.m - 3))
+        return torch.cat([zb, za, t.index_select(1, self.fixed_idx), torch.cos(tc), torch.sin(tc)], dim=-1)
 
     @property
     def feature_dim(self) -> int:
-        return (self.m - 1) + (self.m - 2) + 2 * (self.m - 3)
+        return (self.m - 1) + (self.m - 2) + len(self.fixed) + 2 * len(self.circular)
 
 
 class LocalFrames(nn.Module):
@@ -310,6 +343,18 @@ class LocalFrames(nn.Module):
         z = torch.cat([(b - s.bond_mean.to(x)) / s.bond_std.to(x), (a - s.angle_mean.to(x)) / s.angle_std.to(x), t], -1)
         logdet = -(2 * torch.log(b).sum(-1) + torch.log(torch.sin(a)).sum(-1) + s.log_scale().to(x))
         return z, logdet
+
+
+def improper_torsions(zmatrix: ZMatrix, adjacency: dict[int, list[int]]) -> list[int]:
+    """Indices into the torsion block of a full Z-matrix (rows 3.. -> torsion 0..) of the improper-like
+    torsions: rows ``(i, j, k, l)`` whose ``l`` is bonded to ``j`` (i and l are both substituents of j),
+    so the torsion is fixed by j's geometry (chirality, sp2 planarity, a methyl hydrogen relative to its
+    sibling) rather than by a rotation about the j-k bond."""
+    out = []
+    for q, (i, j, k, l) in enumerate(np.asarray(zmatrix.rows)[3:]):
+        if l >= 0 and int(l) in set(adjacency[int(j)]):
+            out.append(q)
+    return out
 
 
 # ---- chirality / mirror images ----------------------------------------------------------------
