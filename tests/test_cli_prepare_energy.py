@@ -101,3 +101,32 @@ def test_console_script_exit_code(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_energy_output_arrays_match_json_and_text(tmp_path, capsys):
+    from boltzflow.systems.builtin import builtin_system
+
+    system = builtin_system("alanine-dipeptide")
+    rng = np.random.default_rng(1)
+    x = system.positions[None] + rng.normal(0, 0.01, (5, system.n_atoms, 3))
+    x[2, 0] += 50.0  # one atom far away: still a valid frame
+    np.save(tmp_path / "frames.npy", x)
+    base = ["energy", "alanine-dipeptide", "--coords", str(tmp_path / "frames.npy"), "--backend", "native"]
+    capsys.readouterr()
+    assert main(base + ["--json", "--terms"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert main(base + ["-o", str(tmp_path / "e.npy")]) == 0
+    assert "wrote 5 energies" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), js["energy_kj_mol"], rtol=1e-12)
+    assert main(base + ["-o", str(tmp_path / "e.npy")]) == 2  # exists: refused without --overwrite
+    assert main(base + ["-o", str(tmp_path / "e.npz"), "--terms"]) == 0
+    with np.load(tmp_path / "e.npz") as z:
+        np.testing.assert_allclose(z["reduced_energy"], js["reduced_energy"], rtol=1e-12)
+        assert z["valid"].all() and float(z["temperature_k"]) == 300.0
+        for name, vals in js["terms_kj_mol"].items():
+            np.testing.assert_allclose(z[f"term_{name}_kj_mol"], vals, rtol=1e-12)
+    capsys.readouterr()
+    assert main(base) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].startswith("frame") and len(rows) == 6
+    assert float(rows[3].split()[1]) == pytest.approx(js["energy_kj_mol"][2], abs=1e-4)

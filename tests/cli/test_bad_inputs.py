@@ -93,6 +93,7 @@ def world(tmp_path_factory) -> Path:
     # broken inputs
     adp = SampleSet.load(ADP_REF).positions[:3].astype(np.float64)
     np.save(w / "frames.npy", adp)
+    np.save(w / "user_energies.npy", np.zeros(3))
     np.save(w / "zero_frames.npy", np.zeros((0, 22, 3)))
     np.save(w / "wrong_atoms.npy", np.zeros((2, 5, 3)))
     nan, inf = adp.copy(), adp.copy()
@@ -146,6 +147,9 @@ CASES = [
     ("energy-strings", ["energy", "{w}/adp", "--coords", "{w}/strings.npy"], "real numbers"),
     ("energy-complex", ["energy", "{w}/adp", "--coords", "{w}/complex.npy"], "real numbers"),
     ("energy-no-system", ["energy", "{w}/nowhere", "--coords", "{w}/frames.npy"], "nowhere"),
+    ("energy-output-bad-suffix", ["energy", "{w}/adp", "--coords", "{w}/frames.npy", "-o", "{w}/e.csv"], ".npz"),
+    ("energy-output-exists", ["energy", "{w}/adp", "--coords", "{w}/frames.npy", "-o", "{w}/user_energies.npy"],
+     "--overwrite"),
     ("energy-bad-backend", ["energy", "{w}/adp", "--coords", "{w}/frames.npy", "--backend", "gpu"], "gpu"),
     # simulate
     ("simulate-into-user-folder", ["simulate", "{w}/harmonic", "-o", "{w}/mine"], "--overwrite"),

@@ -263,18 +263,23 @@ def _fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
+def _pm(value, stderr) -> str:
+    """``value +- stderr``, or ``+- ?`` when the samples were too few for an error bar (stderr 0 or none)."""
+    from .common import has_error_bar
+
+    return f"{_fmt(value)} +- {_fmt(stderr, 2) if has_error_bar(stderr) else '? (too few samples)'}"
+
+
 def print_table(res: dict[str, Any]) -> None:
     r, g = res["replica_exchange"], res["generator"]
     minor = res["minor_mode"]
     rows = []
     for name in r["populations"]:
         pr, pg = r["populations"][name], g["populations"][name]
-        rows.append((f"P({name})", f"{_fmt(pr['value'])} +- {_fmt(pr['stderr'], 2)}",
-                     f"{_fmt(pg['value'])} +- {_fmt(pg['stderr'], 2)}"))
+        rows.append((f"P({name})", _pm(pr["value"], pr["stderr"]), _pm(pg["value"], pg["stderr"])))
     for key, label in (("dF", f"dF(rest->{minor}) kT"),):
         a, b = r[key], g[key]
-        rows.append((label, f"{_fmt(a['value'])} +- {_fmt(a['stderr'], 2)}" if a else "-",
-                     f"{_fmt(b['value'])} +- {_fmt(b['stderr'], 2)}" if b else "-"))
+        rows.append((label, _pm(a["value"], a["stderr"]) if a else "-", _pm(b["value"], b["stderr"]) if b else "-"))
     rows.append((f"dF(rest->{minor}) kJ/mol", _fmt(r["dF_kj_mol"]), _fmt(g["dF_kj_mol"])))
     kl_key = next(k for k in res if k.endswith("_kl_64x64") or k.endswith("_kl_64"))
     rows.append((f"{kl_key} vs replica", "0", f"{_fmt(res[kl_key]['reweighted'])} (raw {_fmt(res[kl_key]['unweighted'])})"))

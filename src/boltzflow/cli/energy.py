@@ -7,18 +7,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import add_verb, print_json
+from .common import add_overwrite, add_verb
 
 EXAMPLE = """\
   boltzflow prepare alanine-dipeptide -o adp
   python -c "import numpy as np; from boltzflow.systems import MolecularSystem as M; \\
              np.save('frames.npy', M.load('adp').positions[None])"
   boltzflow energy adp --coords frames.npy --terms --json
+  boltzflow energy adp --coords many_frames.npy -o energies.npz --terms   # arrays, fastest for many frames
 
 FRAMES.npy holds (n_frames, n_atoms, 3) or (n_atoms, 3) coordinates in nm in the atom order of
 SYSTEM_DIR/topology.pdb (a .npz with a 'positions' array, e.g. a SampleSet, works too).
 --json prints {"energy_kj_mol": [...], "reduced_energy": [...], "terms_kj_mol": {term: [...]}};
 frames OpenMM cannot evaluate give null.
+-o ENERGIES.npy writes the energies in kJ/mol, (n_frames,) float64, NaN for frames that cannot be
+evaluated; -o ENERGIES.npz writes energy_kj_mol, reduced_energy, valid, temperature_k and, with
+--terms, term_<name>_kj_mol arrays. An existing file is replaced only with --overwrite.
 """
 
 CHUNK = 1024
@@ -33,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--platform", default="CPU", help="OpenMM platform for --backend openmm (CPU, Reference, CUDA, OpenCL)")
     p.add_argument("--terms", action="store_true", help="also report per-term energies")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("-o", "--output", metavar="ENERGIES.npy|.npz", help="write the energies as numpy arrays")
+    add_overwrite(p, "ENERGIES")
 
 
 def read_frames(path: str | Path) -> np.ndarray:
@@ -83,50 +89,109 @@ def _make_energy(system, backend: str, platform: str):
         return Energy(system, backend="openmm", platform=platform)
 
 
-def run(args: argparse.Namespace) -> int:
+def evaluate_frames(energy, x: np.ndarray, terms: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(u (n,) kT, valid (n,) bool, {term: (n,) kT}) of frames ``x`` (n, n_atoms, 3) nm, evaluated in
+    chunks of CHUNK frames straight into preallocated float64 arrays."""
     import torch
+
+    n = len(x)
+    u, valid, per_term = np.empty(n), np.empty(n, dtype=bool), {}
+    with torch.no_grad():
+        for s in range(0, n, CHUNK):
+            xt = torch.from_numpy(x[s:s + CHUNK])
+            e = s + len(xt)
+            res = energy.evaluate(xt)
+            u[s:e] = res.u.cpu().numpy()
+            valid[s:e] = res.valid.cpu().numpy()
+            if terms:
+                for name, v in energy.terms(xt).items():
+                    per_term.setdefault(name, np.empty(n))[s:e] = v.cpu().numpy()
+    return u, valid, per_term
+
+
+def _masked(a: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``a`` with NaN where the frame is invalid or the value non-finite."""
+    return np.where(valid & np.isfinite(a), a, np.nan)
+
+
+def _json_list(a: np.ndarray) -> str:
+    """JSON array of ``a`` with null for NaN (C encoder on a list: no per-value Python work but the few nulls)."""
+    import json
+
+    vals = a.tolist()
+    for i in np.flatnonzero(np.isnan(a)).tolist():
+        vals[i] = None
+    return json.dumps(vals)
+
+
+def energies_json(e_kj: np.ndarray, u: np.ndarray, terms_kj: dict, temperature_k: float, backend: str) -> str:
+    """The --json document; each array on one line."""
+    import json
+
+    terms = ", ".join(f"{json.dumps(k)}: {_json_list(v)}" for k, v in terms_kj.items())
+    return (f'{{\n  "energy_kj_mol": {_json_list(e_kj)},\n  "reduced_energy": {_json_list(u)},\n'
+            f'  "terms_kj_mol": {{{terms}}},\n  "temperature_k": {json.dumps(temperature_k)},\n'
+            f'  "backend": {json.dumps(backend)}\n}}\n')
+
+
+def energies_table(e_kj: np.ndarray, u: np.ndarray, terms_kj: dict) -> str:
+    """The text table: frame, kJ/mol, kT and one column per term (nan where invalid)."""
+    names = list(terms_kj)
+    head = "frame  energy_kJ/mol  reduced_kT" + "".join(f"  {n:>12s}" for n in names)
+    fmt = "%5d  %13.4f  %10.4f" + "  %12.4f" * len(names)
+    cols = [range(len(u)), e_kj.tolist(), u.tolist()] + [terms_kj[n].tolist() for n in names]
+    return head + "\n" + "\n".join(map(fmt.__mod__, zip(*cols))) + ("\n" if len(u) else "")
+
+
+def save_energies(path: Path, e_kj: np.ndarray, u: np.ndarray, valid: np.ndarray, terms_kj: dict,
+                  temperature_k: float) -> Path:
+    """ENERGIES.npy (kJ/mol) or ENERGIES.npz (all arrays), written atomically."""
+    from ..io import atomic_write
+
+    if path.suffix == ".npy":
+        return atomic_write(path, lambda fh: np.save(fh, e_kj))
+    arrays = {"energy_kj_mol": e_kj, "reduced_energy": u, "valid": valid, "temperature_k": np.float64(temperature_k)}
+    arrays.update({f"term_{k}_kj_mol": v for k, v in terms_kj.items()})
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def _output_path(args: argparse.Namespace) -> Path | None:
+    """-o as a Path (checked before any work), or None."""
+    from ..errors import InputError
+    from ..io import check_output_file
+
+    if not args.output:
+        return None
+    p = Path(args.output)
+    if p.suffix not in (".npy", ".npz"):
+        raise InputError(f"-o '{p}' must end in .npy (energies in kJ/mol) or .npz (all arrays)")
+    return check_output_file(p, args.overwrite)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
 
     from .common import load_system
 
+    out_path = _output_path(args)
     system = load_system(args.system)
     x = system.check_coordinates(read_frames(args.coords), what=f"frames in '{args.coords}'")
     energy = _make_energy(system, args.backend, args.platform)
-    kt = system.kT
-    u_all, valid_all, terms_all = [], [], {}
     try:
-        with torch.no_grad():
-            for s in range(0, len(x), CHUNK):
-                xt = torch.from_numpy(x[s:s + CHUNK])
-                res = energy.evaluate(xt)
-                u_all.append(res.u.double().cpu().numpy())
-                valid_all.append(res.valid.cpu().numpy())
-                if args.terms:
-                    for name, v in energy.terms(xt).items():
-                        terms_all.setdefault(name, []).append(v.double().cpu().numpy())
+        u, valid, per_term = evaluate_frames(energy, x, args.terms)
     finally:
         if hasattr(energy, "close"):
             energy.close()
-    u = np.concatenate(u_all) if u_all else np.zeros(0)
-    valid = np.concatenate(valid_all) if valid_all else np.zeros(0, dtype=bool)
-
-    def out(a):
-        return [float(v) if ok and np.isfinite(v) else None for v, ok in zip(a, valid)]
-
-    result = {
-        "energy_kj_mol": out(u * kt),
-        "reduced_energy": out(u),
-        "terms_kj_mol": {k: out(np.concatenate(v) * kt) for k, v in terms_all.items()},
-        "temperature_k": system.temperature,
-        "backend": type(energy).__name__,
-    }
+    kt = system.kT
+    u_out = _masked(u, valid)
+    e_kj = u_out * kt
+    terms_kj = {k: _masked(v, valid) * kt for k, v in per_term.items()}
+    if out_path is not None:
+        save_energies(out_path, e_kj, u_out, valid, terms_kj, system.temperature)
     if args.json:
-        print_json(result)
+        sys.stdout.write(energies_json(e_kj, u_out, terms_kj, system.temperature, type(energy).__name__))
+    elif out_path is not None:
+        print(f"wrote {len(u)} energies ({int((~np.isfinite(u_out)).sum())} invalid) to {out_path}")
     else:
-        names = list(result["terms_kj_mol"])
-        print("frame  energy_kJ/mol  reduced_kT" + "".join(f"  {n:>12s}" for n in names))
-        for i in range(len(u)):
-            e, r = result["energy_kj_mol"][i], result["reduced_energy"][i]
-            row = f"{i:5d}  {e if e is not None else float('nan'):13.4f}  {r if r is not None else float('nan'):10.4f}"
-            row += "".join(f"  {result['terms_kj_mol'][n][i] or float('nan'):12.4f}" for n in names)
-            print(row)
+        sys.stdout.write(energies_table(e_kj, u_out, terms_kj))
     return 0
