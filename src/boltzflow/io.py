@@ -7,11 +7,13 @@ write over what a verb did not make itself (see :data:`RUN_KINDS`) unless asked 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", suffix: str = ".tmp") -> Path:
@@ -147,3 +149,24 @@ def check_output_file(path: str | os.PathLike, overwrite: bool = False, option: 
     if p.exists() and not overwrite:
         raise InputError(f"{option} '{p}' already exists; pass --overwrite to replace it or choose another name")
     return p
+
+
+@contextlib.contextmanager
+def undone_on_input_error(path: str | os.PathLike, keep_if: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A run directory that was new (or empty) before the block is removed again (or emptied) when the
+    block raises InputError, unless one of ``keep_if`` (e.g. a checkpoint) exists in it by then: bad
+    input found late leaves no half-made run behind, while work that can be resumed is kept."""
+    from .errors import InputError
+
+    p = Path(path)
+    existed = p.is_dir()
+    was_empty = not existed or not any(p.iterdir())
+    try:
+        yield p
+    except InputError:
+        if was_empty and p.is_dir() and not any((p / k).exists() for k in keep_if):
+            if not existed:
+                shutil.rmtree(p, ignore_errors=True)
+            for child in p.iterdir() if existed else ():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+        raise

@@ -37,12 +37,14 @@ def run_cli(capsys, argv: list) -> tuple[int, str, str]:
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every path under ``root`` -> (content hash or 'dir', mtime_ns, mode)."""
+    """Every path under ``root`` -> (content hash, mtime_ns, mode) of files, ('dir', mode) of folders."""
     snap = {}
     for p in sorted(root.rglob("*")):
         st = p.stat()
-        digest = "dir" if p.is_dir() else hashlib.sha1(p.read_bytes()).hexdigest()
-        snap[str(p.relative_to(root))] = (digest, st.st_mtime_ns, st.st_mode)
+        if p.is_dir():
+            snap[str(p.relative_to(root))] = ("dir", st.st_mode)
+        else:
+            snap[str(p.relative_to(root))] = (hashlib.sha1(p.read_bytes()).hexdigest(), st.st_mtime_ns, st.st_mode)
     return snap
 
 
@@ -87,6 +89,7 @@ def world(tmp_path_factory) -> Path:
     assert main(["report", str(run)]) == 0
     # the user's own things
     (w / "mine").mkdir()
+    (w / "empty").mkdir()
     (w / "mine" / "notes.txt").write_text("mine\n")
     (w / "notes.txt").write_text("mine\n")
     (w / "traj.dcd").write_bytes(b"not a trajectory, but the user's")
@@ -164,6 +167,11 @@ CASES = [
      "t_min"),
     ("simulate-no-replicas", ["simulate", "{w}/harmonic", "--replicas", "0", "-o", "{w}/new"], "n_replicas"),
     ("simulate-iterations-text", ["simulate", "{w}/harmonic", "--iterations", "many", "-o", "{w}/new"], "many"),
+    ("simulate-zero-iterations", ["simulate", "{w}/harmonic", "--iterations", "0", "-o", "{w}/new"], "n_iterations"),
+    ("simulate-negative-timestep", ["simulate", "{w}/harmonic", "--timestep-fs", "-1", "-o", "{w}/new"],
+     "timestep_fs"),
+    ("simulate-unknown-platform", ["simulate", "{w}/harmonic", "--platform", "Bogus", "--iterations", "2",
+                                   "-o", "{w}/new"], "Bogus"),
     ("simulate-no-system", ["simulate", "{w}/nowhere", "-o", "{w}/new"], "nowhere"),
     # train
     ("train-into-replica-run", ["train", "{w}/adp", "-o", "{w}/pt"], "replica-exchange run"),
@@ -176,6 +184,15 @@ CASES = [
     ("train-set-without-equals", ["train", "{w}/adp", "-o", "{w}/new", "--set", "training.steps"], "KEY=VALUE"),
     ("train-set-unknown-key", ["train", "{w}/adp", "-o", "{w}/new", "--set", "training.stepz=3"], "stepz"),
     ("train-steps-text", ["train", "{w}/adp", "-o", "{w}/new", "--pretrain-steps", "ten"], "ten"),
+    ("train-missing-reference", ["train", "{w}/adp", "-o", "{w}/new", "--set", 'data.reference="{w}/nope.npz"'],
+     "not found"),
+    ("train-into-empty-folder-missing-reference", ["train", "{w}/adp", "-o", "{w}/empty", "--set",
+                                                   'data.reference="{w}/nope.npz"'], "not found"),
+    ("train-unknown-pipeline", ["train", "{w}/adp", "-o", "{w}/new", "--pipeline", "nope"], "nope"),
+    ("train-bad-dtype", ["train", "{w}/adp", "-o", "{w}/new", "--set", 'dtype="float16"'], "float16"),
+    ("train-negative-steps", ["train", "{w}/adp", "-o", "{w}/new", "--set", "training.finetune.steps=-5"], ">= 0"),
+    ("train-steps-wrong-type", ["train", "{w}/adp", "-o", "{w}/new", "--set", 'training.finetune.steps="abc"'],
+     "must be int"),
     ("train-resume-nothing", ["train", "--resume", "{w}/nowhere"], "nowhere"),
     ("train-resume-replica-run", ["train", "--resume", "{w}/pt"], "not a training run"),
     # sample
@@ -194,6 +211,7 @@ CASES = [
     ("estimate-phi-without-system", ["estimate", "{w}/toy.npz", "--population", "phi>0"], "topology"),
     ("estimate-wrong-atoms-for-system", ["estimate", "{w}/five_atoms.npz", "--system", "{w}/adp"], "22"),
     ("estimate-no-system", ["estimate", "{w}/toy.npz", "--system", "{w}/nowhere"], "nowhere"),
+    ("estimate-negative-bootstrap", ["estimate", "{w}/toy.npz", "--bootstrap", "-1"], "--bootstrap"),
     # free-energy
     ("free-energy-negative-temperature", ["free-energy", "{w}/pt/samples.npz", "--system", "{w}/harmonic",
                                           "--to-temperature", "-5"], "--to-temperature"),
@@ -231,6 +249,7 @@ CASES = [
     # demo
     ("demo-into-user-folder", ["demo", "--quick", "-o", "{w}/mine"], "--overwrite"),
     ("demo-into-replica-run", ["demo", "--quick", "-o", "{w}/pt"], "replica-exchange run"),
+    ("demo-no-cuda", ["demo", "--quick", "--device", "cuda", "-o", "{w}/new"], "cuda"),
     # the command line itself
     ("unknown-verb", ["transmogrify"], "transmogrify"),
     ("unknown-option", ["estimate", "{w}/toy.npz", "--frobnicate"], "--frobnicate"),
@@ -239,6 +258,8 @@ CASES = [
 
 @pytest.mark.parametrize("argv,fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exit_2_one_line_nothing_changed(world, capsys, argv, fragment):
+    if "cuda" in argv and __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present: --device cuda is valid here")
     before = snapshot(world)
     rc, out, err = run_cli(capsys, [str(a).replace("{w}", str(world)) for a in argv])
     lines = err.strip().splitlines()

@@ -24,11 +24,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..io import check_output_dir
+    from ..io import check_output_dir, undone_on_input_error
     from ..pipeline import demo
 
     check_output_dir(args.output, "training run", args.overwrite)
-    res = demo(args.output, quick=args.quick, device=args.device, progress=False if args.no_progress else None)
+    with undone_on_input_error(args.output, keep_if=("checkpoints/latest.pt",)):
+        res = demo(args.output, quick=args.quick, device=args.device, progress=False if args.no_progress else None)
     if args.json:
         print_json(res)
         return 0

@@ -134,6 +134,10 @@ def estimate_samples(samples, system=None, populations: list[str] = (), seed: in
 def run_estimate(args: argparse.Namespace) -> int:
     from .common import load_system
 
+    if args.bootstrap < 0:
+        from ..errors import InputError
+
+        raise InputError(f"--bootstrap must be >= 0 (0: no bootstrap intervals), got {args.bootstrap}")
     samples = _load_samples(args.samples)
     system = load_system(args.system) if args.system else None
     ests = estimate_samples(samples, system, args.population, seed=args.seed, n_bootstrap=args.bootstrap)

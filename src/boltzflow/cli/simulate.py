@@ -51,7 +51,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..estimators import mode_populations
-    from ..io import atomic_write_json, check_output_dir
+    from ..io import atomic_write_json, check_output_dir, undone_on_input_error
     from ..replica import ReplicaExchangeConfig, extract_samples, run_replica_exchange, state_populations
     from .common import load_system
 
@@ -72,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
         timestep_fs=float(args.timestep_fs), collision_rate_per_ps=float(args.collision_rate),
         platform=args.platform, threads=args.threads, checkpoint_interval=int(args.checkpoint_interval),
         online_analysis=bool(args.online_analysis))
-    out.mkdir(parents=True, exist_ok=True)
-    system.save(out / "system")
-    storage = run_replica_exchange(system, config, out, resume=args.resume, progress=not args.no_progress)
+    with undone_on_input_error(out, keep_if=("replica.nc",)):
+        out.mkdir(parents=True, exist_ok=True)
+        system.save(out / "system")
+        storage = run_replica_exchange(system, config, out, resume=args.resume, progress=not args.no_progress)
     samples = extract_samples(storage, state_index=0)
     samples.provenance["command"] = "boltzflow simulate " + " ".join(_argv(args))
     samples.save(out / "samples.npz")

@@ -86,12 +86,13 @@ def run(args) -> int:
     else:
         if not args.system or not args.output:
             raise InputError("train needs SYSTEM and -o RUN_DIR (or --resume RUN_DIR); see `boltzflow train --help`")
-        from ..io import check_output_dir
+        from ..io import check_output_dir, undone_on_input_error
 
         check_output_dir(args.output, "training run", args.overwrite)
         system = load_system(args.system)
         config = pipeline.load_run_config(args.config, overrides_from_args(args))
-        summary = pipeline.train(system, config, args.output, progress=False if args.no_progress else None)
+        with undone_on_input_error(args.output, keep_if=("checkpoints/latest.pt",)):
+            summary = pipeline.train(system, config, args.output, progress=False if args.no_progress else None)
     if args.json:
         print_json(summary)
     else:
