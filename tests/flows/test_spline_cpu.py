@@ -65,3 +65,17 @@ def test_flow_log_prob_same_with_and_without_kernel(monkeypatch):
     monkeypatch.setattr(spline_cpu, "usable", lambda x: False)
     plain = f.log_prob(z)
     assert (fused - plain).abs().max() < 1e-7 and (fused - fused.mean()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_fused_without_gradients_gives_the_same_values(circular):
+    g = torch.Generator().manual_seed(11)
+    n_par = 24 if circular else 23
+    x = (torch.rand(500, generator=g, dtype=torch.float64) * 2 - 1) * 3
+    p = torch.randn(500, n_par, generator=g, dtype=torch.float64)
+    for inverse in (False, True):
+        with torch.no_grad():
+            y0, l0 = S.packed_rq_spline(x, p, circular, 5.0, inverse)
+        y1, l1 = S.packed_rq_spline(x, p.clone().requires_grad_(), circular, 5.0, inverse)
+        assert y0.grad_fn is None and y1.grad_fn is not None
+        assert torch.allclose(y0, y1.detach(), atol=1e-12) and torch.allclose(l0, l1.detach(), atol=1e-12)

@@ -161,7 +161,7 @@ def test_invalid_samples_are_dropped_and_counted():
 
 
 def test_registry():
-    assert set(LOSSES) == {"klz", "klx", "klz_df", "l2plus", "l2plus_nomask", "l2plus_nodetach", "fab"}
+    assert set(LOSSES) == {"klz", "klx", "klz_df", "l2plus", "l2plus_nomask", "l2plus_nodetach", "fab", "alpha2"}
     assert get_loss("fab") is fab
     with pytest.raises(InputError, match="unknown loss"):
         get_loss("kl")
@@ -174,7 +174,7 @@ def gauss_kl(flow, m_p, s_p) -> float:
     return float((torch.log(s_p / s_q) + (s_q**2 + (m_q - m_p) ** 2) / (2 * s_p**2) - 0.5).sum())
 
 
-@pytest.mark.parametrize("name", ["klz", "klx", "klz_df", "l2plus", "l2plus_nomask", "fab"])
+@pytest.mark.parametrize("name", ["klz", "klx", "klz_df", "l2plus", "l2plus_nomask", "fab", "alpha2"])
 def test_each_loss_moves_gaussian_flow_to_target(name):
     m_p = torch.tensor([1.0, -0.5], dtype=torch.float64)
     s_p = torch.tensor([0.6, 1.8], dtype=torch.float64)
@@ -230,3 +230,29 @@ def test_fab_gradient_matches_exact_alpha2_gradient(n_intermediate):
     assert torch.allclose(fab_grad, exact, rtol=0.03, atol=0.005), (fab_grad, exact)  # seen: < 0.6 %
     if n_intermediate:
         assert out.metrics["ess_ais"] > out.metrics["ess"]  # annealing improves the weights
+
+
+def test_alpha2_resampling_follows_the_exact_alpha2_gradient():
+    # resampling with probability w^2 / sum w^2 and taking -mean log q: in expectation the gradient is
+    # -E_q[w^2 grad log q] / E_q[w^2], the exact gradient of D_2(p || q) = log E_q[w^2] up to its sign
+    torch.manual_seed(0)
+    from boltzflow.losses import alpha2_resampled
+
+    m_p = torch.tensor([0.4, -0.2], dtype=torch.float64)
+
+    def u(x):
+        return 0.5 * (x.double() - m_p).pow(2).sum(-1)
+
+    flow = affine_flow(2).double()
+    g = torch.Generator().manual_seed(3)
+    grads = []
+    for _ in range(60):
+        out = alpha2_resampled(flow, u, 2000, generator=g, pool=4)
+        assert out.energy_evals == 8000 and 0 < out.metrics["ess_w2"] <= 8000
+        flow.zero_grad()
+        out.loss.backward()
+        grads.append(flow.bijection.layers[0].t.grad.clone())
+    g_mean = torch.stack(grads).mean(0)
+    # exact: q = N(0, I), p = N(m, I): w^2 ∝ exp(2 m.x), so E[w^2 (x - t)] / E[w^2] = 2 m and the gradient
+    # of -log q with respect to the shift t is -(x - t): expected gradient -2 m
+    assert torch.allclose(g_mean, -2 * m_p, atol=0.05), g_mean

@@ -21,71 +21,83 @@ namespace {
 
 constexpr int NT = 7;  // tangents: x, x_k, w_k, y_k, h_k, d_k, d_k+1
 
+// Forward-mode dual number with N tangents (N = 0: plain arithmetic, for calls without gradients).
+template <int N>
 struct Dual {
   double v;
-  double g[NT];
+  double g[N > 0 ? N : 1];
 };
 
-inline Dual cst(double v) {
-  Dual r;
+template <int N>
+inline Dual<N> cst(double v) {
+  Dual<N> r;
   r.v = v;
-  for (int i = 0; i < NT; ++i) r.g[i] = 0.0;
+  for (int i = 0; i < N; ++i) r.g[i] = 0.0;
   return r;
 }
-inline Dual var(double v, int i) {
-  Dual r = cst(v);
-  r.g[i] = 1.0;
+template <int N>
+inline Dual<N> var(double v, int i) {
+  Dual<N> r = cst<N>(v);
+  if (i < N) r.g[i] = 1.0;
   return r;
 }
-inline Dual operator+(const Dual& a, const Dual& b) {
-  Dual r;
+template <int N>
+inline Dual<N> operator+(const Dual<N>& a, const Dual<N>& b) {
+  Dual<N> r;
   r.v = a.v + b.v;
-  for (int i = 0; i < NT; ++i) r.g[i] = a.g[i] + b.g[i];
+  for (int i = 0; i < N; ++i) r.g[i] = a.g[i] + b.g[i];
   return r;
 }
-inline Dual operator-(const Dual& a, const Dual& b) {
-  Dual r;
+template <int N>
+inline Dual<N> operator-(const Dual<N>& a, const Dual<N>& b) {
+  Dual<N> r;
   r.v = a.v - b.v;
-  for (int i = 0; i < NT; ++i) r.g[i] = a.g[i] - b.g[i];
+  for (int i = 0; i < N; ++i) r.g[i] = a.g[i] - b.g[i];
   return r;
 }
-inline Dual operator*(const Dual& a, const Dual& b) {
-  Dual r;
+template <int N>
+inline Dual<N> operator*(const Dual<N>& a, const Dual<N>& b) {
+  Dual<N> r;
   r.v = a.v * b.v;
-  for (int i = 0; i < NT; ++i) r.g[i] = a.g[i] * b.v + a.v * b.g[i];
+  for (int i = 0; i < N; ++i) r.g[i] = a.g[i] * b.v + a.v * b.g[i];
   return r;
 }
-inline Dual operator*(double a, const Dual& b) {
-  Dual r;
+template <int N>
+inline Dual<N> operator*(double a, const Dual<N>& b) {
+  Dual<N> r;
   r.v = a * b.v;
-  for (int i = 0; i < NT; ++i) r.g[i] = a * b.g[i];
+  for (int i = 0; i < N; ++i) r.g[i] = a * b.g[i];
   return r;
 }
-inline Dual operator/(const Dual& a, const Dual& b) {
-  Dual r;
+template <int N>
+inline Dual<N> operator/(const Dual<N>& a, const Dual<N>& b) {
+  Dual<N> r;
   const double inv = 1.0 / b.v;
   r.v = a.v * inv;
-  for (int i = 0; i < NT; ++i) r.g[i] = (a.g[i] - r.v * b.g[i]) * inv;
+  for (int i = 0; i < N; ++i) r.g[i] = (a.g[i] - r.v * b.g[i]) * inv;
   return r;
 }
-inline Dual dlog(const Dual& a) {
-  Dual r;
+template <int N>
+inline Dual<N> dlog(const Dual<N>& a) {
+  Dual<N> r;
   r.v = std::log(a.v);
   const double inv = 1.0 / a.v;
-  for (int i = 0; i < NT; ++i) r.g[i] = a.g[i] * inv;
+  for (int i = 0; i < N; ++i) r.g[i] = a.g[i] * inv;
   return r;
 }
-inline Dual dsqrt(const Dual& a) {
-  Dual r;
+template <int N>
+inline Dual<N> dsqrt(const Dual<N>& a) {
+  Dual<N> r;
   r.v = std::sqrt(a.v);
   const double f = 0.5 / r.v;
-  for (int i = 0; i < NT; ++i) r.g[i] = a.g[i] * f;
+  for (int i = 0; i < N; ++i) r.g[i] = a.g[i] * f;
   return r;
 }
 // clamp with torch's gradient convention: pass-through inside [lo, hi] (ends included), zero outside
-inline Dual dclamp(const Dual& a, double lo, double hi) {
-  if (a.v < lo) return cst(lo);
-  if (a.v > hi) return cst(hi);
+template <int N>
+inline Dual<N> dclamp(const Dual<N>& a, double lo, double hi) {
+  if (a.v < lo) return cst<N>(lo);
+  if (a.v > hi) return cst<N>(hi);
   return a;
 }
 
@@ -112,14 +124,16 @@ inline double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
 constexpr int KMAX = 256;
 
-template <typename T>
+template <typename T, int N>
 void spline_one(const T* xin_p, const T* p, int K, int kind, double bound, int inverse, double min_w, double min_h,
                 double min_d, double d_offset, T* y_out, T* ld_out, T* dydx, T* dldx, T* jy, T* jl) {
   const int P = kind == 0 ? 3 * K - 1 : 3 * K;
   const double xin = static_cast<double>(*xin_p);
-  for (int q = 0; q < P; ++q) {
-    jy[q] = T(0);
-    jl[q] = T(0);
+  if (N > 0) {
+    for (int q = 0; q < P; ++q) {
+      jy[q] = T(0);
+      jl[q] = T(0);
+    }
   }
   const double lo = kind == 0 ? -bound : -M_PI;
   const double hi = -lo;
@@ -185,62 +199,69 @@ void spline_one(const T* xin_p, const T* p, int K, int kind, double bound, int i
   double gk, gk1;
   const double dk_v = slope(k, &lk, &gk);
   const double dk1_v = slope(k + 1, &lk1, &gk1);
-  Dual X = clamped ? cst(xc) : var(xc, 0);
-  Dual XK = var(cw[k], 1), WK = var(cw[k + 1] - cw[k], 2), YK = var(ch[k], 3), HK = var(ch[k + 1] - ch[k], 4);
-  Dual DK = var(dk_v, 5), DK1 = var(dk1_v, 6);
-  Dual s = HK / WK;
-  Dual xi, out;
+  using D = Dual<N>;
+  D X = clamped ? cst<N>(xc) : var<N>(xc, 0);
+  D XK = var<N>(cw[k], 1), WK = var<N>(cw[k + 1] - cw[k], 2), YK = var<N>(ch[k], 3), HK = var<N>(ch[k + 1] - ch[k], 4);
+  D DK = var<N>(dk_v, 5), DK1 = var<N>(dk1_v, 6);
+  D s = HK / WK;
+  D xi, out;
   if (!inverse) {
     xi = dclamp((X - XK) / WK, 0.0, 1.0);
   } else {
-    Dual dy = X - YK;
-    Dual sumd = DK1 + DK - 2.0 * s;
-    Dual qa = HK * (s - DK) + dy * sumd;
-    Dual qb = HK * DK - dy * sumd;
-    Dual qc = cst(0.0) - s * dy;
-    Dual disc = qb * qb - 4.0 * (qa * qc);
-    if (disc.v < 0.0) disc = cst(0.0);
-    Dual root = (2.0 * qc) / (cst(0.0) - qb - dsqrt(disc));
+    D dy = X - YK;
+    D sumd = DK1 + DK - 2.0 * s;
+    D qa = HK * (s - DK) + dy * sumd;
+    D qb = HK * DK - dy * sumd;
+    D qc = cst<N>(0.0) - s * dy;
+    D disc = qb * qb - 4.0 * (qa * qc);
+    if (disc.v < 0.0) disc = cst<N>(0.0);
+    D root = (2.0 * qc) / (cst<N>(0.0) - qb - dsqrt(disc));
     xi = dclamp(root, 0.0, 1.0);
     out = XK + xi * WK;
   }
-  Dual one = cst(1.0);
-  Dual t = xi * (one - xi);
-  Dual den = s + (DK1 + DK - 2.0 * s) * t;
-  Dual omx = one - xi;
-  Dual dnum = (s * s) * (DK1 * xi * xi + 2.0 * (s * t) + DK * omx * omx);
-  Dual ld = dlog(dnum) - 2.0 * dlog(den);
-  Dual y;
+  D one = cst<N>(1.0);
+  D t = xi * (one - xi);
+  D den = s + (DK1 + DK - 2.0 * s) * t;
+  D omx = one - xi;
+  D dnum = (s * s) * (DK1 * xi * xi + 2.0 * (s * t) + DK * omx * omx);
+  D ld = dlog(dnum) - 2.0 * dlog(den);
+  D y;
   if (!inverse) {
     y = YK + HK * (s * xi * xi + DK * t) / den;
   } else {
     y = out;
-    ld = cst(0.0) - ld;
+    ld = cst<N>(0.0) - ld;
   }
   *y_out = T(y.v);
   *ld_out = T(ld.v);
-  *dydx = T(y.g[0]);
-  *dldx = T(ld.g[0]);
-  // chain rule to the parameters, for both outputs
-  for (int o = 0; o < 2; ++o) {
-    const Dual& f = o == 0 ? y : ld;
-    T* j = o == 0 ? jy : jl;
-    for (int pass = 0; pass < 2; ++pass) {
-      const double* sm = pass == 0 ? sw : sh;
-      const double mn = pass == 0 ? min_w : min_h;
-      const double g_pos = f.g[pass == 0 ? 1 : 3], g_size = f.g[pass == 0 ? 2 : 4];
-      // d f / d frac_i = S (g_pos [i < k] + g_size [i == k]); frac = mn + (1 - mn K) softmax
-      double gs[KMAX];
-      double dot = 0.0;
-      for (int i = 0; i < K; ++i) {
-        const double gf = S * ((i < k ? g_pos : 0.0) + (i == k ? g_size : 0.0)) * (1.0 - mn * K);
-        gs[i] = gf;
-        dot += sm[i] * gf;
+  if constexpr (N == 0) {
+    *dydx = T(0);
+    *dldx = T(0);
+    return;
+  } else {
+    *dydx = T(y.g[0]);
+    *dldx = T(ld.g[0]);
+    // chain rule to the parameters, for both outputs
+    for (int o = 0; o < 2; ++o) {
+      const D& f = o == 0 ? y : ld;
+      T* j = o == 0 ? jy : jl;
+      for (int pass = 0; pass < 2; ++pass) {
+        const double* sm = pass == 0 ? sw : sh;
+        const double mn = pass == 0 ? min_w : min_h;
+        const double g_pos = f.g[pass == 0 ? 1 : 3], g_size = f.g[pass == 0 ? 2 : 4];
+        // d f / d frac_i = S (g_pos [i < k] + g_size [i == k]); frac = mn + (1 - mn K) softmax
+        double gs[KMAX];
+        double dot = 0.0;
+        for (int i = 0; i < K; ++i) {
+          const double gf = S * ((i < k ? g_pos : 0.0) + (i == k ? g_size : 0.0)) * (1.0 - mn * K);
+          gs[i] = gf;
+          dot += sm[i] * gf;
+        }
+        for (int i = 0; i < K; ++i) j[pass * K + i] = T(sm[i] * (gs[i] - dot));
       }
-      for (int i = 0; i < K; ++i) j[pass * K + i] = T(sm[i] * (gs[i] - dot));
+      if (lk >= 0) j[lk] = T(static_cast<double>(j[lk]) + f.g[5] * gk);
+      if (lk1 >= 0) j[lk1] = T(static_cast<double>(j[lk1]) + f.g[6] * gk1);
     }
-    if (lk >= 0) j[lk] = T(static_cast<double>(j[lk]) + f.g[5] * gk);
-    if (lk1 >= 0) j[lk1] = T(static_cast<double>(j[lk1]) + f.g[6] * gk1);
   }
 }
 
@@ -251,8 +272,12 @@ void spline_all(int64_t n, int K, const T* x, const T* params, int kind, double 
   const int P = kind == 0 ? 3 * K - 1 : 3 * K;
 #pragma omp parallel for schedule(static) num_threads(n_threads > 0 ? n_threads : 1) if (n > 4096)
   for (int64_t e = 0; e < n; ++e) {
-    spline_one<T>(x + e, params + e * P, K, kind, bound, inverse, min_w, min_h, min_d, d_offset, y + e, ld + e,
-                  dydx + e, dldx + e, jy + e * P, jl + e * P);
+    if (jy != nullptr)
+      spline_one<T, NT>(x + e, params + e * P, K, kind, bound, inverse, min_w, min_h, min_d, d_offset, y + e, ld + e,
+                        dydx + e, dldx + e, jy + e * P, jl + e * P);
+    else
+      spline_one<T, 0>(x + e, params + e * P, K, kind, bound, inverse, min_w, min_h, min_d, d_offset, y + e, ld + e,
+                       dydx + e, dldx + e, nullptr, nullptr);
   }
 }
 

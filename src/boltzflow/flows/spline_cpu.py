@@ -64,7 +64,10 @@ def usable(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and load() is not None
 
 
-def _run(x: torch.Tensor, params: torch.Tensor, kind: int, bound: float, inverse: bool, consts: tuple):
+def _run(x: torch.Tensor, params: torch.Tensor, kind: int, bound: float, inverse: bool, consts: tuple,
+         jacobians: bool = True):
+    """(y, ld, dy/dx, dld/dx, dy/dparams, dld/dparams); without ``jacobians`` the last four are None and
+    the kernel skips the derivative work (sampling, evaluation)."""
     lib = load()
     xs = x.detach().contiguous()
     ps = params.detach().to(x.dtype).contiguous()
@@ -72,13 +75,16 @@ def _run(x: torch.Tensor, params: torch.Tensor, kind: int, bound: float, inverse
     n_par = ps.shape[-1]
     k = (n_par + 1) // 3 if kind == 0 else n_par // 3
     y, ld, dydx, dldx = (torch.empty_like(xs) for _ in range(4))
-    jy = torch.empty(n, n_par, dtype=xs.dtype)
-    jl = torch.empty(n, n_par, dtype=xs.dtype)
+    jy = torch.empty(n, n_par, dtype=xs.dtype) if jacobians else None
+    jl = torch.empty(n, n_par, dtype=xs.dtype) if jacobians else None
     fn = lib.bf_rq_spline_f64 if xs.dtype == torch.float64 else lib.bf_rq_spline_f32
     rc = fn(n, k, xs.data_ptr(), ps.data_ptr(), kind, float(bound), int(inverse), *consts, torch.get_num_threads(),
-            y.data_ptr(), ld.data_ptr(), dydx.data_ptr(), dldx.data_ptr(), jy.data_ptr(), jl.data_ptr())
+            y.data_ptr(), ld.data_ptr(), dydx.data_ptr(), dldx.data_ptr(), jy.data_ptr() if jacobians else None,
+            jl.data_ptr() if jacobians else None)
     if rc != 0:  # pragma: no cover - the Python wrappers check K before calling
         raise RuntimeError(f"spline kernel failed (code {rc})")
+    if not jacobians:
+        return y, ld, None, None, None, None
     return y, ld, dydx, dldx, jy.reshape(ps.shape), jl.reshape(ps.shape)
 
 
@@ -109,7 +115,10 @@ def fused_spline(x: torch.Tensor, params: torch.Tensor, kind: int, bound: float,
     derivative logits]. Matches :func:`boltzflow.flows.splines.unconstrained_rq_spline` (kind 0) and
     :func:`~boltzflow.flows.splines.circular_rq_spline` (kind 1)."""
     consts = (float(min_width), float(min_height), float(min_derivative), float(derivative_offset))
-    return _FusedSpline.apply(x, params, int(kind), float(bound), bool(inverse), consts)
+    if torch.is_grad_enabled() and (x.requires_grad or params.requires_grad):
+        return _FusedSpline.apply(x, params, int(kind), float(bound), bool(inverse), consts)
+    y, ld, *_ = _run(x, params, int(kind), float(bound), bool(inverse), consts, jacobians=False)
+    return y, ld
 
 
 __all__ = ["load", "usable", "fused_spline"]

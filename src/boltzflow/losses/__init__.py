@@ -13,7 +13,7 @@ which are dropped from the loss and counted in ``metrics["n_invalid"]``).
 from __future__ import annotations
 
 from .base import LossOutput, kish_ess
-from .core import klx, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask
+from .core import alpha2_resampled, klx, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask
 from .fab import fab
 
 #: name -> loss function. "klz" needs data; all others are data-free.
@@ -25,6 +25,7 @@ LOSSES = {
     "l2plus_nomask": l2plus_nomask,
     "l2plus_nodetach": l2plus_nodetach,
     "fab": fab,
+    "alpha2": alpha2_resampled,
 }
 
 DATA_FREE = tuple(k for k in LOSSES if k != "klz")

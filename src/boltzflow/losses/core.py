@@ -129,3 +129,27 @@ def l2plus_nomask(gen, energy: EnergyFn, n: int, *, generator: torch.Generator |
 def l2plus_nodetach(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
     """L2+ ablation with K not detached (gradient flows through the batch mean of r)."""
     return l2plus(gen, energy, n, generator=generator, penalty_weight=penalty_weight, mask=True, detach_k=False)
+
+
+def alpha2_resampled(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None = None,
+                     penalty_weight: float = 0.0, pool: int = 4) -> LossOutput:
+    """Alpha = 2 divergence by importance resampling (FAB's target p^2/q without the AIS chain).
+
+    Draws ``pool * n`` detached samples from the generator, resamples ``n`` of them with probability
+    proportional to ``w^2`` (``w = exp(-u - log q)``, self-normalised over the pool) and returns
+    ``mean(-log q)`` on the resampled set: a maximum-likelihood step towards ``p^2 / q``, whose fixed
+    point is ``q = p``. Minimising ``D_2(p || q) = log E_q[w^2]`` maximises the expected Kish ESS
+    directly (ESS = E[w]^2 / E[w^2]), and the gradient raises q where it underestimates p, the tails
+    that cap the ESS, unlike the mode-seeking reverse KL. Needs energies only (no energy gradient).
+    Costs ``pool * n`` energy evaluations; only useful from a generator that already overlaps p
+    (e.g. after maximum likelihood)."""
+    x, log_q0, u, pen = _detached_batch(gen, energy, int(pool) * n, generator, penalty_weight)
+    valid, log_w, metrics = sample_stats(u, log_q0)
+    if not valid.any():
+        return LossOutput(_finish(nan_loss(u), pen, metrics), metrics, x, log_w, int(pool) * n)
+    p2 = torch.softmax(2.0 * log_w.double(), 0)
+    idx = torch.multinomial(p2, n, replacement=True, generator=generator)
+    metrics["ess_w2"] = float(1.0 / (p2 * p2).sum())  # effective size of the resampling distribution
+    loss = -gen.log_prob(x[idx]).mean()
+    loss = _finish(loss, pen, metrics)
+    return LossOutput(loss=loss, metrics=metrics, samples=x, log_w=log_w, energy_evals=int(pool) * n)
