@@ -54,7 +54,9 @@ class GeneratorConfig:
     fixed by a centre's geometry, e.g. chirality at CA or a methyl hydrogen next to its sibling, are
     standardised deviations from their mean: the flow cannot flip a chiral centre or permute
     hydrogens and models a narrow peak instead of a circle; see
-    :func:`~boltzflow.transforms.internal.improper_torsions`). seed: masks.
+    :func:`~boltzflow.transforms.internal.improper_torsions`). whiten: decorrelate the non-periodic
+    internal coordinates (bonds, angles, fixed torsions) with the Cholesky factor of their correlation
+    on the fitting data, so the flow starts from the data's Gaussian approximation. seed: masks.
     """
 
     pipeline: str = "hnet"
@@ -73,6 +75,7 @@ class GeneratorConfig:
     h_depth: int = 2
     h_bins: int = 8
     fixed_torsions: str = "none"
+    whiten: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -132,7 +135,8 @@ class MolecularGenerator(nn.Module):
             kw["bins"] = c.bins
         if c.pipeline == "internal-all":
             zm = all_atom_zmatrix(adj, heavy, system.hydrogen_indices, system.hydrogen_parents)
-            self.all_ic = InternalCoordinates(zm, ref, atoms=np.arange(n), fixed_torsions=self._fixed(zm, adj))
+            self.all_ic = InternalCoordinates(zm, ref, atoms=np.arange(n), fixed_torsions=self._fixed(zm, adj),
+                                              whiten=c.whiten)
             self.all_flow = make_flow(self.all_ic.dim, kind=kind, circular=self.all_ic.circular, **kw)
             self.to(torch.get_default_dtype())
             return
@@ -145,7 +149,8 @@ class MolecularGenerator(nn.Module):
             self.heavy_flow = make_flow(3 * n_heavy, kind=kind, **kw)
         else:
             zm = build_zmatrix(adj, heavy)
-            self.heavy_ic = InternalCoordinates(zm, ref[heavy], atoms=heavy, fixed_torsions=self._fixed(zm, adj))
+            self.heavy_ic = InternalCoordinates(zm, ref[heavy], atoms=heavy, fixed_torsions=self._fixed(zm, adj),
+                                                whiten=c.whiten)
             self.heavy_flow = make_flow(self.heavy_ic.dim, kind=kind, circular=self.heavy_ic.circular, **kw)
         if c.pipeline == "hnet":
             self.hnet = HydrogenNet(system, hidden=c.hnet_hidden, depth=c.hnet_depth)

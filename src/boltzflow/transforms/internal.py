@@ -136,7 +136,7 @@ class InternalCoordinates(Bijection):
     """
 
     def __init__(self, zmatrix: ZMatrix, reference: np.ndarray, atoms=None, bond_std: float = 0.005,
-                 angle_std: float = 0.05, fixed_torsions=(), torsion_std: float = 0.15):
+                 angle_std: float = 0.05, fixed_torsions=(), torsion_std: float = 0.15, whiten: bool = False):
         super().__init__()
         atoms = np.sort(zmatrix.order) if atoms is None else np.asarray(atoms, dtype=np.int64)
         if sorted(atoms.tolist()) != sorted(zmatrix.order.tolist()):
@@ -164,6 +164,13 @@ class InternalCoordinates(Bijection):
         fset = set(fixed)
         self.circular = [2 * m - 3 + q for q in range(m - 3) if q not in fset]
         self.fixed = [2 * m - 3 + q for q in fixed]
+        # optional whitening of the non-periodic block (bonds, angles, fixed torsions): z = L^-1 v with
+        # L L^T the correlation matrix of the standardised coordinates on the fitting data
+        self.whiten = bool(whiten)
+        lin = list(range(2 * m - 3)) + self.fixed
+        self.register_buffer("white_idx", torch.as_tensor(lin, dtype=torch.long))
+        self.register_buffer("white_L", torch.eye(len(lin), dtype=torch.float64) if self.whiten else torch.zeros(0, 0,
+                                                                                                           dtype=torch.float64))
 
     # ---- internals --------------------------------------------------------------------------
     def _measure(self, x: torch.Tensor):
@@ -206,7 +213,18 @@ class InternalCoordinates(Bijection):
             with torch.no_grad():
                 self.fixed_mean.copy_(mean.to(self.fixed_mean))
                 self.fixed_std.copy_(dev.pow(2).mean(0).sqrt().clamp_min(1e-2).to(self.fixed_std))
+        if self.whiten and x.shape[0] > len(self.white_idx):
+            v = self._standardised(x)[0][:, self.white_idx]
+            c = torch.cov(v.T)
+            with torch.no_grad():
+                self.white_L.copy_(torch.linalg.cholesky(c + 1e-6 * torch.eye(len(c), dtype=c.dtype)))
         return self
+
+    def _white_log_det(self, ref: torch.Tensor) -> torch.Tensor:
+        """log|det L| of the whitening (0 without it)."""
+        if not self.whiten:
+            return ref.new_zeros(())
+        return torch.log(torch.diagonal(self.white_L)).sum().to(ref)
 
     def _fixed_log_scale(self, ref: torch.Tensor) -> torch.Tensor:
         return torch.log(self.fixed_std).sum().to(ref) if len(self.fixed_idx) else ref.new_zeros(())
@@ -224,6 +242,9 @@ class InternalCoordinates(Bijection):
         n = z.shape[0]
         if rigid is None:
             rigid = self.default_rigid(n, z)
+        if self.whiten:
+            v = z.index_select(1, self.white_idx) @ self.white_L.to(z).T
+            z = z.index_copy(1, self.white_idx, v)
         zb, za, tors = self._split(z)
         if len(self.fixed_idx):
             tf = wrap_angle(self.fixed_mean.to(z) + self.fixed_std.to(z) * tors.index_select(1, self.fixed_idx))
@@ -248,7 +269,7 @@ class InternalCoordinates(Bijection):
             xi = nerf(x[:, rr[:, 3]], x[:, rr[:, 2]], x[:, rr[:, 1]], bonds[:, lv - 1], angles[:, lv - 2], tors[:, lv - 3])
             x = x.index_copy(1, rr[:, 0], xi)
         logdet = 2 * torch.log(bonds.abs()).sum(-1) + torch.log(torch.sin(angles).abs()).sum(-1) + s.log_scale().to(z)
-        return x, logdet + self._fixed_log_scale(z)
+        return x, logdet + self._fixed_log_scale(z) + self._white_log_det(z)
 
     def inverse(self, x: torch.Tensor, context: torch.Tensor | None = None):
         """x: (batch, m, 3) nm -> z: (batch, 3m-6), logdet = log|det dz/dx| (batch,)."""
@@ -257,6 +278,14 @@ class InternalCoordinates(Bijection):
 
     def to_internal(self, x: torch.Tensor):
         """x: (batch, m, 3) -> (z (batch, 3m-6), log|det dz/dx| (batch,), rigid (batch, 6))."""
+        z, logdet, rigid = self._standardised(x)
+        if self.whiten:
+            v = torch.linalg.solve_triangular(self.white_L.to(z), z.index_select(1, self.white_idx).T, upper=False).T
+            z = z.index_copy(1, self.white_idx, v)
+        return z, logdet - self._white_log_det(x), rigid
+
+    def _standardised(self, x: torch.Tensor):
+        """``to_internal`` before the whitening."""
         if x.dim() != 3 or x.shape[1:] != (self.m, 3):
             raise InputError(f"coordinates must have shape (batch, {self.m}, 3) in nm, got {tuple(x.shape)}")
         bonds, angles, tors, rigid = self._measure(x)
