@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .config import dump_toml, from_dict, merge_dicts, read_config_data, to_dict
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .io import atomic_write
 
 
@@ -55,9 +55,21 @@ class EnergyConfig:
     energy_max: float = 0.0
 
 
+DATA_SOURCES = ("reference", "tempering")
+
+
+def _tempering_config_cls():
+    from .training.tempering import TemperingConfig
+
+    return TemperingConfig
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Training data. reference: a SampleSet .npz ("" = the system's shipped reference_300K.npz);
+    """Training data. source: "reference" (frames from ``reference``) or "tempering" (no reference:
+    batched parallel tempering with the target energy from the system's input structure, configured by
+    the ``[tempering]`` table; the energy-trained route, every evaluation counted).
+    reference: a SampleSet .npz ("" = the system's shipped reference_300K.npz);
     max_samples: use at most this many frames (0 = all); holdout: fraction kept out for evaluation
     (its log-likelihood is reported after training).
 
@@ -68,6 +80,7 @@ class DataConfig:
     wall time). A few thousand frames are far too few for maximum likelihood (the flow over-fits);
     see docs/pipelines.md, "Training data"."""
 
+    source: str = "reference"
     reference: str = ""
     max_samples: int = 0
     holdout: float = 0.1
@@ -76,6 +89,10 @@ class DataConfig:
     md_stride: int = 50
     md_timestep_fs: float = 1.0
     md_friction: float = 5.0
+
+    def __post_init__(self):
+        if self.source not in DATA_SOURCES:
+            raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
 
     def augment_config(self):
         from .training.augment import LangevinAugmentConfig
@@ -134,6 +151,7 @@ class RunConfig:
     hydrogen: HydrogenConfig = field(default_factory=HydrogenConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SampleConfig = field(default_factory=SampleConfig)
+    tempering: Any = field(default_factory=lambda: _tempering_config_cls()())
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -143,6 +161,8 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     if "generator" in data:
         sub["generator"] = from_dict(_generator_config_cls(), merge_dicts(to_dict(_default_generator()),
                                                                          data.pop("generator")), "generator")
+    if "tempering" in data:
+        sub["tempering"] = from_dict(_tempering_config_cls(), data.pop("tempering"), "tempering")
     if "training" in data:  # partial tables override the pipeline's training defaults
         sub["training"] = from_dict(_train_config_cls(), merge_dicts(to_dict(_default_training()), data.pop("training")),
                                     "training")
@@ -152,9 +172,22 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     return replace(base, **sub)
 
 
-def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, updated by a TOML file and by dotted-key overrides (``{"training.finetune.steps": 10}``)."""
-    return run_config_from_dict(read_config_data(path, overrides))
+def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                    recipe: str | None = None) -> RunConfig:
+    """Defaults, updated by a named recipe (:mod:`boltzflow.recipes`: "energy", "data"), a TOML file
+    and dotted-key overrides (``{"training.finetune.steps": 10}``), in that order."""
+    data = read_config_data(path, overrides)
+    if recipe:
+        from .recipes import recipe_data
+
+        data = merge_dicts(recipe_data(recipe), data)
+    return run_config_from_dict(data)
+
+
+def recipe_config(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The RunConfig of a named recipe ("energy": from the input structure alone; "data": maximum
+    likelihood on reference frames), with optional dotted-key overrides."""
+    return load_run_config(None, overrides, recipe=name)
 
 
 def default_config_toml() -> str:
@@ -268,7 +301,11 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     rd.write_config(dump_toml(config))
     rd.write_environment()
     system.save(rd.system_dir)
-    ref, ref_path = load_reference(system, config.data)
+    tempering = None
+    if config.data.source == "tempering":
+        ref, ref_path, tempering = _tempering_data(system, config, rd)
+    else:
+        ref, ref_path = load_reference(system, config.data)
     train_idx, test_idx = _split(len(ref), config.data.holdout, config.seed)
     train_x, aug = ref.positions[train_idx], None
     if config.data.md_frames > 0:
@@ -299,13 +336,14 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     fit = _fit_report(gen, data, ref.positions[test_idx], config)
     rd.log("log-likelihood per frame: training data {train:.2f}, held-out reference frames {holdout:.2f} "
            "(a large gap means over-fitting)".format(**fit) if fit else "no held-out frames")
-    aug_evals, aug_wall = (int(aug["energy_evals"]), float(aug["wall_s"])) if aug else (0, 0.0)
+    data_evals = sum(int(d["energy_evals"]) for d in (aug, tempering) if d)
+    data_wall = sum(float(d["wall_s"]) for d in (aug, tempering) if d)
     rd.update_summary(system=system.name, temperature_k=system.temperature, pipeline=config.generator.pipeline,
                       training_steps=trainer.step, training_finished=finished,
                       reference_path=str(ref_path), reference_mode_fractions=ref_modes,
-                      energy_evals_training=int(trainer.counters.energy_evals) + aug_evals,
-                      training_wall_s=float(trainer.counters.wall_s) + aug_wall,
-                      data_augmentation=aug, log_likelihood=fit,
+                      energy_evals_training=int(trainer.counters.energy_evals) + data_evals,
+                      training_wall_s=float(trainer.counters.wall_s) + data_wall,
+                      data_augmentation=aug, data_tempering=tempering, log_likelihood=fit,
                       skipped_steps=int(trainer.counters.skipped_steps), training=summary)
     return rd.read_summary()
 
@@ -319,6 +357,44 @@ def _effective_training(tc, gen):
     if getattr(gen, "has_penalty", True):
         return tc
     return replace(tc, pretrain=replace(tc.pretrain, penalty_weight=0.0), finetune=replace(tc.finetune, penalty_weight=0.0))
+
+
+def _tempering_data(system, config: RunConfig, rd):
+    """Training frames from the energy alone (``data.source = "tempering"``): batched parallel tempering
+    from the system's input structure (:mod:`boltzflow.training.tempering`), cached in the run directory
+    (``data/tempering.npz``) so a resumed run trains on the same frames. Returns (SampleSet, path, info)."""
+    import json
+    from dataclasses import replace
+
+    import torch
+
+    from .sampling import SampleSet
+    from .training.tempering import parallel_tempering
+
+    path = rd.path / "data" / "tempering.npz"
+    if path.is_file():
+        data = SampleSet.load(path)
+        return data, path, json.loads(json.dumps(data.provenance.get("tempering", {})))
+    device = resolve_device(config.device)
+    energy = make_energy(system, replace(config.energy, term_grad_max=0.0, energy_max=0.0), device=device)
+    x0 = torch.as_tensor(np.array(system.positions, dtype=np.float64), device=device)
+    tc = config.tempering
+    rd.log(f"parallel tempering from the input structure: {tc.ladders} ladders x {tc.replicas} temperatures "
+           f"({system.temperature:g} - {tc.t_max:g} K), {tc.rounds} rounds of {tc.steps_per_swap} steps")
+    res = parallel_tempering(energy, x0, system.masses, system.kT, system.temperature, tc, dtype=_dtype(config.dtype))
+    info = {"frames": int(len(res.positions)), "energy_evals": int(res.energy_evals), "wall_s": float(res.wall_s),
+            "reset_chains": int(res.reset_chains), "temperatures_k": [float(t) for t in res.temperatures],
+            "swap_acceptance": [float(a) for a in res.swap_acceptance],
+            "mean_u": float(np.mean(res.reduced_energy)), "config": to_dict(tc)}
+    data = SampleSet(res.positions, res.reduced_energy, None, None, system.temperature,
+                     {"sampler": "parallel-tempering (boltzflow.training.tempering)", "energy_evals": info["energy_evals"],
+                      "wall_s": info["wall_s"], "tempering": info})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data.save(path)
+    rd.log(f"parallel tempering: {info['frames']} frames at {system.temperature:g} K in {res.wall_s:.1f} s "
+           f"({res.energy_evals} energy evaluations; swap acceptance {min(res.swap_acceptance, default=1):.2f}-"
+           f"{max(res.swap_acceptance, default=1):.2f}; {res.reset_chains} chains reset); mean u {info['mean_u']:.2f} kT")
+    return data, path, info
 
 
 def _augmented_data(system, config: RunConfig, rd, x_train: np.ndarray, ref_u, train_idx):

@@ -7,6 +7,8 @@ from .common import add_overwrite, add_verb, load_system, print_json
 EXAMPLE = """\
   boltzflow train --print-config > train.toml           # every option with its default
   boltzflow train alanine-dipeptide --config train.toml -o runs/adp
+  boltzflow train my_peptide/ --recipe energy -o runs/mine          # from the structure alone
+  boltzflow train alanine-dipeptide --recipe data -o runs/adp-data  # on the shipped reference frames
   boltzflow train alanine-dipeptide -o runs/quick --pretrain-steps 200 --finetune-steps 500 --loss l2plus
   boltzflow train --resume runs/adp                      # continue a killed run
   boltzflow train my_system/ -o runs/x --set generator.hidden=128 --set training.optimizer.lr=5e-4
@@ -36,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("system", nargs="?", help="system directory (from `boltzflow prepare`) or built-in name")
     p.add_argument("-o", "--output", help="run directory to create")
     add_overwrite(p, "RUN_DIR (a folder that holds other files or another kind of run)")
+    p.add_argument("--recipe", help="start from a shipped recipe: 'energy' (no reference data: parallel tempering "
+                   "from the input structure, then maximum likelihood) or 'data' (maximum likelihood on the reference "
+                   "frames grown by Langevin dynamics); --config and --set apply on top")
     p.add_argument("--config", help="TOML configuration (see --print-config)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the full default configuration and exit")
@@ -71,7 +76,8 @@ def run(args) -> int:
     if args.print_config:
         from ..config import dump_toml
 
-        print(dump_toml(pipeline.RunConfig(), show_unset=True), end="")
+        cfg = pipeline.recipe_config(args.recipe) if args.recipe else pipeline.RunConfig()
+        print(dump_toml(cfg, show_unset=True), end="")
         return 0
     if args.resume:
         from ..systems import MolecularSystem
