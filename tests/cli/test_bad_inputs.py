@@ -114,6 +114,10 @@ def world(tmp_path_factory) -> Path:
     (w / "unknown_key.toml").write_text("[training]\nstepz = 3\n")
     SampleSet(np.zeros((30, 2))).save(w / "toy.npz")
     SampleSet(np.zeros((10, 5, 3))).save(w / "five_atoms.npz")
+    np.savez(w / "string_positions.npz", positions=np.array([["a", "b"], ["c", "d"]]))
+    np.savez(w / "damaged_meta.npz", positions=np.zeros((3, 2)), meta_json=np.array("{not json"))
+    shutil.copytree(w / "adp", w / "adp_damaged")
+    (w / "adp_damaged" / "metadata.json").write_text("{damaged")
     _pdb_variants(w)
     return w
 
@@ -153,6 +157,7 @@ CASES = [
     ("energy-output-bad-suffix", ["energy", "{w}/adp", "--coords", "{w}/frames.npy", "-o", "{w}/e.csv"], ".npz"),
     ("energy-output-exists", ["energy", "{w}/adp", "--coords", "{w}/frames.npy", "-o", "{w}/user_energies.npy"],
      "--overwrite"),
+    ("energy-damaged-system", ["energy", "{w}/adp_damaged", "--coords", "{w}/frames.npy"], "damaged"),
     ("energy-bad-backend", ["energy", "{w}/adp", "--coords", "{w}/frames.npy", "--backend", "gpu"], "gpu"),
     # simulate
     ("simulate-into-user-folder", ["simulate", "{w}/harmonic", "-o", "{w}/mine"], "--overwrite"),
@@ -211,6 +216,8 @@ CASES = [
     ("estimate-phi-without-system", ["estimate", "{w}/toy.npz", "--population", "phi>0"], "topology"),
     ("estimate-wrong-atoms-for-system", ["estimate", "{w}/five_atoms.npz", "--system", "{w}/adp"], "22"),
     ("estimate-no-system", ["estimate", "{w}/toy.npz", "--system", "{w}/nowhere"], "nowhere"),
+    ("estimate-string-positions", ["estimate", "{w}/string_positions.npz", "--population", "x[0]>0"], "real numbers"),
+    ("estimate-damaged-metadata", ["estimate", "{w}/damaged_meta.npz"], "meta_json"),
     ("estimate-negative-bootstrap", ["estimate", "{w}/toy.npz", "--bootstrap", "-1"], "--bootstrap"),
     # free-energy
     ("free-energy-negative-temperature", ["free-energy", "{w}/pt/samples.npz", "--system", "{w}/harmonic",

@@ -84,7 +84,13 @@ def load_system(spec: str):
 
     p = Path(spec)
     if p.is_dir() and (p / "metadata.json").is_file():
-        return MolecularSystem.load(p)
+        try:
+            return MolecularSystem.load(p)
+        except InputError:
+            raise
+        except Exception as e:  # json, XML and OpenMM errors from damaged files
+            raise InputError(f"system directory '{p}' is damaged ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                             "make it again with `boltzflow prepare`") from e
     try:
         from ..systems.builtin import BUILTIN_SYSTEMS, builtin_system
     except ImportError:  # pragma: no cover

@@ -81,12 +81,17 @@ class SampleSet:
         pos = np.asarray(self.positions)
         if pos.ndim not in (2, 3):
             raise InputError(f"SampleSet positions must be (n, n_atoms, 3) or (n, dim), got shape {pos.shape}")
+        if not np.issubdtype(pos.dtype, np.floating) and not np.issubdtype(pos.dtype, np.integer):
+            raise InputError(f"SampleSet positions must be real numbers (nm), got dtype {pos.dtype}")
         object.__setattr__(self, "positions", pos)
         n = pos.shape[0]
         for name in ("reduced_energy", "log_q", "log_weights"):
             v = getattr(self, name)
             if v is not None:
-                v = np.asarray(v, dtype=np.float64).reshape(-1)
+                try:
+                    v = np.asarray(v, dtype=np.float64).reshape(-1)
+                except (TypeError, ValueError) as e:
+                    raise InputError(f"SampleSet {name} must be real numbers, got {np.asarray(v).dtype}") from e
                 if v.shape != (n,):
                     raise InputError(f"SampleSet {name} must have shape ({n},), got {v.shape}")
                 object.__setattr__(self, name, v)
@@ -155,7 +160,10 @@ class SampleSet:
             raise InputError(f"'{p}' is not a readable .npz SampleSet ({e})") from e
         if "positions" not in data:
             raise InputError(f"'{p}' has no 'positions' array; it is not a boltzflow SampleSet")
-        meta = json.loads(str(data.pop("meta_json"))) if "meta_json" in data else {}
+        try:
+            meta = json.loads(str(data.pop("meta_json"))) if "meta_json" in data else {}
+        except json.JSONDecodeError as e:
+            raise InputError(f"'{p}' has a damaged 'meta_json' record ({e}); it was not written by boltzflow") from e
         provenance = upgrade_provenance(meta.get("provenance", {}), int(meta.get("provenance_version", 1)))
         return cls(
             positions=data["positions"],
