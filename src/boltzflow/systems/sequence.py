@@ -23,8 +23,13 @@ How the structure is made (no geometry is written by boltzflow itself):
 4. The structure is energy-minimised with that System (OpenMM ``LocalEnergyMinimizer``, Reference
    platform, so the result is reproducible).
 
-Every step is deterministic: the same sequence always gives the same atoms in the same order
-(``alanine-tetrapeptide`` and ``alanine-hexapeptide`` are made this way, ``systems/*/make_files.py``).
+The same sequence always gives the same atoms in the same order, with the same bonds and force
+field terms (``alanine-tetrapeptide`` and ``alanine-hexapeptide`` are made this way,
+``systems/*/make_files.py``, and tests check that their atom order is that of ``prepare --sequence``).
+The coordinates are not bitwise reproducible: pdbfixer's placement of the caps and hydrogens varies
+from run to run (it iterates a Python set of bonds), so two builds can end in nearby minima that
+differ by up to ~0.2 nm in cap and hydrogen positions (e.g. methyl rotations). Any of them is a
+valid starting structure; for a fixed one, keep the prepared directory or the shipped PDB.
 """
 
 from __future__ import annotations
@@ -169,7 +174,11 @@ def _build_topology(seq: ParsedSequence, backbone: tuple[float, float]):
     writer = PDBIO()
     writer.set_structure(structure)
     writer.save(buf)
-    fixer = PDBFixer(pdbfile=io.StringIO(buf.getvalue()))
+    import openmm
+
+    # pdbfixer places the caps with a seeded minimisation (Reference platform: no thread-order effects);
+    # it still iterates a set of bonds, so the placement is not bitwise reproducible (module docstring)
+    fixer = PDBFixer(pdbfile=io.StringIO(buf.getvalue()), platform=openmm.Platform.getPlatformByName("Reference"))
     fixer.findMissingResidues()
     missing = {}
     if seq.n_cap:
