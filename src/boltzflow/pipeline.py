@@ -570,35 +570,28 @@ def estimate(run_dir: str | Path, seed: int = 0) -> dict[str, Any]:
 # the demo: the README's main job
 # ---------------------------------------------------------------------------------------------
 def demo_config(quick: bool = False) -> RunConfig:
-    """The demo's configuration: alanine dipeptide, unbiased pipeline (internal coordinates +
-    conditional hydrogen flow), maximum likelihood (KLz) on Langevin frames grown from the shipped
-    reference frames (``data.md_frames = 10``: 3 139 frames alone over-fit the flow and gave an ESS of
-    3 in 20 000).
+    """The demo's configuration: alanine dipeptide, the ``data`` recipe (:mod:`boltzflow.recipes`)
+    sized for <= 20 minutes on 2 CPU cores: one spline flow over all-atom internal coordinates
+    (improper torsions standardised, bonds/angles whitened; 4 blocks x 128), maximum likelihood on the
+    shipped reference frames grown by Langevin dynamics (``data.md_frames = 20``), 5 000 steps of batch
+    512, then 100 000 samples.
 
-    No data-free fine-tuning by default: measured from the same KLz generator (Kish ESS 3 018 of
-    20 000), 2 000 L2+ steps of batch 256 at lr 1e-4 (energy cap 100 kT) lowered the ESS to 584, and
-    500 steps at lr 1e-5 to 2 637 (docs/pipelines.md, "Training data"). The stage is configured
-    (L2+ at lr 1e-4, energy cap 100 kT) so ``training.finetune.steps`` switches it on.
-
-    Sized for <= 20 minutes on 2 CPU cores. ``quick`` is a toy-size version (seconds) for smoke tests."""
+    No energy-based fine-tuning: from a maximum-likelihood generator at Kish ESS 0.47 (20 000 samples),
+    200 reverse-KL steps (batch 1 024, lr 1e-4) dropped it to 0.11 and 200 alpha = 2 resampling steps
+    left it at 0.45 (docs/pipelines.md, "Recipes"). ``training.finetune.steps`` switches a stage on.
+    ``quick`` is a toy-size version (seconds) for smoke tests."""
     from dataclasses import replace
 
-    from .training.trainer import CapConfig
-
-    cfg = RunConfig()
+    cfg = recipe_config("data")
     tr = cfg.training
-    tr = replace(tr, pretrain=replace(tr.pretrain, steps=3000, batch=256),
-                 finetune=replace(tr.finetune, loss="l2plus", steps=0, batch=256, lr=1e-4),
-                 optimizer=replace(tr.optimizer, warmup_steps=50), cap=CapConfig(energy_max=100.0),
-                 log_every=50, checkpoint_every=250)
-    gen = replace(cfg.generator, blocks=4, hidden=128, h_blocks=2, h_hidden=64)
-    data = replace(cfg.data, md_frames=10, md_burnin=400, md_stride=50)
-    cfg = replace(cfg, training=tr, generator=gen, data=data, sampling=SampleConfig(n=20000, batch_size=2000))
+    tr = replace(tr, pretrain=replace(tr.pretrain, steps=5000, batch=512), log_every=100, checkpoint_every=250)
+    gen = replace(cfg.generator, blocks=4, hidden=128)
+    cfg = replace(cfg, training=tr, generator=gen, sampling=SampleConfig(n=100_000, batch_size=5000))
     if quick:
         tr = replace(tr, pretrain=replace(tr.pretrain, steps=20, batch=64), finetune=replace(tr.finetune, steps=10, batch=64),
                      log_every=5, checkpoint_every=10, eval_batch=128)
         return replace(cfg, training=tr, generator=_quick_generator(gen), sampling=SampleConfig(n=500, batch_size=250),
-                       data=replace(data, max_samples=2000, md_frames=2, md_burnin=10, md_stride=5))
+                       data=replace(cfg.data, max_samples=2000, md_frames=2, md_burnin=10, md_stride=5))
     return cfg
 
 
@@ -673,6 +666,8 @@ def demo(run_dir: str | Path = "runs/demo", quick: bool = False, device: str = "
         "phi_positive": {"value": minor.value, "stderr": minor.stderr, "ess": est["ess"].value if "ess" in est else None,
                          "ci_low": minor.ci_low, "ci_high": minor.ci_high},
         "reference": {"value": ref["value"], "stderr": ref["stderr"]},
+        "n_samples": len(s),
+        "ess_fraction": (est["ess"].value / len(s)) if "ess" in est else None,
         "energy_evals": int(rd.read_summary().get("energy_evals_training", 0)) + len(s),
         "wall_s": wall,
         "report": str(report),
