@@ -478,6 +478,36 @@ def load_trained(run_dir: str | Path, device: str | None = None):
     return system, config, gen, energy
 
 
+#: what a shipped generator keeps of its training run (no checkpoints, training data or samples)
+EXPORTED = ("config.toml", "generator.pt", "summary.json", "metrics.jsonl", "environment.json", "log.txt", "system")
+
+
+def export_generator(run_dir: str | Path, dest: str | Path, note: str = "") -> Path:
+    """Copy a trained run's self-contained part (:data:`EXPORTED`: config, weights, system, summary, training
+    log and metrics; a few MB) to ``dest``, a new directory: ``boltzflow sample DEST -n N`` works on it
+    wherever it is copied. ``note`` (markdown: how it was made) goes into DEST/README.md."""
+    import shutil
+
+    from .training.rundir import RunDir
+
+    rd = RunDir(run_dir, create=False)
+    if not (rd.path / "generator.pt").is_file():
+        raise InputError(f"'{rd.path}' has no trained generator (generator.pt); train it first")
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise InputError(f"'{dest}' already exists and is not empty; choose a new destination")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in EXPORTED:
+        src = rd.path / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+    if note:
+        (dest / "README.md").write_text(note)
+    return dest
+
+
 def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = None, device: str | None = None,
            seed: int = 1, progress: bool = True):
     """Draw ``n`` samples from a trained run; writes samples/generated.npz (with log q, u, log weights)

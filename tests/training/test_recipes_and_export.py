@@ -1,0 +1,55 @@
+"""Named recipes load and train; an exported generator samples wherever it is copied."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from boltzflow import pipeline
+from boltzflow.errors import ConfigError, InputError
+from boltzflow.recipes import names
+from boltzflow.sampling import SampleSet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from generator_quality import QUICK  # noqa: E402
+
+
+def test_recipes_load_and_differ_in_their_data():
+    assert names() == ["data", "energy"]
+    energy, data = pipeline.recipe_config("energy"), pipeline.recipe_config("data")
+    assert energy.data.source == "tempering" and data.data.source == "reference" and data.data.md_frames > 0
+    for cfg in (energy, data):
+        assert cfg.generator.pipeline == "internal-all" and cfg.generator.fixed_torsions == "improper"
+        assert cfg.generator.whiten and cfg.training.pretrain.steps > 0
+    over = pipeline.recipe_config("energy", {"training.pretrain.steps": 7})
+    assert over.training.pretrain.steps == 7 and over.tempering == energy.tempering
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        pipeline.recipe_config("nope")
+
+
+def test_energy_recipe_trains_from_the_structure_and_export_samples_anywhere(tmp_path):
+    from boltzflow.cli import main
+    from boltzflow.systems.builtin import builtin_system
+
+    system = builtin_system("alanine-dipeptide")
+    cfg = pipeline.recipe_config("energy", QUICK)
+    run = tmp_path / "run"
+    summary = pipeline.train(system, cfg, run, progress=False)
+    temp = summary["data_tempering"]
+    assert temp["energy_evals"] > 0 and summary["energy_evals_training"] >= temp["energy_evals"]
+    assert summary["reference_path"].endswith("tempering.npz")
+    dest = pipeline.export_generator(run, tmp_path / "shipped", note="# test generator\n")
+    assert not (dest / "checkpoints").exists() and not (dest / "data").exists()
+    assert (dest / "README.md").read_text().startswith("# test generator")
+    with pytest.raises(InputError, match="not empty"):
+        pipeline.export_generator(run, dest)
+    moved = tmp_path / "elsewhere" / "gen"
+    shutil.copytree(dest, moved)
+    shutil.rmtree(run)  # nothing of the training run is needed any more
+    assert main(["sample", str(moved), "-n", "300"]) == 0
+    s = SampleSet.load(moved / "samples" / "generated.npz")
+    assert len(s) == 300 and np.isfinite(s.log_weights).all()
