@@ -21,7 +21,7 @@ def test_tempering_crosses_barrier_and_samples_boltzmann():
     x0 = torch.zeros(2, 3, dtype=torch.float64)
     x0[0, 0] = -0.1  # start in the upper well
     cfg = TemperingConfig(ladders=64, replicas=6, t_max=1500.0, steps_per_swap=20, burnin_rounds=400, frames=60,
-                          timestep_fs=2.0, friction_per_ps=10.0, seed=1)
+                          timestep_fs=2.0, friction_per_ps=10.0, minimize_steps=0, seed=1)
     res = parallel_tempering(_double_well, x0, np.array([12.0, 12.0]), KT, 300.0, cfg, dtype=torch.float64)
     assert res.positions.shape == (64 * 60, 2, 3)
     assert res.energy_evals == 64 * 6 * (1 + cfg.rounds * 20)
@@ -44,3 +44,14 @@ def test_tempering_bad_input():
         TemperingConfig(t_max=200.0).temperatures(300.0)
     with pytest.raises(InputError):
         parallel_tempering(_double_well, torch.zeros(2, 2), np.ones(2), KT, 300.0, TemperingConfig(frames=1))
+
+
+def test_minimize_lowers_a_strained_start_and_counts_evaluations():
+    from boltzflow.training.tempering import minimize
+
+    x = torch.zeros(1, 2, 3, dtype=torch.float64)
+    x[0, 0, 0] = 0.25  # high on the outer wall of the double well, harmonic atom displaced
+    x[0, 1] = 0.1
+    y, evals = minimize(_double_well, x, 100)
+    assert float(_double_well(y)) < float(_double_well(x)) - 10 and evals > 2
+    assert abs(float(y[0, 0, 0]) - 0.1) < 0.01 and float(y[0, 1].abs().max()) < 1e-3

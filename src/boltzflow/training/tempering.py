@@ -36,7 +36,9 @@ class TemperingConfig:
     geometric from the system temperature to t_max (K); steps_per_swap: Langevin steps between swap
     attempts; burnin_rounds: swap rounds discarded before the first kept frame; frames: frames kept per
     ladder at the system temperature, one every stride_rounds rounds; timestep_fs (fs) and
-    friction_per_ps (1/ps) of the BAOAB integrator; seed: velocities, noise and swaps."""
+    friction_per_ps (1/ps) of the BAOAB integrator; minimize_steps: L-BFGS iterations on the start
+    structure(s) first (a PDB straight from a builder or the PDB bank can hold strained contacts that
+    would blow up the first Langevin steps; 0 = off); seed: velocities, noise and swaps."""
 
     ladders: int = 128
     replicas: int = 8
@@ -47,6 +49,7 @@ class TemperingConfig:
     stride_rounds: int = 1
     timestep_fs: float = 1.0
     friction_per_ps: float = 5.0
+    minimize_steps: int = 200
     seed: int = 0
 
     def __post_init__(self):
@@ -108,6 +111,10 @@ def parallel_tempering(energy: Callable[[torch.Tensor], torch.Tensor], x0, masse
     t_start = time.perf_counter()
     cfg = config
     L, R = cfg.ladders, cfg.replicas
+    evals = 0
+    if cfg.minimize_steps > 0:
+        x0, n_min = minimize(energy, x0.to(torch.float64), cfg.minimize_steps)
+        evals += n_min
     temps = cfg.temperatures(temperature)
     g = torch.Generator().manual_seed(int(cfg.seed))
     n_chain = L * R
@@ -125,7 +132,7 @@ def parallel_tempering(energy: Callable[[torch.Tensor], torch.Tensor], x0, masse
 
     v = sigma * noise()
     f, u = _forces(energy, x, kT)
-    evals = n_chain
+    evals += n_chain
     reset = 0
     accepted = np.zeros(max(R - 1, 0))
     attempted = np.zeros(max(R - 1, 0))
@@ -165,6 +172,32 @@ def parallel_tempering(energy: Callable[[torch.Tensor], torch.Tensor], x0, masse
                            info={"ladders": L, "replicas": R, "rounds": cfg.rounds})
 
 
+def minimize(energy: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
+    """L-BFGS on every structure of x (m, n_atoms, 3) nm for at most ``steps`` iterations; returns the
+    minimised structures (the input's where the energy did not go down or turned non-finite) and the
+    energy + gradient evaluations spent."""
+    x = x.detach().clone()
+    with torch.no_grad():
+        u0 = energy(x).double()
+    xv = x.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([xv], lr=1.0, max_iter=int(steps), line_search_fn="strong_wolfe")
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        u = energy(xv).sum()
+        u.backward()
+        calls[0] += 1
+        return u
+
+    opt.step(closure)
+    with torch.no_grad():
+        u1 = energy(xv).double()
+        better = torch.isfinite(u1) & (u1 <= u0)
+        out = torch.where(better[:, None, None], xv.detach(), x)
+    return out, (calls[0] + 2) * x.shape[0]
+
+
 def _swap(x, v, u, f, parity: int, L: int, R: int, beta, ratio, g, accepted, attempted):
     """Metropolis exchange between temperatures (r, r+1) for r = parity, parity + 2, ... in every ladder."""
     lo = np.arange(parity, R - 1, 2)
@@ -192,4 +225,4 @@ def _swap(x, v, u, f, parity: int, L: int, R: int, beta, ratio, g, accepted, att
     return x, v, u, f
 
 
-__all__ = ["TemperingConfig", "TemperingResult", "parallel_tempering"]
+__all__ = ["TemperingConfig", "TemperingResult", "parallel_tempering", "minimize"]
