@@ -152,6 +152,23 @@ def check_output_file(path: str | os.PathLike, overwrite: bool = False, option: 
 
 
 @contextlib.contextmanager
+def staged_files(dest: str | os.PathLike) -> Iterator[Path]:
+    """A scratch folder next to ``dest`` for the files of one output; they land in ``dest`` (created
+    if needed, each file by an atomic rename) only when the block succeeds, so a failure part-way
+    leaves ``dest`` as it was."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        dest.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, dest / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def undone_on_input_error(path: str | os.PathLike, keep_if: tuple[str, ...] = ()) -> Iterator[Path]:
     """A run directory that was new (or empty) before the block is removed again (or emptied) when the
     block raises InputError, unless one of ``keep_if`` (e.g. a checkpoint) exists in it by then: bad

@@ -69,3 +69,42 @@ def test_output_guards(tmp_path):
     with pytest.raises(InputError, match="already exists"):
         check_output_file(tmp_path / "mine" / "a.txt")
     assert check_output_file(tmp_path / "mine" / "a.txt", overwrite=True).name == "a.txt"
+
+
+def test_staged_files_land_together_or_not_at_all(tmp_path):
+    from boltzflow.io import staged_files
+
+    dest = tmp_path / "plots"
+    dest.mkdir()
+    (dest / "a.png").write_text("old a")
+    with pytest.raises(RuntimeError):
+        with staged_files(dest) as d:
+            (d / "a.png").write_text("new a")
+            raise RuntimeError("failed after the first figure")
+    assert (dest / "a.png").read_text() == "old a" and sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
+    with staged_files(dest) as d:
+        (d / "a.png").write_text("new a")
+        (d / "b.png").write_text("new b")
+    assert (dest / "a.png").read_text() == "new a" and (dest / "b.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
+
+
+def test_a_run_stopped_by_bad_input_is_undone_unless_resumable(tmp_path):
+    from boltzflow.errors import InputError
+    from boltzflow.io import undone_on_input_error
+
+    for name, keep in (("new", False), ("resumable", True)):
+        with pytest.raises(InputError):
+            with undone_on_input_error(tmp_path / name, keep_if=("ckpt",)) as d:
+                d.mkdir()
+                (d / "config.toml").write_text("x")
+                if keep:
+                    (d / "ckpt").write_text("x")
+                raise InputError("bad")
+        assert (tmp_path / name).exists() == keep
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(InputError):
+        with undone_on_input_error(tmp_path / "mine"):
+            raise InputError("bad")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"  # a folder that held files is never touched

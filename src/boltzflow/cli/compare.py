@@ -307,7 +307,7 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import atomic_write_json, check_output_dir, run_kind
+    from ..io import atomic_write_json, check_output_dir, run_kind, staged_files
     from ..sampling.sampleset import SampleSet
     from .common import load_system
 
@@ -324,9 +324,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--replica '{rp}' is not a run directory of `boltzflow simulate`; give one, or a "
                          "SampleSet .npz of reference samples")
     out_dir = check_output_dir(args.output, "comparison", args.overwrite) if args.output else None
-    res = compare(rp, gen, system, target_stderr=args.target_stderr, seed=args.seed, plot_dir=out_dir)
-    if out_dir is not None:
-        atomic_write_json(out_dir / "compare.json", res)
+    if out_dir is None:
+        res = compare(rp, gen, system, target_stderr=args.target_stderr, seed=args.seed)
+    else:
+        with staged_files(out_dir) as tmp:  # plots and compare.json land together, or not at all
+            res = compare(rp, gen, system, target_stderr=args.target_stderr, seed=args.seed, plot_dir=tmp)
+            res["plots"] = [str(out_dir / Path(p).name) for p in res.get("plots", [])]
+            atomic_write_json(tmp / "compare.json", res)
     if args.json:
         print_json(res)
     else:

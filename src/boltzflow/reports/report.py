@@ -8,18 +8,14 @@ Reads what training and sampling wrote (see :mod:`boltzflow.training.rundir`): t
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, staged_files
 from . import html as H
 from . import plots
 
@@ -44,26 +40,12 @@ def build_report(run_dir: str | Path, replica_dir: str | Path | None = None) -> 
     comp = summary.get("comparison")
     if replica_dir is not None:  # before anything is written: a bad --replica leaves the report as it was
         comp = _compare_with_replica(system, gen, replica_dir)
-    with _staged_plots(rd) as figs:
+    with staged_files(rd.path / "plots") as figs:  # failing part-way leaves the old plots and page as they were
         html_text = _render(rd, system, gen, ref, summary, rows, comp, figs)
     atomic_write_text(rd.path / "report.html", html_text)
     if replica_dir is not None:
         rd.update_summary(comparison=comp)
     return rd.path / "report.html"
-
-
-@contextlib.contextmanager
-def _staged_plots(rd) -> Iterator[Path]:
-    """A scratch folder in the run directory for the figures; when the block succeeds they replace
-    those in RUN_DIR/plots (each file by an atomic rename), otherwise RUN_DIR/plots is left as it was."""
-    tmp = Path(tempfile.mkdtemp(prefix=".plots.", dir=rd.path))
-    try:
-        yield tmp
-        dest = rd.plots_dir
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, dest / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _render(rd, system, gen, ref, summary: dict, rows: list, comp, figs: Path) -> str:
