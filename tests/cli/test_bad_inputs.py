@@ -118,6 +118,9 @@ def world(tmp_path_factory) -> Path:
     np.savez(w / "damaged_meta.npz", positions=np.zeros((3, 2)), meta_json=np.array("{not json"))
     shutil.copytree(w / "adp", w / "adp_damaged")
     (w / "adp_damaged" / "metadata.json").write_text("{damaged")
+    shutil.copytree(w / "run", w / "run_damaged")
+    (w / "run_damaged" / "generator.pt").write_text("not a torch file")
+    (w / "run_damaged" / "summary.json").write_text("{damaged")
     _pdb_variants(w)
     return w
 
@@ -206,6 +209,7 @@ CASES = [
     ("sample-batch-zero", ["sample", "{w}/run", "-n", "10", "--batch-size", "0"], "--batch-size"),
     ("sample-export-unknown-format", ["sample", "{w}/run", "-n", "10", "--export", "{w}/out.xyz"], ".xyz"),
     ("sample-export-over-user-file", ["sample", "{w}/run", "-n", "10", "--export", "{w}/traj.dcd"], "--overwrite"),
+    ("sample-damaged-generator", ["sample", "{w}/run_damaged", "-n", "10"], "generator.pt"),
     ("sample-no-run", ["sample", "{w}/nowhere"], "nowhere"),
     ("sample-replica-run", ["sample", "{w}/pt", "-n", "10"], "generator"),
     # estimate
@@ -248,6 +252,7 @@ CASES = [
                                          "{w}/run/samples/generated.npz", "--system", "{w}/adp", "-o", "{w}/mine"],
      "--overwrite"),
     # report
+    ("report-damaged-summary", ["report", "{w}/run_damaged"], "summary.json"),
     ("report-no-run", ["report", "{w}/nowhere"], "nowhere"),
     ("report-replica-run", ["report", "{w}/pt"], "boltzflow train"),
     ("report-missing-replica", ["report", "{w}/run", "--replica", "{w}/nope.npz"], "not found"),

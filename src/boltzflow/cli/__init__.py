@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         if getattr(args, "debug", False):
             raise
-        print(f"boltzflow {args.verb}: error: {e}", file=sys.stderr)
+        one_line = " ".join(str(e).split())  # messages quoting other tools' errors may span lines
+        print(f"boltzflow {args.verb}: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"boltzflow {args.verb}: interrupted", file=sys.stderr)

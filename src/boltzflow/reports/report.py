@@ -35,8 +35,12 @@ def build_report(run_dir: str | Path, replica_dir: str | Path | None = None) -> 
     gen = SampleSet.load(gen_path) if gen_path.is_file() else None
     ref_path = rd.path / "samples" / "reference.npz"
     ref = SampleSet.load(ref_path) if ref_path.is_file() else None
-    summary = rd.read_summary()
-    rows = rd.read_metrics()
+    try:
+        summary = rd.read_summary()
+    except json.JSONDecodeError as e:
+        raise InputError(f"'{rd.summary_path}' is damaged ({e}); remove it (the run's files are intact) and run "
+                         "`boltzflow sample` again to rewrite it") from e
+    rows = [r for r in rd.read_metrics() if isinstance(r, dict)]  # a damaged line is skipped like a cut one
     comp = summary.get("comparison")
     if replica_dir is not None:  # before anything is written: a bad --replica leaves the report as it was
         comp = _compare_with_replica(system, gen, replica_dir)
