@@ -114,6 +114,9 @@ def world(tmp_path_factory) -> Path:
     (w / "unknown_key.toml").write_text("[training]\nstepz = 3\n")
     SampleSet(np.zeros((30, 2))).save(w / "toy.npz")
     SampleSet(np.zeros((10, 5, 3))).save(w / "five_atoms.npz")
+    nan_frames = SampleSet.load(ADP_REF).positions[:20].astype(np.float64)
+    nan_frames[5, 3, 0] = np.nan
+    SampleSet(nan_frames, temperature=300.0).save(w / "nan_positions.npz")
     np.savez(w / "string_positions.npz", positions=np.array([["a", "b"], ["c", "d"]]))
     np.savez(w / "damaged_meta.npz", positions=np.zeros((3, 2)), meta_json=np.array("{not json"))
     shutil.copytree(w / "adp", w / "adp_damaged")
@@ -222,6 +225,7 @@ CASES = [
     ("estimate-no-system", ["estimate", "{w}/toy.npz", "--system", "{w}/nowhere"], "nowhere"),
     ("estimate-string-positions", ["estimate", "{w}/string_positions.npz", "--population", "x[0]>0"], "real numbers"),
     ("estimate-damaged-metadata", ["estimate", "{w}/damaged_meta.npz"], "meta_json"),
+    ("estimate-nan-positions", ["estimate", "{w}/nan_positions.npz", "--system", "{w}/adp"], "NaN/inf positions"),
     ("estimate-negative-bootstrap", ["estimate", "{w}/toy.npz", "--bootstrap", "-1"], "--bootstrap"),
     # free-energy
     ("free-energy-negative-temperature", ["free-energy", "{w}/pt/samples.npz", "--system", "{w}/harmonic",
@@ -244,6 +248,8 @@ CASES = [
                                       "--system", "{w}/harmonic"], "modes"),
     ("compare-wrong-atoms", ["compare", "--replica", "{w}/pt", "--samples", "{w}/run/samples/generated.npz",
                              "--system", "{w}/adp"], "22"),
+    ("compare-nan-positions", ["compare", "--replica", ADP_REF, "--samples", "{w}/nan_positions.npz", "--system",
+                               "{w}/adp"], "NaN/inf positions"),
     ("compare-target-stderr-zero", ["compare", "--replica", ADP_REF, "--samples", "{w}/run/samples/generated.npz",
                                     "--system", "{w}/adp", "--target-stderr", "0"], "target-stderr"),
     ("compare-output-into-replica-run", ["compare", "--replica", ADP_REF, "--samples", "{w}/run/samples/generated.npz",

@@ -57,3 +57,14 @@ def test_provenance_is_versioned_and_old_keys_are_mapped(tmp_path):
     meta["provenance"] = {"energy_evals": 1, "energy_evaluations": 2}
     np.savez(tmp_path / "both.npz", positions=np.zeros((2, 3)), meta_json=np.array(json.dumps(meta)))
     assert SampleSet.load(tmp_path / "both.npz").provenance == {"energy_evals": 1}
+
+
+def test_check_finite_ignores_frames_without_weight():
+    x = np.zeros((4, 2))
+    x[1, 0] = np.nan
+    with pytest.raises(InputError, match="1 of 4 frames"):
+        SampleSet(x).check_finite()
+    lw = np.array([0.0, -np.inf, 0.0, 0.0])  # the NaN frame has no weight: harmless for reweighting
+    assert SampleSet(x, log_weights=lw).check_finite() is not None
+    with pytest.raises(InputError, match="frame 1"):
+        SampleSet(x, log_weights=np.zeros(4)).check_finite()

@@ -69,7 +69,7 @@ def compare(replica: str | Path, generated, system, target_stderr: float = 0.005
         raise InputError(f"system {system.name!r} declares no modes; compare needs them (alanine-dipeptide, butane)")
     rp = Path(replica)
     ref_path = rp / "samples.npz" if rp.is_dir() else rp
-    ref = SampleSet.load(ref_path)
+    ref = SampleSet.load(ref_path).check_finite(f"replica samples '{ref_path}'")
     gen = generated
     for label, ss in (("replica", ref), ("generator", gen)):
         system.check_coordinates(ss.positions[:1], f"{label} sample positions")
@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     from .common import load_system
 
     system = load_system(args.system)
-    gen = SampleSet.load(args.samples)
+    gen = SampleSet.load(args.samples).check_finite(f"--samples '{args.samples}'")
     rp = Path(args.replica)
     if not rp.exists():
         from ..errors import InputError

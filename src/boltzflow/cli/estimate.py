@@ -61,7 +61,7 @@ def register(sub) -> None:
 def _load_samples(path: str):
     from ..sampling.sampleset import SampleSet
 
-    return SampleSet.load(path)
+    return SampleSet.load(path).check_finite(f"'{path}'")
 
 
 def _table(estimates, title: str) -> None:

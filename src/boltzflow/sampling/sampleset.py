@@ -113,6 +113,18 @@ class SampleSet:
         w = np.exp(lw - np.max(lw))
         return w / w.sum()
 
+    def check_finite(self, what: str = "samples") -> "SampleSet":
+        """``self``, or InputError when a frame that carries weight (all frames of an unweighted set;
+        frames with a finite log weight otherwise) has NaN/inf positions."""
+        n = len(self)
+        bad = ~np.isfinite(self.positions.reshape(n, -1)).all(axis=1) if n else np.zeros(0, dtype=bool)
+        if self.log_weights is not None:
+            bad &= np.isfinite(self.log_weights)
+        if bad.any():
+            raise InputError(f"{what}: {int(bad.sum())} of {n} frames have NaN/inf positions (first: frame "
+                             f"{int(np.flatnonzero(bad)[0])}); remove them (SampleSet.subset) and try again")
+        return self
+
     def subset(self, idx) -> "SampleSet":
         def take(a):
             return None if a is None else a[idx]
