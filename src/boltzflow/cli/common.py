@@ -23,7 +23,8 @@ def add_verb(sub, name: str, help: str, example: str, func) -> argparse.Argument
 def add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
     """The --overwrite flag of a verb that writes ``what``."""
     p.add_argument("--overwrite", action="store_true",
-                   help=f"write {what} even over existing files boltzflow did not make for this verb")
+                   help=f"write {what} even where that replaces an existing file or mixes with what a folder "
+                        "already holds (not needed to rewrite the verb's own earlier output)")
 
 
 #: above this many K a temperature is accepted with a warning (molecules come apart; CHARMM is not fit there)
