@@ -54,3 +54,18 @@ def test_broken_frames_are_flagged():
     x[1] *= 3.0  # every bond three times as long
     assert broken_frame_fraction(system, x) == 0.25
     assert broken_frame_fraction(system, x[[0, 2]]) == 0.0
+
+
+def test_energy_writers_give_null_and_nan_for_invalid_frames():
+    import json
+
+    from boltzflow.cli.energy import energies_json, energies_table
+
+    e = np.array([1.5, np.nan, -2.25])
+    terms = {"bond": np.array([0.5, np.nan, 0.0])}
+    doc = json.loads(energies_json(e, e / 2, terms, 300.0, "NativeEnergy"))
+    assert doc["energy_kj_mol"] == [1.5, None, -2.25] and doc["reduced_energy"][1] is None
+    assert doc["terms_kj_mol"] == {"bond": [0.5, None, 0.0]} and doc["temperature_k"] == 300.0
+    rows = energies_table(e, e / 2, terms).splitlines()
+    assert rows[0].split() == ["frame", "energy_kJ/mol", "reduced_kT", "bond"] and len(rows) == 4
+    assert rows[2].split() == ["1", "nan", "nan", "nan"] and rows[3].split()[1] == "-2.2500"
