@@ -24,7 +24,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; a new file honours the umask
+        os.chmod(tmp, _mode_for(path))  # mkstemp creates 0600
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
@@ -37,6 +37,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             pass
         raise
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """Permissions for a file written at ``path``: those of the file it replaces, else what the umask
+    gives a new file."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
 
 
 def current_umask() -> int:

@@ -108,3 +108,11 @@ def test_a_run_stopped_by_bad_input_is_undone_unless_resumable(tmp_path):
         with undone_on_input_error(tmp_path / "mine"):
             raise InputError("bad")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"  # a folder that held files is never touched
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    p = tmp_path / "summary.json"
+    p.write_text("{}")
+    p.chmod(0o600)
+    atomic_write(p, lambda fh: fh.write(b"{}"))
+    assert p.stat().st_mode & 0o777 == 0o600
