@@ -157,20 +157,24 @@ class InternalCoordinates(Bijection):
         fixed = sorted({int(q) for q in fixed_torsions})
         if any(not 0 <= q < max(m - 3, 0) for q in fixed):
             raise InputError(f"fixed_torsions must index the {max(m - 3, 0)} torsions, got {fixed}")
-        _, _, t_ref, _ = self._measure(ref)
-        self.register_buffer("fixed_idx", torch.as_tensor(fixed, dtype=torch.long))
-        self.register_buffer("fixed_mean", t_ref[0, fixed].clone())
-        self.register_buffer("fixed_std", torch.full((len(fixed),), float(torsion_std), dtype=torch.float64))
+        # buffers only when used, so checkpoints of generators without them keep loading
+        if fixed:
+            _, _, t_ref, _ = self._measure(ref)
+            self.register_buffer("fixed_idx", torch.as_tensor(fixed, dtype=torch.long))
+            self.register_buffer("fixed_mean", t_ref[0, fixed].clone())
+            self.register_buffer("fixed_std", torch.full((len(fixed),), float(torsion_std), dtype=torch.float64))
+        else:
+            self.fixed_idx = None
         fset = set(fixed)
         self.circular = [2 * m - 3 + q for q in range(m - 3) if q not in fset]
         self.fixed = [2 * m - 3 + q for q in fixed]
         # optional whitening of the non-periodic block (bonds, angles, fixed torsions): z = L^-1 v with
         # L L^T the correlation matrix of the standardised coordinates on the fitting data
         self.whiten = bool(whiten)
-        lin = list(range(2 * m - 3)) + self.fixed
-        self.register_buffer("white_idx", torch.as_tensor(lin, dtype=torch.long))
-        self.register_buffer("white_L", torch.eye(len(lin), dtype=torch.float64) if self.whiten else torch.zeros(0, 0,
-                                                                                                           dtype=torch.float64))
+        if self.whiten:
+            lin = list(range(2 * m - 3)) + self.fixed
+            self.register_buffer("white_idx", torch.as_tensor(lin, dtype=torch.long))
+            self.register_buffer("white_L", torch.eye(len(lin), dtype=torch.float64))
 
     # ---- internals --------------------------------------------------------------------------
     def _measure(self, x: torch.Tensor):
@@ -206,7 +210,7 @@ class InternalCoordinates(Bijection):
         x = torch.as_tensor(x, dtype=torch.float64)
         b, a, t, _ = self._measure(x)
         self.std.fit(b, a)
-        if len(self.fixed_idx) and x.shape[0] > 1:
+        if self.fixed_idx is not None and x.shape[0] > 1:
             tf = t[:, self.fixed_idx]
             mean = torch.atan2(torch.sin(tf).mean(0), torch.cos(tf).mean(0))
             dev = wrap_angle(tf - mean)
@@ -227,7 +231,7 @@ class InternalCoordinates(Bijection):
         return torch.log(torch.diagonal(self.white_L)).sum().to(ref)
 
     def _fixed_log_scale(self, ref: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.fixed_std).sum().to(ref) if len(self.fixed_idx) else ref.new_zeros(())
+        return torch.log(self.fixed_std).sum().to(ref) if self.fixed_idx is not None else ref.new_zeros(())
 
     def default_rigid(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """Canonical frame: atom 0 at the origin, first bond along +x, psi = 0. (n, 6)."""
@@ -246,7 +250,7 @@ class InternalCoordinates(Bijection):
             v = z.index_select(1, self.white_idx) @ self.white_L.to(z).T
             z = z.index_copy(1, self.white_idx, v)
         zb, za, tors = self._split(z)
-        if len(self.fixed_idx):
+        if self.fixed_idx is not None:
             tf = wrap_angle(self.fixed_mean.to(z) + self.fixed_std.to(z) * tors.index_select(1, self.fixed_idx))
             tors = tors.index_copy(1, self.fixed_idx, tf)
         s = self.std
@@ -292,7 +296,7 @@ class InternalCoordinates(Bijection):
         s = self.std
         zb = (bonds - s.bond_mean.to(x)) / s.bond_std.to(x)
         za = (angles - s.angle_mean.to(x)) / s.angle_std.to(x)
-        if len(self.fixed_idx):
+        if self.fixed_idx is not None:
             tf = wrap_angle(tors.index_select(1, self.fixed_idx) - self.fixed_mean.to(x)) / self.fixed_std.to(x)
             tors = tors.index_copy(1, self.fixed_idx, tf)
         z = torch.cat([zb, za, tors], dim=-1)
@@ -304,6 +308,8 @@ class InternalCoordinates(Bijection):
         of torsions. (batch, (m-1) + (m-2) + 2(m-3))."""
         z, _, _ = self.to_internal(x)
         zb, za, t = self._split(z)
+        if self.fixed_idx is None:
+            return torch.cat([zb, za, torch.cos(t), torch.sin(t)], dim=-1)
         tc = t.index_select(1, torch.as_tensor(self.circular, dtype=torch.long, device=z.device) - (2 * self.m - 3))
         return torch.cat([zb, za, t.index_select(1, self.fixed_idx), torch.cos(tc), torch.sin(tc)], dim=-1)
 
