@@ -602,7 +602,7 @@ def estimate(run_dir: str | Path, seed: int = 0) -> dict[str, Any]:
 def demo_config(quick: bool = False) -> RunConfig:
     """The demo's configuration: alanine dipeptide, the ``data`` recipe (:mod:`boltzflow.recipes`)
     sized for <= 20 minutes on 2 CPU cores: one spline flow over all-atom internal coordinates
-    (improper torsions standardised, bonds/angles whitened; 4 blocks x 128), maximum likelihood on the
+    (improper torsions standardised, no whitening; 4 blocks x 128), maximum likelihood on the
     shipped reference frames grown by Langevin dynamics (``data.md_frames = 20``), 5 000 steps of batch
     512, then 100 000 samples.
 

@@ -24,7 +24,7 @@ def test_recipes_load_and_differ_in_their_data():
     assert energy.data.source == "tempering" and data.data.source == "reference" and data.data.md_frames > 0
     for cfg in (energy, data):
         assert cfg.generator.pipeline == "internal-all" and cfg.generator.fixed_torsions == "improper"
-        assert cfg.generator.whiten and cfg.training.pretrain.steps > 0
+        assert not cfg.generator.whiten and cfg.training.pretrain.steps > 0
     over = pipeline.recipe_config("energy", {"training.pretrain.steps": 7})
     assert over.training.pretrain.steps == 7 and over.tempering == energy.tempering
     with pytest.raises(ConfigError, match="unknown recipe"):

@@ -7,7 +7,7 @@
   grown by Langevin dynamics.
 
 Both use the all-atom internal-coordinate generator with improper torsions as standardised
-coordinates and whitened bonds/angles (docs/pipelines.md, "Recipes"). A ``--config`` file and
+coordinates (docs/pipelines.md, "Recipes"). A ``--config`` file and
 ``--set`` overrides apply on top of the recipe.
 """
 
