@@ -20,7 +20,9 @@ replica-exchange run of ``reference_energy_evals`` evaluations, reported beside 
 batches logged during training, and the final samples. ``wall_s``: data generation + training +
 sampling. ``curve``: the ESS of the training log's evaluation batches (``training.eval_batch``
 samples each) against the cumulative evaluations and wall time, so the cost of a given ESS can be
-read off; its ESS values are noisier than the final one.
+read off; its ESS values come from small batches, which rarely see the heavy tail of the weights, so
+they overestimate the ESS of a large sample. ``curve_checkpoints``: the Kish ESS of ``--curve-samples``
+samples (default 2e4) from the checkpoints kept every ``--curve-every`` steps, the honest curve.
 """
 
 from __future__ import annotations
@@ -74,13 +76,45 @@ def curve_of(run_dir: Path, data_evals: int, data_wall: float) -> list[dict]:
     return rows
 
 
-def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_samples: int, quick: bool) -> dict:
+def checkpoint_curve(run_dir: Path, batch_curve: list[dict], n: int, every: int) -> list[dict]:
+    """Kish ESS of ``n`` samples from every kept checkpoint (``checkpoints/step_*.pt``) whose step is a
+    multiple of ``every``, with the cost logged at that step; the batch ESS of the training log beside it."""
+    import torch
+
+    from boltzflow.estimators import kish_ess
+    from boltzflow.pipeline import load_trained
+
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    if not ckpts:
+        return []
+    system, config, gen, energy = load_trained(run_dir, "cpu")
+    by_step = {c["step"]: c for c in batch_curve}
+    rows = []
+    for path in ckpts:
+        step = int(path.stem.split("_")[1])
+        if step % every and path != ckpts[-1]:
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        gen.load_state_dict(state["model"])
+        gen.eval()
+        g = torch.Generator().manual_seed(1000 + step)
+        with torch.no_grad():
+            s = gen.sample(n, energy=energy, batch_size=min(5000, n), generator=g)
+        near = by_step.get(step) or min(batch_curve, key=lambda c: abs(c["step"] - step))
+        rows.append({"step": step, "energy_evals": near["energy_evals"], "wall_s": near["wall_s"],
+                     "ess": float(kish_ess(s.log_weights).value / n), "ess_batch": near["ess"], "n_samples": n})
+    return rows
+
+
+def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_samples: int, quick: bool,
+             curve_samples: int = 20000, curve_every: int = 1000) -> dict:
     from boltzflow import pipeline
     from boltzflow.training.rundir import RunDir
 
     ov = dict(QUICK) if quick else {}
     ov.update(overrides)
-    ov.update({"seed": seed, "training.seed": seed, "generator.seed": seed, "tempering.seed": seed})
+    ov.update({"seed": seed, "training.seed": seed, "generator.seed": seed, "tempering.seed": seed,
+               "training.keep_checkpoints": True})
     cfg = pipeline.recipe_config(route, ov)
     run_dir = out / f"{route}-seed{seed}"
     rd = RunDir(run_dir)
@@ -99,7 +133,7 @@ def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_sample
     data_evals, data_wall = int(data.get("energy_evals", 0)), float(data.get("wall_s", 0.0))
     minor = system.modes.minor
     ess = est["ess"].value / len(samples)
-    return {
+    result = {
         "seed": seed, "ess": ess, "n_samples": len(samples),
         minor: {"value": est[minor].value, "stderr": est[minor].stderr},
         "log_z": est["log_Z"].value, "log_z_stderr": est["log_Z"].stderr,
@@ -111,6 +145,9 @@ def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_sample
         "curve": curve_of(run_dir, data_evals, data_wall),
         "run_dir": str(run_dir),
     }
+    if curve_samples > 0:
+        result["curve_checkpoints"] = checkpoint_curve(run_dir, result["curve"], curve_samples, curve_every)
+    return result
 
 
 def main(argv=None) -> dict:
@@ -123,6 +160,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="run directories (default runs/generator_quality[-quick])")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     ap.add_argument("--quick", action="store_true", help="toy sizes (seconds), same JSON")
+    ap.add_argument("--curve-samples", type=int, default=None,
+                    help="samples per kept checkpoint for curve_checkpoints (default 20000; --quick 200; 0 = off)")
+    ap.add_argument("--curve-every", type=int, default=None, help="checkpoint steps between curve points (default 1000)")
     ap.add_argument("--json", action="store_true", help="print the JSON only")
     args = ap.parse_args(argv)
 
@@ -137,7 +177,9 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for s in seeds:
-        r = run_seed(system, args.route, s, out / args.system, parse_set(args.set), n, args.quick)
+        cs = args.curve_samples if args.curve_samples is not None else (200 if args.quick else 20000)
+        ce = args.curve_every or (20 if args.quick else 1000)
+        r = run_seed(system, args.route, s, out / args.system, parse_set(args.set), n, args.quick, cs, ce)
         results.append(r)
         if not args.json:
             print(f"seed {s}: ESS {r['ess']:.4f} of {r['n_samples']}, {system.modes.minor} "
