@@ -91,7 +91,12 @@ class CapConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs besides the generator, energy and data."""
+    """Everything a training run needs besides the generator, energy and data.
+
+    ess_guard > 0 protects the fine-tuning stage: before its first step and at every checkpoint the
+    Kish ESS of ``ess_guard`` fresh samples is measured, and the stage ends with the generator state
+    that had the highest ESS (the pre-fine-tuning one included), so fine-tuning never lowers it.
+    Large samples matter: batches of ~1e3 miss the heavy tail of the weights."""
 
     pretrain: StageConfig = StageConfig(loss="klz", steps=0, batch=256)
     finetune: StageConfig = StageConfig(loss="l2plus", steps=1000, batch=256)
@@ -103,6 +108,7 @@ class TrainConfig:
     keep_checkpoints: bool = False
     progress: bool = True
     eval_batch: int = 1024
+    ess_guard: int = 0
     ais: AISConfig = AISConfig()
     replay: ReplayConfig = ReplayConfig()
     cap: CapConfig = CapConfig()
@@ -182,6 +188,8 @@ class Trainer:
         self.last_row: dict[str, Any] = {}
         #: metric rows logged by this Trainer object (in memory; the run directory has them all)
         self.history: list[dict[str, Any]] = []
+        #: ESS guard of the fine-tuning stage: {"best_ess", "best_step", "best_state", "history"} or None
+        self._guard: dict[str, Any] | None = None
 
     # -- energy ------------------------------------------------------------------------------
     def energy(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,6 +242,7 @@ class Trainer:
             "config": to_dict(self.config),
             "ais": self.ais.state_dict(),
             "buffer": self.buffer.state_dict() if self.buffer is not None else None,
+            "guard": self._guard,
         }
 
     def save_checkpoint(self) -> None:
@@ -246,6 +255,9 @@ class Trainer:
         """Restore a :meth:`state_dict` (CheckpointError when it belongs to another configuration)."""
         mine = {k: v for k, v in to_dict(self.config).items() if k not in _RESUME_FREE_KEYS}
         theirs = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE_KEYS}
+        defaults = to_dict(TrainConfig())
+        for k in set(mine) - set(theirs):  # options added after the checkpoint was written: their default
+            theirs[k] = defaults.get(k)
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise CheckpointError(f"checkpoint was written with a different configuration (differs in: "
@@ -263,6 +275,7 @@ class Trainer:
         self.step = int(state["step"])
         self.counters = _Counters(**state["counters"])
         self.ais.load_state_dict(state["ais"])
+        self._guard = state.get("guard")
         if self.buffer is not None and state.get("buffer") is not None:
             self.buffer.load_state_dict(state["buffer"])
 
@@ -391,6 +404,8 @@ class Trainer:
         try:
             while self.step < end:
                 stage = self.stage_of(self.step)
+                if stage == "finetune" and cfg.ess_guard > 0 and self._guard is None:
+                    self._guard_check()  # the state fine-tuning starts from
                 out, grad_norm, _ = self.train_step()
                 stage_end = self.step == cfg.pretrain.steps or self.step == total
                 if self.step % cfg.log_every == 0 or stage_end or self.step == 1:
@@ -400,6 +415,10 @@ class Trainer:
                     if self.run_dir is not None:
                         self.run_dir.append_metrics(row)
                     bar.set_postfix(format_postfix(row))
+                if stage == "finetune" and cfg.ess_guard > 0 and (self.step % cfg.checkpoint_every == 0 or stage_end):
+                    self._guard_check()
+                    if self.step == total:
+                        self._guard_restore()
                 if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or stage_end or self.step == end):
                     self._checkpoint(t0)
                     t0 = time.perf_counter()
@@ -417,6 +436,45 @@ class Trainer:
         if self.run_dir is not None:
             self.run_dir.update_summary(**summary)
         return summary
+
+    def _guard_check(self) -> None:
+        """Kish ESS of ``ess_guard`` fresh samples; keep a copy of the state when it is the best so far."""
+        import copy
+
+        from ..losses.base import kish_ess, sample_stats
+
+        g = torch.Generator(device=self.device).manual_seed(int(self.config.seed) * 7_919 + self.step)
+        n = int(self.config.ess_guard)
+        lws = []
+        was_training = self.gen.training
+        self.gen.eval()
+        with torch.no_grad():
+            for s in range(0, n, 4096):
+                x, log_q = self.gen.sample_and_log_prob(min(4096, n - s), generator=g)
+                lws.append(sample_stats(self.energy(x), log_q)[1])
+        self.gen.train(was_training)
+        self.counters.energy_evals += n
+        ess = float(kish_ess(torch.cat(lws))) if lws else 0.0
+        guard = self._guard or {"best_ess": -1.0, "best_step": None, "best_state": None, "history": []}
+        guard["history"].append({"step": self.step, "ess": ess})
+        if ess > guard["best_ess"]:
+            guard.update(best_ess=ess, best_step=self.step,
+                         best_state={k: v.detach().cpu().clone() for k, v in copy.copy(self.gen.state_dict()).items()})
+        self._guard = guard
+        if self.run_dir is not None:
+            self.run_dir.log(f"ESS guard at step {self.step}: Kish ESS {ess:.4f} of {n} samples "
+                             f"(best {guard['best_ess']:.4f} at step {guard['best_step']})")
+
+    def _guard_restore(self) -> None:
+        """End of fine-tuning: put back the best state the guard saw."""
+        guard = self._guard
+        if not guard or guard["best_state"] is None or guard["best_step"] == self.step:
+            return
+        self.gen.load_state_dict(guard["best_state"])
+        if self.run_dir is not None:
+            self.run_dir.log(f"ESS guard: restored the generator of step {guard['best_step']} "
+                             f"(Kish ESS {guard['best_ess']:.4f}; fine-tuning did not beat it)")
+            self.run_dir.update_summary(ess_guard={k: v for k, v in guard.items() if k != "best_state"})
 
     def _checkpoint(self, t0: float) -> None:
         self.counters.wall_s += time.perf_counter() - t0
