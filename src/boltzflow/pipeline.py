@@ -310,6 +310,10 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     train_x, aug = ref.positions[train_idx], None
     if config.data.md_frames > 0:
         train_x, aug = _augmented_data(system, config, rd, train_x, ref.reduced_energy, train_idx)
+    train_x, n_other = _keep_isomer(system, config, train_x)
+    if n_other:
+        rd.log(f"dropped {n_other} training frames of another isomer (generator.fixed_torsions = "
+               f"'{config.generator.fixed_torsions}': cis/trans amide or handedness unlike the input structure)")
     gen, energy = build(system, config, train_x)
     device, dtype = resolve_device(config.device), _dtype(config.dtype)
     data = torch.as_tensor(train_x, dtype=dtype, device=device)
@@ -333,7 +337,7 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     ref_modes = None
     if system.modes is not None:
         ref_modes = system.modes.fractions(ref.positions)
-    fit = _fit_report(gen, data, ref.positions[test_idx], config)
+    fit = _fit_report(gen, data, _keep_isomer(system, config, ref.positions[test_idx])[0], config)
     rd.log("log-likelihood per frame: training data {train:.2f}, held-out reference frames {holdout:.2f} "
            "(a large gap means over-fitting)".format(**fit) if fit else "no held-out frames")
     data_evals = sum(int(d["energy_evals"]) for d in (aug, tempering) if d)
@@ -346,6 +350,17 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
                       data_augmentation=aug, data_tempering=tempering, log_likelihood=fit,
                       skipped_steps=int(trainer.counters.skipped_steps), training=summary)
     return rd.read_summary()
+
+
+def _keep_isomer(system, config: RunConfig, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Frames of x in the isomer the generator models (:meth:`MolecularGenerator.same_isomer`) and how
+    many were dropped; all of them when the generator fixes no torsions."""
+    if config.generator.fixed_torsions == "none" or len(x) == 0:
+        return x, 0
+    from .flows.generator import MolecularGenerator
+
+    keep = MolecularGenerator(system, config.generator).same_isomer(x)
+    return x[keep], int((~keep).sum())
 
 
 def _effective_training(tc, gen):

@@ -230,3 +230,32 @@ def test_butane_pipelines(pipeline, representation):
     x, log_q = gen.sample_and_log_prob(64, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(gen.log_prob(x), log_q, atol=1e-6)
     assert not gen.mirror_images(x).any()  # no chiral centre: never flagged
+
+
+def test_isomer_generator_keeps_trans_amides_and_flags_cis_frames():
+    import math as _m
+
+    import numpy as _np
+
+    from boltzflow.flows.generator import GeneratorConfig, MolecularGenerator
+    from boltzflow.systems.builtin import builtin_system
+    from boltzflow.systems.modes import dihedral as _dih
+
+    s = builtin_system("alanine-dipeptide")
+    gen = MolecularGenerator(s, GeneratorConfig(pipeline="internal-all", fixed_torsions="isomer", blocks=1, hidden=8))
+    assert len(gen.all_ic.circular) == 5  # phi, psi and the three methyl rotors
+    idx = {a.name: a.index for a in s.topology.atoms()}
+    omega = (idx["CA"], idx["C"], idx["NT"], idx["CAT"])
+    x = gen.sample(500).positions
+    assert _np.all(_np.abs(_np.degrees(_dih(x, omega))) > 120)  # trans only
+    assert gen.same_isomer(x).all()
+    # rotate the NME cap about C-NT by 180 degrees: a cis amide, flagged
+    pos = _np.array(s.positions, dtype=_np.float64)
+    axis = pos[idx["NT"]] - pos[idx["C"]]
+    axis /= _np.linalg.norm(axis)
+    k = _np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = _np.eye(3) + _m.sin(_m.pi) * k + (1 - _m.cos(_m.pi)) * k @ k
+    cis = pos.copy()
+    for name in ("CAT", "HT1", "HT2", "HT3"):
+        cis[idx[name]] = pos[idx["NT"]] + (pos[idx[name]] - pos[idx["NT"]]) @ rot.T
+    assert list(gen.same_isomer(_np.stack([pos, cis]))) == [True, False]

@@ -23,7 +23,7 @@ def test_recipes_load_and_differ_in_their_data():
     energy, data = pipeline.recipe_config("energy"), pipeline.recipe_config("data")
     assert energy.data.source == "tempering" and data.data.source == "reference" and data.data.md_frames > 0
     for cfg in (energy, data):
-        assert cfg.generator.pipeline == "internal-all" and cfg.generator.fixed_torsions == "improper"
+        assert cfg.generator.pipeline == "internal-all" and cfg.generator.fixed_torsions == "isomer"
         assert not cfg.generator.whiten and cfg.training.pretrain.steps > 0
     over = pipeline.recipe_config("energy", {"training.pretrain.steps": 7})
     assert over.training.pretrain.steps == 7 and over.tempering == energy.tempering

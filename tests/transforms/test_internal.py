@@ -218,3 +218,19 @@ def test_whitening_decorrelates_and_keeps_the_exact_logdet():
     jac = torch.autograd.functional.jacobian(lambda v: ic(v[6:][None], rigid=v[:6][None])[0].reshape(-1), full)
     _, logabs = torch.linalg.slogdet(jac)
     assert abs(logabs.item() - (ld_fwd[0] + torch.log(torch.sin(rigid[0, 3]))).item()) < 1e-8
+
+
+def test_amide_torsions_are_the_peptide_bonds():
+    from boltzflow.transforms.internal import amide_torsions
+    from boltzflow.transforms.zmatrix import all_atom_zmatrix
+
+    top, pos, heavy, hyd, par = _topology_positions("alanine-dipeptide")
+    adj = bond_graph(top)
+    zm = all_atom_zmatrix(adj, heavy, hyd, par)
+    names = [a.name for a in top.atoms()]
+    elements = [a.element.symbol for a in top.atoms()]
+    found = amide_torsions(zm, adj, elements)
+    bonds = {frozenset((names[int(zm.rows[q + 3][1])], names[int(zm.rows[q + 3][2])])) for q in found}
+    # the ACE-ALA and ALA-NME peptide bonds (CHARMM names CY-N and C-NT), nothing else
+    assert {frozenset(("CY", "N")), frozenset(("C", "NT"))} <= bonds
+    assert all(b in ({"CY", "N"}, {"C", "NT"}) for b in map(set, bonds))

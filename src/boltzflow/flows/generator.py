@@ -31,13 +31,14 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..transforms.cartesian import alignment_penalty, prepare_cartesian
-from ..transforms.internal import InternalCoordinates, chiral_centers, improper_torsions, mirror_image_mask
+from ..transforms.internal import (InternalCoordinates, amide_torsions, chiral_centers, improper_torsions,
+                                  mirror_image_mask)
 from ..transforms.zmatrix import all_atom_zmatrix, bond_graph, build_zmatrix
 
 PIPELINES = ("hnet", "conditional", "internal-all")
 REPRESENTATIONS = ("cartesian", "internal")
 FLOW_KINDS = ("auto", "realnvp", "spline")
-FIXED_TORSIONS = ("none", "improper")
+FIXED_TORSIONS = ("none", "improper", "isomer")
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,13 @@ class GeneratorConfig:
     affine couplings; spline: blocks x 2 RQ-spline couplings). lambda_align: alignment penalty weight
     (Cartesian), max_rotation: cap of its Kabsch rotation (rad). hnet_hidden / hnet_depth: hydrogen
     net MLP. h_blocks / h_hidden / h_depth / h_bins: conditional hydrogen spline flow.
-    fixed_torsions: "none" (every Z-matrix torsion is a periodic coordinate) or "improper" (torsions
+    fixed_torsions: "none" (every Z-matrix torsion is a periodic coordinate), "improper" (torsions
     fixed by a centre's geometry, e.g. chirality at CA or a methyl hydrogen next to its sibling, are
     standardised deviations from their mean: the flow cannot flip a chiral centre or permute
     hydrogens and models a narrow peak instead of a circle; see
-    :func:`~boltzflow.transforms.internal.improper_torsions`). whiten: decorrelate the non-periodic
+    :func:`~boltzflow.transforms.internal.improper_torsions`) or "isomer" (also the amide C-N torsions,
+    :func:`~boltzflow.transforms.internal.amide_torsions`: the generator keeps the input structure's
+    cis/trans peptide bonds; see :meth:`MolecularGenerator.same_isomer`). whiten: decorrelate the non-periodic
     internal coordinates (bonds, angles, fixed torsions) with the Cholesky factor of their correlation
     on the fitting data, so the flow starts from the data's Gaussian approximation. seed: masks.
     """
@@ -160,7 +163,31 @@ class MolecularGenerator(nn.Module):
         self.to(torch.get_default_dtype())  # float buffers follow the parameters (one dtype per checkpoint)
 
     def _fixed(self, zmatrix, adjacency) -> list[int]:
-        return improper_torsions(zmatrix, adjacency) if self.config.fixed_torsions == "improper" else []
+        mode = self.config.fixed_torsions
+        if mode == "none":
+            return []
+        fixed = set(improper_torsions(zmatrix, adjacency))
+        if mode == "isomer":
+            elements = [a.element.symbol if a.element is not None else "" for a in self.system.topology.atoms()]
+            fixed |= set(amide_torsions(zmatrix, adjacency, elements))
+        return sorted(fixed)
+
+    def same_isomer(self, x) -> np.ndarray:
+        """(n,) bool: frames of x (n, n_atoms, 3) nm whose fixed torsions (``fixed_torsions``) lie within
+        90 degrees of the input structure's, i.e. the isomer the generator models (same handedness at
+        every chiral centre, same cis/trans amides with "isomer"). Data outside it would be outliers
+        to maximum likelihood; the generator's weights target p restricted to this isomer."""
+        ic = self.all_ic if self.config.pipeline == "internal-all" else getattr(self, "heavy_ic", None)
+        x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not isinstance(x, torch.Tensor) else x).double()
+        if ic is None or ic.fixed_idx is None or x.shape[0] == 0:
+            return np.ones(x.shape[0], dtype=bool)
+        atoms = torch.as_tensor(ic.atoms)
+        ref = torch.as_tensor(np.array(self.system.positions, dtype=np.float64))[atoms][None]
+        idx = ic.fixed_idx.cpu()
+        t = ic._measure(x[:, atoms])[2][:, idx]
+        t0 = ic._measure(ref)[2][:, idx]
+        dev = torch.remainder(t - t0 + math.pi, 2 * math.pi) - math.pi
+        return (dev.abs() < math.pi / 2).all(1).numpy()
 
     # ---- data ------------------------------------------------------------------------------------
     def _as_x(self, x, cast: bool = True) -> torch.Tensor:

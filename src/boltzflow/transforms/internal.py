@@ -392,6 +392,26 @@ def improper_torsions(zmatrix: ZMatrix, adjacency: dict[int, list[int]]) -> list
     return out
 
 
+def amide_torsions(zmatrix: ZMatrix, adjacency: dict[int, list[int]], elements) -> list[int]:
+    """Indices into the torsion block of a full Z-matrix of the torsions about amide C-N bonds (peptide
+    omega and the caps': the carbonyl carbon bonded to a one-neighbour oxygen, the nitrogen to three
+    atoms). Their cis/trans isomers are separated by ~20 kcal/mol: a generator that keeps them as
+    standardised coordinates samples the input structure's isomer only. ``elements``: per-atom symbols."""
+    el = [str(e) for e in elements]
+
+    def carbonyl_c(a: int) -> bool:
+        return el[a] == "C" and any(el[b] == "O" and len(adjacency[b]) == 1 for b in adjacency[a])
+
+    out = []
+    for q, (i, j, k, l) in enumerate(np.asarray(zmatrix.rows)[3:]):
+        j, k = int(j), int(k)
+        for c, n in ((j, k), (k, j)):
+            if el[n] == "N" and len(adjacency[n]) == 3 and carbonyl_c(c):
+                out.append(q)
+                break
+    return out
+
+
 # ---- chirality / mirror images ----------------------------------------------------------------
 def chiral_centers(adjacency: dict[int, list[int]], heavy) -> np.ndarray:
     """(c, 4) int64 rows (centre, n1, n2, n3): heavy atoms with 4 bonded neighbours of which >= 3 are
