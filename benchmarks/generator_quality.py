@@ -46,21 +46,6 @@ QUICK = {
 }
 
 
-def parse_set(items):
-    import tomllib
-
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = tomllib.loads(f"v = {v}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[k.strip()] = v
-    return out
-
-
 def curve_of(run_dir: Path, data_evals: int, data_wall: float) -> list[dict]:
     """ESS of the logged evaluation batches against cumulative cost (data generation included)."""
     rows = []
@@ -166,6 +151,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", action="store_true", help="print the JSON only")
     args = ap.parse_args(argv)
 
+    from boltzflow.cli.train import parse_set
     from boltzflow.systems.builtin import builtin_system
 
     system = builtin_system(args.system)

@@ -154,14 +154,19 @@ def test_bad_input_raises():
         build_zmatrix(bond_graph(top), heavy[:2])
 
 
-def test_improper_torsions_are_the_substituent_torsions():
+def _adp_all_atom():
+    """(topology, positions, heavy, adjacency, all-atom Z-matrix, improper torsions) of alanine dipeptide."""
     from boltzflow.transforms.internal import improper_torsions
     from boltzflow.transforms.zmatrix import all_atom_zmatrix
 
     top, pos, heavy, hyd, par = _topology_positions("alanine-dipeptide")
     adj = bond_graph(top)
     zm = all_atom_zmatrix(adj, heavy, hyd, par)
-    fixed = improper_torsions(zm, adj)
+    return top, pos, heavy, adj, zm, improper_torsions(zm, adj)
+
+
+def test_improper_torsions_are_the_substituent_torsions():
+    top, pos, heavy, adj, zm, fixed = _adp_all_atom()
     # 19 torsions: phi, psi, two peptide omegas and three methyl rotors stay periodic; the 12 others place
     # a second substituent of an atom (chirality at CA, carbonyl O, amide H, methyl siblings)
     assert len(zm.rows) - 3 == 19 and len(fixed) == 12
@@ -171,13 +176,7 @@ def test_improper_torsions_are_the_substituent_torsions():
 
 
 def test_fixed_torsions_round_trip_logdet_and_no_mirror_images():
-    from boltzflow.transforms.internal import improper_torsions
-    from boltzflow.transforms.zmatrix import all_atom_zmatrix
-
-    top, pos, heavy, hyd, par = _topology_positions("alanine-dipeptide")
-    adj = bond_graph(top)
-    zm = all_atom_zmatrix(adj, heavy, hyd, par)
-    fixed = improper_torsions(zm, adj)
+    top, pos, heavy, adj, zm, fixed = _adp_all_atom()
     ic = InternalCoordinates(zm, pos, atoms=np.arange(len(pos)), fixed_torsions=fixed)
     x = _conformations(pos, 32, seed=3, noise=0.01)
     ic.fit(x)
@@ -200,13 +199,8 @@ def test_fixed_torsions_round_trip_logdet_and_no_mirror_images():
 
 
 def test_whitening_decorrelates_and_keeps_the_exact_logdet():
-    from boltzflow.transforms.internal import improper_torsions
-    from boltzflow.transforms.zmatrix import all_atom_zmatrix
-
-    top, pos, heavy, hyd, par = _topology_positions("alanine-dipeptide")
-    adj = bond_graph(top)
-    zm = all_atom_zmatrix(adj, heavy, hyd, par)
-    ic = InternalCoordinates(zm, pos, atoms=np.arange(len(pos)), fixed_torsions=improper_torsions(zm, adj), whiten=True)
+    top, pos, heavy, adj, zm, fixed = _adp_all_atom()
+    ic = InternalCoordinates(zm, pos, atoms=np.arange(len(pos)), fixed_torsions=fixed, whiten=True)
     x = _conformations(pos, 400, seed=4, noise=0.01)
     ic.fit(x)
     z, ld_inv, rigid = ic.to_internal(x)
@@ -222,11 +216,8 @@ def test_whitening_decorrelates_and_keeps_the_exact_logdet():
 
 def test_amide_torsions_are_the_peptide_bonds():
     from boltzflow.transforms.internal import amide_torsions
-    from boltzflow.transforms.zmatrix import all_atom_zmatrix
 
-    top, pos, heavy, hyd, par = _topology_positions("alanine-dipeptide")
-    adj = bond_graph(top)
-    zm = all_atom_zmatrix(adj, heavy, hyd, par)
+    top, pos, heavy, adj, zm, _ = _adp_all_atom()
     names = [a.name for a in top.atoms()]
     elements = [a.element.symbol for a in top.atoms()]
     found = amide_torsions(zm, adj, elements)
