@@ -136,7 +136,11 @@ def test_builtin_peptides_have_the_atom_order_of_prepare_sequence(tmp_path, name
 def test_zwitterionic_one_letter_sequences():
     ms = from_sequence("AAAA", minimize=False)
     names = [a.name for a in ms.topology.atoms()]
-    assert ms.n_atoms == 43 and "OXT" in names and sum(n in ("H1", "H2", "H3") for n in names) == 3
+    assert ms.n_atoms == 43 and "OXT" in names
+    n_term = next(a for a in ms.topology.atoms() if a.name == "N")
+    n_h = sum(1 for b in ms.topology.bonds() if n_term in b and b[0].element.symbol + b[1].element.symbol == "NH"
+              or n_term in b and b[0].element.symbol + b[1].element.symbol == "HN")
+    assert n_h == 3  # NH3+
     charge = sum(f.getParticleParameters(i)[0]._value for f in ms.system.getForces()
                  if type(f).__name__ == "NonbondedForce" for i in range(f.getNumParticles()))
     assert abs(charge) < 1e-6
@@ -160,42 +164,52 @@ def test_backbone_state_boundaries():
     assert [BACKBONE_STATES[i] for i in backbone_states(phi, psi)] == want
 
 
-@pytest.mark.parametrize("backbone, whole, state", [
-    ((-60.0, -45.0), "helix", "alpha_R"), ((-150.0, 150.0), "extended", "beta_PPII"),
-    ((-75.0, 145.0), "extended", "beta_PPII"), ((60.0, 40.0), "any_alpha_L", "alpha_L"),
+@pytest.mark.parametrize("backbone, state", [
+    ((-60.0, -45.0), "alpha_R"), ((-150.0, 150.0), "beta_PPII"), ((-75.0, 145.0), "beta_PPII"), ((60.0, 40.0), "alpha_L"),
 ])
-def test_modes_of_built_structures(backbone, whole, state):
+def test_modes_of_built_structures(backbone, state):
+    # PeptideBuilder sets every torsion between two amino acids; the caps' (phi of the first residue, psi
+    # of the last) come from pdbfixer's placement. In the tetrapeptide res1 (ALA3) has both set.
     ms = from_sequence(TETRA, backbone=backbone, minimize=False)
     m = ms.modes
     phi, psi = m.torsions_deg(ms.positions)
-    np.testing.assert_allclose(phi, backbone[0], atol=1.0)
-    np.testing.assert_allclose(psi, backbone[1], atol=1.0)
-    assert m.names[m.assign(ms.positions)[0]] == whole
-    assert all(BACKBONE_STATES[s] == state for s in m.residue_states(ms.positions)[0])
-    # per-residue regions through the population grammar
-    for i in range(3):
-        assert parse_region(f"mode=res{i}_{state}", topology=ms.topology, modes=m)(ms.positions[None])[0]
-        other = next(s for s in BACKBONE_STATES if s != state)
-        assert not parse_region(f"mode=res{i}_{other}", topology=ms.topology, modes=m)(ms.positions[None])[0]
-        # the same residue is phi<i>/psi<i> of the grammar
-        assert parse_region(f"phi{i}<{backbone[0] + 2} & phi{i}>{backbone[0] - 2}", topology=ms.topology)(
-            ms.positions[None])[0]
-    assert parse_region(f"mode={whole}", modes=m)(ms.positions[None])[0]
+    np.testing.assert_allclose(phi[0, 1:], backbone[0], atol=1.0)
+    np.testing.assert_allclose(psi[0, :2], backbone[1], atol=1.0)
+    assert BACKBONE_STATES[m.residue_states(ms.positions)[0, 1]] == state
+    x = ms.positions[None]
+    assert parse_region(f"mode=res1_{state}", topology=ms.topology, modes=m)(x)[0]
+    for other in BACKBONE_STATES:
+        if other != state:
+            assert not parse_region(f"mode=res1_{other}", topology=ms.topology, modes=m)(x)[0]
+    # the same residue is phi1/psi1 of the grammar
+    assert parse_region(f"phi1<{backbone[0] + 2} & phi1>{backbone[0] - 2} & psi1>{backbone[1] - 2}",
+                        topology=ms.topology)(x)[0]
+    if state == "alpha_L":
+        assert m.names[m.assign(x)[0]] == "any_alpha_L" and parse_region("mode=any_alpha_L", modes=m)(x)[0]
 
 
-def test_mixed_state_and_roundtrip(tetra):
+def test_whole_molecule_states_from_residue_states(tetra):
     m = tetra.modes
-    x = np.stack([tetra.positions] * 3)
-    helix = from_sequence(TETRA, backbone=(-60.0, -45.0), minimize=False).positions
-    # the same atoms with the first residue's torsions moved: build mixed configurations by hand
-    lab = m.assign(np.stack([helix, tetra.positions]))
-    assert [m.names[i] for i in lab] == ["helix", "extended"]
-    assert m.fractions(x) == {"helix": 0.0, "extended": 1.0, "mixed": 0.0, "any_alpha_L": 0.0}
+    assert [m.names[i] for i in m.assign(tetra.positions[None])] == ["extended"]  # the shipped build
+    table = np.array([[0, 0, 0], [1, 1, 1], [0, 1, 1], [1, 1, 0], [2, 1, 1], [0, 0, 2], [2, 2, 2]])
+    want = ["helix", "extended", "mixed", "mixed", "any_alpha_L", "any_alpha_L", "any_alpha_L"]
+    object.__setattr__(m, "residue_states", lambda x: table)  # on this instance only
+    try:
+        assert [m.names[i] for i in m.assign(np.zeros((7, 42, 3)))] == want
+        assert m.fractions(np.zeros((7, 42, 3)))["any_alpha_L"] == pytest.approx(3 / 7)
+        assert list(m.region("res2_alpha_L")(None)) == [False] * 5 + [True, True]
+    finally:
+        object.__delattr__(m, "residue_states")
+
+
+def test_modes_roundtrip_and_names(tetra):
+    m = tetra.modes
     assert modes_from_dict(json.loads(json.dumps(m.to_dict()))) == m
     with pytest.raises(InputError, match="res0_alpha_R"):
         parse_region("mode=res9_alpha_R", modes=m)
     ind = m.indicators()
     assert set(ind) == set(m.names) | set(m.region_names) and len(m.region_names) == 9
+    assert [r[1] for r in m.residues] == ["ALA2", "ALA3", "ALA4"]
 
 
 def test_prepared_pdb_peptide_gets_modes(tmp_path):

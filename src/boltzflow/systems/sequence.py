@@ -140,7 +140,9 @@ def from_sequence(sequence: str, solvent: str = "vacuum", temperature: float = 3
 
     sequence: ``"ACE-ALA-ALA-ALA-NME"`` (three-letter, optional ACE/NME caps at the ends) or
     ``"GYDPETGTWG"`` (one-letter, zwitterionic ends). solvent: "vacuum" | "obc2". temperature: K.
-    name: defaults to the sequence. backbone: (phi, psi) degrees of the built structure.
+    name: defaults to the sequence. backbone: (phi, psi) degrees of the built structure (every torsion
+    between two amino acids; the caps' torsions, phi of the first and psi of the last residue, come
+    from pdbfixer's placement of ACE / NME).
     minimize: energy-minimise the built structure. The system carries automatic backbone modes
     (:func:`boltzflow.systems.modes.peptide_modes`). InputError for a bad sequence."""
     from .pdb import from_pdb
