@@ -165,6 +165,19 @@ def _adp_all_atom():
     return top, pos, heavy, adj, zm, improper_torsions(zm, adj)
 
 
+def _assert_round_trip_and_exact_logdet(ic, x):
+    """x -> z -> x round trip, inverse log-det = -forward log-det, and the forward log-det equal to the
+    3m x 3m Jacobian's (rigid dofs included, with their sphere measure). Returns z."""
+    z, ld_inv, rigid = ic.to_internal(x)
+    xr, ld_fwd = ic(z, rigid=rigid)
+    assert torch.allclose(xr, x, atol=1e-9) and torch.allclose(ld_inv, -ld_fwd, atol=1e-9)
+    full = torch.cat([rigid[0], z[0]])
+    jac = torch.autograd.functional.jacobian(lambda v: ic(v[6:][None], rigid=v[:6][None])[0].reshape(-1), full)
+    _, logabs = torch.linalg.slogdet(jac)
+    assert abs(logabs.item() - (ld_fwd[0] + torch.log(torch.sin(rigid[0, 3]))).item()) < 1e-8
+    return z
+
+
 def test_improper_torsions_are_the_substituent_torsions():
     top, pos, heavy, adj, zm, fixed = _adp_all_atom()
     # 19 torsions: phi, psi, two peptide omegas and three methyl rotors stay periodic; the 12 others place
@@ -182,15 +195,8 @@ def test_fixed_torsions_round_trip_logdet_and_no_mirror_images():
     ic.fit(x)
     assert len(ic.circular) == 7 and len(ic.fixed) == 12 and not set(ic.circular) & set(ic.fixed)
     assert torch.all(ic.fixed_std < 0.5)
-    z, ld_inv, rigid = ic.to_internal(x)
+    z = _assert_round_trip_and_exact_logdet(ic, x)
     assert z[:, ic.fixed].abs().max() < 6  # standardised deviations, not angles
-    xr, ld_fwd = ic(z, rigid=rigid)
-    assert torch.allclose(xr, x, atol=1e-9) and torch.allclose(ld_inv, -ld_fwd, atol=1e-9)
-    # exact log-det: 3m x 3m Jacobian including the rigid dofs
-    full = torch.cat([rigid[0], z[0]])
-    jac = torch.autograd.functional.jacobian(lambda v: ic(v[6:][None], rigid=v[:6][None])[0].reshape(-1), full)
-    _, logabs = torch.linalg.slogdet(jac)
-    assert abs(logabs.item() - (ld_fwd[0] + torch.log(torch.sin(rigid[0, 3]))).item()) < 1e-8
     # standard-normal fixed coordinates never flip the chiral centre
     zs = z[:1].repeat(2000, 1)
     zs[:, ic.fixed] = torch.randn(2000, len(ic.fixed), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -203,15 +209,10 @@ def test_whitening_decorrelates_and_keeps_the_exact_logdet():
     ic = InternalCoordinates(zm, pos, atoms=np.arange(len(pos)), fixed_torsions=fixed, whiten=True)
     x = _conformations(pos, 400, seed=4, noise=0.01)
     ic.fit(x)
-    z, ld_inv, rigid = ic.to_internal(x)
+    z = ic.to_internal(x)[0]
     c = torch.cov(z[:, ic.white_idx].T)
     assert torch.allclose(c, torch.eye(len(c), dtype=c.dtype), atol=1e-4)  # whitened on the fitting data (+1e-6 I)
-    xr, ld_fwd = ic(z, rigid=rigid)
-    assert torch.allclose(xr, x, atol=1e-9) and torch.allclose(ld_inv, -ld_fwd, atol=1e-9)
-    full = torch.cat([rigid[0], z[0]])
-    jac = torch.autograd.functional.jacobian(lambda v: ic(v[6:][None], rigid=v[:6][None])[0].reshape(-1), full)
-    _, logabs = torch.linalg.slogdet(jac)
-    assert abs(logabs.item() - (ld_fwd[0] + torch.log(torch.sin(rigid[0, 3]))).item()) < 1e-8
+    _assert_round_trip_and_exact_logdet(ic, x)
 
 
 def test_amide_torsions_are_the_peptide_bonds():
