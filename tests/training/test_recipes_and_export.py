@@ -53,3 +53,18 @@ def test_energy_recipe_trains_from_the_structure_and_export_samples_anywhere(tmp
     assert main(["sample", str(moved), "-n", "300"]) == 0
     s = SampleSet.load(moved / "samples" / "generated.npz")
     assert len(s) == 300 and np.isfinite(s.log_weights).all()
+
+
+def test_cli_train_recipe_energy_uses_tempering(tmp_path):
+    import json
+
+    from boltzflow.cli import main
+
+    sets = [f"{k}={v}" for k, v in QUICK.items()]
+    argv = ["train", "alanine-dipeptide", "--recipe", "energy", "-o", str(tmp_path / "r"), "--no-progress"]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["pipeline"] == "internal-all" and summary["data_tempering"]["energy_evals"] > 0
+    assert summary["training_steps"] == QUICK["training.pretrain.steps"]  # the recipe has no fine-tuning

@@ -96,7 +96,7 @@ def run(args) -> int:
 
         check_output_dir(args.output, "training run", args.overwrite)
         system = load_system(args.system)
-        config = pipeline.load_run_config(args.config, overrides_from_args(args))
+        config = pipeline.load_run_config(args.config, overrides_from_args(args), recipe=args.recipe)
         with undone_on_input_error(args.output, keep_if=("checkpoints/latest.pt",)):
             summary = pipeline.train(system, config, args.output, progress=False if args.no_progress else None)
     if args.json:
