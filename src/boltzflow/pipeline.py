@@ -378,7 +378,6 @@ def _tempering_data(system, config: RunConfig, rd):
     """Training frames from the energy alone (``data.source = "tempering"``): batched parallel tempering
     from the system's input structure (:mod:`boltzflow.training.tempering`), cached in the run directory
     (``data/tempering.npz``) so a resumed run trains on the same frames. Returns (SampleSet, path, info)."""
-    import json
     from dataclasses import replace
 
     import torch
@@ -389,7 +388,7 @@ def _tempering_data(system, config: RunConfig, rd):
     path = rd.path / "data" / "tempering.npz"
     if path.is_file():
         data = SampleSet.load(path)
-        return data, path, json.loads(json.dumps(data.provenance.get("tempering", {})))
+        return data, path, dict(data.provenance.get("tempering", {}))
     device = resolve_device(config.device)
     energy = make_energy(system, replace(config.energy, term_grad_max=0.0, energy_max=0.0), device=device)
     x0 = torch.as_tensor(np.array(system.positions, dtype=np.float64), device=device)

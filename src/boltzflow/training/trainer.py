@@ -439,8 +439,6 @@ class Trainer:
 
     def _guard_check(self) -> None:
         """Kish ESS of ``ess_guard`` fresh samples; keep a copy of the state when it is the best so far."""
-        import copy
-
         from ..losses.base import kish_ess, sample_stats
 
         g = torch.Generator(device=self.device).manual_seed(int(self.config.seed) * 7_919 + self.step)
@@ -459,7 +457,7 @@ class Trainer:
         guard["history"].append({"step": self.step, "ess": ess})
         if ess > guard["best_ess"]:
             guard.update(best_ess=ess, best_step=self.step,
-                         best_state={k: v.detach().cpu().clone() for k, v in copy.copy(self.gen.state_dict()).items()})
+                         best_state={k: v.detach().cpu().clone() for k, v in self.gen.state_dict().items()})
         self._guard = guard
         if self.run_dir is not None:
             self.run_dir.log(f"ESS guard at step {self.step}: Kish ESS {ess:.4f} of {n} samples "
