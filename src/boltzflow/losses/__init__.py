@@ -13,13 +13,14 @@ which are dropped from the loss and counted in ``metrics["n_invalid"]``).
 from __future__ import annotations
 
 from .base import LossOutput, kish_ess
-from .core import alpha2_resampled, klx, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask
+from .core import alpha2_resampled, klx, klx_path, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask
 from .fab import fab
 
 #: name -> loss function. "klz" needs data; all others are data-free.
 LOSSES = {
     "klz": klz,
     "klx": klx,
+    "klx_path": klx_path,
     "klz_df": klz_df,
     "l2plus": l2plus,
     "l2plus_nomask": l2plus_nomask,
@@ -40,5 +41,5 @@ def get_loss(name: str):
     return LOSSES[name]
 
 
-__all__ = ["LOSSES", "DATA_FREE", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klz_df", "l2plus",
+__all__ = ["LOSSES", "DATA_FREE", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "l2plus",
            "l2plus_nomask", "l2plus_nodetach", "fab"]
