@@ -617,18 +617,18 @@ def demo_config(quick: bool = False) -> RunConfig:
     """The demo's configuration: alanine dipeptide, the ``data`` recipe (:mod:`boltzflow.recipes`)
     sized for <= 20 minutes on 2 CPU cores: one spline flow over all-atom internal coordinates
     (improper torsions standardised, no whitening; 4 blocks x 128), maximum likelihood on the
-    shipped reference frames grown by Langevin dynamics (``data.md_frames = 20``), 5 000 steps of batch
-    512, then 100 000 samples.
-
-    No energy-based fine-tuning: from a maximum-likelihood generator at Kish ESS 0.47 (20 000 samples),
-    200 reverse-KL steps (batch 1 024, lr 1e-4) dropped it to 0.11 and 200 alpha = 2 resampling steps
-    left it at 0.45 (docs/pipelines.md, "Recipes"). ``training.finetune.steps`` switches a stage on.
-    ``quick`` is a toy-size version (seconds) for smoke tests."""
+    shipped reference frames grown by Langevin dynamics (``data.md_frames = 20``), 4 000 steps of batch
+    512, then 1 000 steps of reverse KL with the path gradient (``klx_path``, batch 1 024, lr 1e-4)
+    under the ESS guard (the stage ends at the checkpoint of highest Kish ESS on 20 000 samples, the
+    maximum-likelihood one included), then 100 000 samples. ``quick`` is a toy-size version
+    (seconds) for smoke tests."""
     from dataclasses import replace
 
     cfg = recipe_config("data")
     tr = cfg.training
-    tr = replace(tr, pretrain=replace(tr.pretrain, steps=5000, batch=512), log_every=100, checkpoint_every=250)
+    tr = replace(tr, pretrain=replace(tr.pretrain, steps=4000, batch=512),
+                 finetune=replace(tr.finetune, loss="klx_path", steps=1000, batch=1024, lr=1e-4),
+                 log_every=100, checkpoint_every=250)
     gen = replace(cfg.generator, blocks=4, hidden=128)
     cfg = replace(cfg, training=tr, generator=gen, sampling=SampleConfig(n=100_000, batch_size=5000))
     if quick:
