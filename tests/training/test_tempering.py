@@ -37,6 +37,21 @@ def test_tempering_crosses_barrier_and_samples_boltzmann():
     assert res.positions[:, 1].astype(np.float64).var() == pytest.approx(0.05 ** 2, rel=0.1)
 
 
+def test_keep_replicas_adds_the_next_temperature_frames():
+    """keep_replicas = 2: every ladder also gives frames of its second temperature, ladder-major; the
+    harmonic atom's variance there is T1 / T0 times the system temperature's."""
+    x0 = torch.zeros(2, 3, dtype=torch.float64)
+    cfg = TemperingConfig(ladders=32, replicas=3, t_max=600.0, steps_per_swap=20, burnin_rounds=100, frames=40,
+                          timestep_fs=2.0, friction_per_ps=10.0, minimize_steps=0, seed=2, keep_replicas=2)
+    res = parallel_tempering(_double_well, x0, np.array([12.0, 12.0]), KT, 300.0, cfg, dtype=torch.float64)
+    assert res.positions.shape == (32 * 2 * 40, 2, 3)
+    pos = res.positions.reshape(32, 2, 40, 2, 3).astype(np.float64)  # ladder, kept replica, frame, atom, xyz
+    ratio = pos[:, 1, :, 1].var() / pos[:, 0, :, 1].var()
+    assert ratio == pytest.approx(res.temperatures[1] / 300.0, rel=0.15), ratio
+    with pytest.raises(ConfigError, match="keep_replicas"):
+        TemperingConfig(replicas=3, keep_replicas=4)
+
+
 def test_tempering_bad_input():
     with pytest.raises(ConfigError):
         TemperingConfig(ladders=0)

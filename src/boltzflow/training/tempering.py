@@ -36,7 +36,9 @@ class TemperingConfig:
     geometric from the system temperature to t_max (K); steps_per_swap: Langevin steps between swap
     attempts; burnin_rounds: swap rounds discarded before the first kept frame; frames: frames kept per
     ladder at the system temperature, one every stride_rounds rounds; timestep_fs (fs) and
-    friction_per_ps (1/ps) of the BAOAB integrator; minimize_steps: L-BFGS iterations on the start
+    friction_per_ps (1/ps) of the BAOAB integrator; keep_replicas: frames are kept from this many of the
+    coldest temperatures of each ladder (1: the system temperature only; 2 adds the next one, broader
+    training data that covers minor states and tails better, see docs/pipelines.md); minimize_steps: L-BFGS iterations on the start
     structure(s) first (a PDB straight from a builder or the PDB bank can hold strained contacts that
     would blow up the first Langevin steps; 0 = off); seed: velocities, noise and swaps."""
 
@@ -49,6 +51,7 @@ class TemperingConfig:
     stride_rounds: int = 1
     timestep_fs: float = 1.0
     friction_per_ps: float = 5.0
+    keep_replicas: int = 1
     minimize_steps: int = 200
     seed: int = 0
 
@@ -56,6 +59,9 @@ class TemperingConfig:
         if min(self.ladders, self.replicas, self.steps_per_swap, self.frames, self.stride_rounds) < 1 or self.burnin_rounds < 0:
             raise ConfigError("tempering needs ladders, replicas, steps_per_swap, frames, stride_rounds >= 1 and "
                               "burnin_rounds >= 0")
+        if not 1 <= self.keep_replicas <= self.replicas:
+            raise ConfigError(f"tempering.keep_replicas must be between 1 and replicas ({self.replicas}), "
+                              f"got {self.keep_replicas}")
         if not (self.timestep_fs > 0 and self.friction_per_ps >= 0 and math.isfinite(self.t_max)):
             raise ConfigError("tempering needs timestep_fs > 0, friction_per_ps >= 0 and a finite t_max")
 
@@ -75,7 +81,9 @@ class TemperingConfig:
 
 @dataclass
 class TemperingResult:
-    """positions: (ladders * frames, n_atoms, 3) nm at the system temperature, ladder-major;
+    """positions: (ladders * keep_replicas * frames, n_atoms, 3) nm, ordered (ladder, kept
+    temperature, frame): per ladder the system temperature's frames, then the next temperatures' with
+    ``keep_replicas > 1``;
     reduced_energy: (n,) kT; temperatures: (replicas,) K; swap_acceptance: (replicas - 1,) per
     neighbouring pair; reset_chains: chains put back to the start after non-finite energies;
     energy_evals: energy + gradient evaluations; wall_s."""
@@ -160,7 +168,7 @@ def parallel_tempering(energy: Callable[[torch.Tensor], torch.Tensor], x0, masse
         if R > 1:
             x, v, u, f = _swap(x, v, u, f, rnd % 2, L, R, beta, ratio, g, accepted, attempted)
         if rnd >= cfg.burnin_rounds and (rnd - cfg.burnin_rounds + 1) % cfg.stride_rounds == 0:
-            cold = torch.arange(L) * R
+            cold = (torch.arange(L)[:, None] * R + torch.arange(cfg.keep_replicas)[None]).reshape(-1)
             frames.append(x[cold].clone())
             us.append(u[cold].double().clone())
         if progress is not None:
