@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..core.weights import ess_of_weights
 from ..errors import InputError
 from ..units import kt_kj_per_mol
 from .core import Estimate, _bootstrap_ci, _finite_lw, _rng, _vec, normalized_weights
@@ -52,7 +53,7 @@ def population(indicator, lw=None, name: str = "population", n_bootstrap: int = 
         se = float(np.sqrt(max(p * (1 - p), 0.0) / (a.size - 1)))
     lo, hi = _bootstrap_ci(lambda i: float(np.sum(w[i] * a[i]) / np.sum(w[i])) if w[i].sum() > 0 else np.nan,
                            a.size, n_bootstrap, level, seed)
-    return Estimate(name, p, se, float(1.0 / np.sum(w * w)), lo, hi, int(a.size), unit="probability",
+    return Estimate(name, p, se, ess_of_weights(w), lo, hi, int(a.size), unit="probability",
                     method="snis" if lw is not None else "binomial")
 
 
@@ -96,7 +97,7 @@ def conformational_free_energy(in_a, in_b, lw=None, name: str = "dF", temperatur
     if temperature_k is not None:
         kt = kt_kj_per_mol(temperature_k)
         extra.update(value_kj_mol=value * kt, stderr_kj_mol=se * kt)
-    ess = float(1.0 / np.sum(w * w))
+    ess = ess_of_weights(w)
     return Estimate(name, value, se, ess, lo, hi, int(a.size), unit="kT", method="ratio+delta", extra=extra)
 
 
@@ -145,7 +146,7 @@ def free_energy_surface(x, y, lw=None, bins: int = 64, range_deg: tuple[float, f
         f = -np.log(p)
     if np.any(np.isfinite(f)):
         f = f - np.min(f[np.isfinite(f)])
-    return FreeEnergySurface(ex, ey, f, p, float(1.0 / np.sum(w * w)), int(xv.size))
+    return FreeEnergySurface(ex, ey, f, p, ess_of_weights(w), int(xv.size))
 
 
 def ramachandran_surface(positions, topology, lw=None, bins: int = 64) -> FreeEnergySurface:
@@ -246,5 +247,5 @@ def _resample(values: np.ndarray, lw, rng: np.random.Generator) -> np.ndarray:
     w = normalized_weights(_finite_lw(lw))
     if w.size != values.size:
         raise InputError(f"{values.size} work values but {w.size} log weights")
-    m = max(2, int(round(1.0 / np.sum(w * w))))
+    m = max(2, int(round(ess_of_weights(w))))
     return values[rng.choice(values.size, size=m, replace=True, p=w)]

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..core.weights import ess_of_weights
 from ..errors import InputError
 from .exchange import CONFIG_NAME, COST_NAME, _quiet_openmmtools, storage_path
 
@@ -287,7 +288,7 @@ def mbar_analysis(storage: str | Path, observables: dict[str, Callable[[np.ndarr
                     reps.append(num[pick].sum() / d)
             reps = np.asarray(reps)
             se_boot = float(np.std(reps, ddof=1)) if reps.size > 1 else float("nan")
-            ess = float(w.sum() ** 2 / np.sum(w * w))
+            ess = ess_of_weights(w)
             lo, hi = (float(np.quantile(reps, 0.025)), float(np.quantile(reps, 0.975))) if reps.size else (np.nan, np.nan)
             obs_out[name] = _estimate(name, value, se_boot, ess, lo, hi, int(a.size),
                                       {"stderr_block": se_block, "stderr_mbar": naive, "n_blocks": int(ok.sum())})
