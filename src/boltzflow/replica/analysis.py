@@ -14,6 +14,8 @@ import numpy as np
 
 from ..core.weights import ess_of_weights
 from ..errors import InputError
+from ..estimators.analysis import N_BLOCKS
+from ..estimators.blocks import block_average
 from .exchange import CONFIG_NAME, COST_NAME, _quiet_openmmtools, storage_path
 
 
@@ -172,12 +174,11 @@ def extract_samples(storage: str | Path, state_index: int = 0, discard_equilibra
 
 
 def state_populations(storage: str | Path, indicators: dict[str, Callable[[np.ndarray], np.ndarray]],
-                      state_index: int = 0, n_blocks: int = 10, discard_equilibration: bool = True,
+                      state_index: int = 0, n_blocks: int = N_BLOCKS, discard_equilibration: bool = True,
                       seed: int = 0) -> dict:
     """Populations of regions at state ``state_index`` from that state's (correlated) series with block
-    errors: ``{name: Estimate}``; ``indicators[name](x: (T, n_atoms, 3)) -> (T,) bool``."""
-    from ..estimators.blocks import block_average
-
+    errors: ``{name: Estimate}``; ``indicators[name](x: (T, n_atoms, 3)) -> (T,) bool``. ``n_blocks``
+    defaults to :data:`boltzflow.estimators.analysis.N_BLOCKS` (fewer for series shorter than 2 per block)."""
     data = read_replica(storage)
     x, _ = data.state_series(state_index)
     t0, g = _equilibration(data, state_index, discard_equilibration)
