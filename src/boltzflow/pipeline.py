@@ -474,8 +474,6 @@ def _fit_report(gen, data, holdout, config: RunConfig, n: int = 2000) -> dict[st
 
 def load_trained(run_dir: str | Path, device: str | None = None):
     """(system, config, generator, energy) of a trained run directory."""
-    import torch
-
     from .flows.generator import load_generator
     from .systems import MolecularSystem
     from .training.rundir import RunDir

@@ -49,8 +49,8 @@ def test_train_killed_then_resumed_sample_estimate_report(tmp_path, capsys):
     run = tmp_path / "run"
     # a run stopped after 5 of 10 steps (as if killed), then resumed from the CLI
     from boltzflow import pipeline
-    from boltzflow.cli.train import overrides_from_args
     from boltzflow.cli import build_parser
+    from boltzflow.cli.train import overrides_from_args
     from boltzflow.systems.builtin import builtin_system
 
     args = build_parser().parse_args(["train", "alanine-dipeptide", "-o", str(run)] + TINY)

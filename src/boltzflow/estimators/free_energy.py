@@ -13,8 +13,11 @@ import numpy as np
 
 from ..core.weights import ess_of_weights
 from ..errors import InputError
+from ..systems.modes import dihedral
 from ..units import kt_kj_per_mol
+from .blocks import _quiet_pymbar
 from .core import Estimate, _bootstrap_ci, _finite_lw, _rng, _vec, normalized_weights
+from .regions import torsion_atoms
 
 Z95 = 1.959963984540054
 
@@ -152,9 +155,6 @@ def free_energy_surface(x, y, lw=None, bins: int = 64, range_deg: tuple[float, f
 def ramachandran_surface(positions, topology, lw=None, bins: int = 64) -> FreeEnergySurface:
     """Reweighted phi/psi free-energy surface (degrees, kT) of molecular samples ``positions: (n, n_atoms, 3)``
     nm; phi/psi are found from ``topology`` (first residue with both)."""
-    from ..systems.modes import dihedral
-    from .regions import torsion_atoms
-
     x = np.asarray(positions)
     phi = np.degrees(dihedral(x, torsion_atoms(topology, "phi")))
     psi = np.degrees(dihedral(x, torsion_atoms(topology, "psi")))
@@ -185,8 +185,6 @@ def exp_free_energy(delta_u, lw=None, name: str = "dF_exp", n_bootstrap: int = 5
         raise InputError("delta_u has non-finite entries (invalid energies); remove those samples first")
     n = du.size
     if lw is None:
-        from .blocks import _quiet_pymbar
-
         _quiet_pymbar()
         from pymbar import other_estimators
 
@@ -224,8 +222,6 @@ def bar_free_energy(w_f, w_r, lw_f=None, lw_r=None, name: str = "dF_bar",
 
     Weighted sample sets (generators, ``lw_f``/``lw_r`` log weights towards B resp. C) are first turned
     into Boltzmann samples by seeded multinomial resampling to their Kish ESS (rounded)."""
-    from .blocks import _quiet_pymbar
-
     _quiet_pymbar()
     from pymbar import other_estimators
 

@@ -15,7 +15,15 @@ import numpy as np
 from ..core.weights import ess_of_weights
 from ..errors import InputError
 from ..estimators.analysis import N_BLOCKS
-from ..estimators.blocks import block_average
+from ..estimators.blocks import (
+    _quiet_pymbar,
+    block_average,
+    detect_equilibration,
+    statistical_inefficiency,
+    subsample_indices,
+)
+from ..estimators.core import Estimate
+from ..sampling.sampleset import SampleSet
 from .exchange import CONFIG_NAME, COST_NAME, _quiet_openmmtools, storage_path
 
 
@@ -119,8 +127,6 @@ def _temperatures_from_storage(path: Path) -> np.ndarray:
 
 
 def _equilibration(data: ReplicaData, state_index: int, discard: bool) -> tuple[int, float]:
-    from ..estimators.blocks import detect_equilibration, statistical_inefficiency
-
     _, u = data.state_series(state_index)
     if discard:
         t0, g, _ = detect_equilibration(u)
@@ -137,9 +143,6 @@ def extract_samples(storage: str | Path, state_index: int = 0, discard_equilibra
     temperature; log_q / log_weights None (Boltzmann samples). Equilibration is detected on the state's
     reduced-energy series (pymbar) and discarded; with ``decorrelate`` every g-th frame is kept (g the
     statistical inefficiency). Provenance records t0, g, iterations and cost."""
-    from ..estimators.blocks import subsample_indices
-    from ..sampling.sampleset import SampleSet
-
     data = read_replica(storage)
     k = int(state_index)
     if not 0 <= k < data.energies.shape[2]:
@@ -222,8 +225,6 @@ def mbar_analysis(storage: str | Path, observables: dict[str, Callable[[np.ndarr
     per-block estimates (contiguous iteration blocks, global f_k), (iii) bootstrap over blocks
     (reported as stderr). (i) understates rare-state populations several-fold for correlated runs.
     """
-    from ..estimators.blocks import _quiet_pymbar, detect_equilibration, statistical_inefficiency
-
     _quiet_pymbar()
     from pymbar import MBAR
     from pymbar.utils import ParameterError
@@ -297,8 +298,6 @@ def mbar_analysis(storage: str | Path, observables: dict[str, Callable[[np.ndarr
 
 
 def _estimate(name, value, se, ess, lo, hi, n, extra):
-    from ..estimators.core import Estimate
-
     return Estimate(name, value, se, ess, lo, hi, n, unit="probability", method="mbar+bootstrap-over-blocks",
                     extra=extra)
 

@@ -145,7 +145,7 @@ def _quiet_openmmtools() -> None:
 
 def _make_sampler(config: ReplicaExchangeConfig):
     from openmm import unit
-    from openmmtools import cache, mcmc, multistate
+    from openmmtools import mcmc, multistate
 
     move = mcmc.LangevinDynamicsMove(
         timestep=config.timestep_fs * unit.femtosecond,

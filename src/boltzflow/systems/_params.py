@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+
 import numpy as np
 
 KCAL = 4.184

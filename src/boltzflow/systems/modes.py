@@ -8,13 +8,13 @@ backbone (phi, psi) automatically (:func:`peptide_modes`, used by the PDB and se
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..core.geometry import dihedral_of
+from .torsions import backbone_torsions
 
 
 def dihedral(x: np.ndarray, atoms: tuple[int, int, int, int]) -> np.ndarray:
@@ -218,8 +218,6 @@ class PeptideModes:
 
 def peptide_modes(topology) -> PeptideModes | None:
     """:class:`PeptideModes` of every residue of ``topology`` with both phi and psi (None if there is none)."""
-    from .torsions import backbone_torsions
-
     res = []
     for i, t in enumerate(backbone_torsions(topology)):
         if "phi" in t and "psi" in t:

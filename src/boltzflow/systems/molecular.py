@@ -122,9 +122,10 @@ class MolecularSystem:
     # ---- persistence ---------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write ``system.xml``, ``topology.pdb`` and ``metadata.json`` into ``directory``."""
+        import io
+
         import openmm
         import openmm.app as app
-        import io
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

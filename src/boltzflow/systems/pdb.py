@@ -359,7 +359,6 @@ def from_pdb(path: str | Path, solvent: str = "vacuum", temperature: float = 300
     force_field: OpenMM force-field files (default CHARMM36m ``charmm36_2024.xml``; butane's BUTA
     residue template is only in the older ``charmm36.xml``)."""
     import openmm
-    import openmm.app as app
 
     check_solvent_temperature(solvent, temperature)
     p = Path(path)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import _json_default, atomic_write_json, atomic_write_text
 
 
 class RunDir:
@@ -93,8 +93,6 @@ class RunDir:
             fh.write(f"[{stamp}] {message}\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        from ..io import _json_default
-
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row, default=_json_default) + "\n")
             fh.flush()
@@ -116,7 +114,6 @@ class RunDir:
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric rows with step > after_step (used when resuming from a checkpoint)."""
         rows = [r for r in self.read_metrics() if r.get("step", -1) <= after_step]
-        from ..io import _json_default
 
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
 from ..core.bijection import Bijection
 from ..core.geometry import dihedral
+from ..errors import InputError
 from .zmatrix import ZMatrix, _levels
 
 _EPS = 1e-12
