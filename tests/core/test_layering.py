@@ -19,8 +19,8 @@ SRC = Path(boltzflow.__file__).parent
 
 #: lowest first; a package may import only packages on lower layers
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "units"),
-    ("io", "config"),
+    ("errors",),
+    ("units", "io", "config"),
     ("core",),
     ("systems",),
     ("energy",),

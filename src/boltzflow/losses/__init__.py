@@ -30,8 +30,6 @@ LOSSES = {
     "alpha2": alpha2_resampled,
 }
 
-DATA_FREE = tuple(k for k in LOSSES if k != "klz")
-
 
 def get_loss(name: str):
     """The loss function registered as ``name``; InputError listing the valid names otherwise."""
@@ -40,5 +38,5 @@ def get_loss(name: str):
     return LOSSES[name]
 
 
-__all__ = ["LOSSES", "DATA_FREE", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "l2plus",
+__all__ = ["LOSSES", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "l2plus",
            "l2plus_nomask", "l2plus_nodetach", "fab"]

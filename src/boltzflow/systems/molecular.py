@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import atomic_write_json, atomic_write_text
-from ..units import kt_kj_per_mol
+from ..units import check_temperature, kt_kj_per_mol
 from .modes import modes_from_dict
 
 SOLVENTS = ("vacuum", "obc2")
@@ -56,6 +56,8 @@ class MolecularSystem:
     def __post_init__(self):
         if self.solvent not in SOLVENTS:
             raise InputError(f"solvent must be one of {SOLVENTS}, got {self.solvent!r}")
+        object.__setattr__(self, "temperature", check_temperature(self.temperature, "the system's temperature",
+                                                                   warn=False))
         n = self.system.getNumParticles()
         if self.topology.getNumAtoms() != n:
             raise InputError(f"topology has {self.topology.getNumAtoms()} atoms but the System has {n} particles")
