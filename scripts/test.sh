@@ -14,6 +14,6 @@ if [ "${1:-}" = "--slow" ]; then
 fi
 # Static checks first (configured in pyproject.toml; installed by setup.sh with the `test` extra):
 # lint (pyflakes, pycodestyle, import order, bugbear) and a lenient mypy.
-python -m ruff check src tests benchmarks examples scripts
+python -m ruff check src tests benchmarks examples scripts tools
 python -m mypy
 exec python -m pytest "$@"
