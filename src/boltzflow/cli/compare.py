@@ -48,6 +48,12 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
+#: compare.json format 2 spells costs as SampleSet provenance does (``energy_evals``, ``wall_s``,
+#: ``training_energy_evals``, ``training_wall_s``, ``*_to_target``); format 1 (no "format" key) spelled them
+#: ``energy_evaluations``, ``wall_time_s``, ...
+COMPARE_FORMAT = 2
+
+
 def compare(replica: str | Path, generated: SampleSet, system: MolecularSystem, target_stderr: float = 0.005,
             seed: int = 0, plot_dir: str | Path | None = None) -> dict[str, Any]:
     """The comparison as a dict (see module docstring); writes plots into ``plot_dir`` if given. The numbers
@@ -77,14 +83,14 @@ def compare(replica: str | Path, generated: SampleSet, system: MolecularSystem, 
                                     temperature_k=ref.temperature or system.temperature, seed=seed,
                                     reference_populations=ref_pops)
     r, g = res.reference, res.generator
-    out: dict[str, Any] = {"system": system.name, "temperature_k": res.temperature_k, "minor_mode": res.minor,
+    out: dict[str, Any] = {"format": COMPARE_FORMAT, "system": system.name, "temperature_k": res.temperature_k, "minor_mode": res.minor,
                            "target_stderr": target_stderr}
     out["replica_exchange"] = _side(r, {"statistical_inefficiency": (ref.provenance or {}).get("statistical_inefficiency"),
                                         "energy": r.energy})
     out["generator"] = _side(g, {"ess_fraction": float(g.summary.ess / len(gen)),
                                  "populations_unweighted": res.generator_unweighted,
-                                 "training_energy_evaluations": g.cost.training_energy_evals,
-                                 "training_wall_time_s": g.cost.training_wall_s,
+                                 "training_energy_evals": g.cost.training_energy_evals,
+                                 "training_wall_s": g.cost.training_wall_s,
                                  "energy": g.energy, "energy_unweighted": res.energy_unweighted})
     out[res.kl.name] = {"reweighted": res.kl.reweighted, "unweighted": res.kl.unweighted}
     if plot_dir is not None:
@@ -99,8 +105,8 @@ def _side(s: SamplerResult, extra: dict[str, Any]) -> dict[str, Any]:
     d = {"n": m.n, "ess": m.ess, "population_error": s.note,
          "populations": {k: v.to_dict() for k, v in m.populations.items()},
          "dF": m.dF.to_dict() if m.dF is not None else None, "dF_kj_mol": m.dF_kj_mol,
-         "energy_evaluations": s.cost.energy_evals, "wall_time_s": s.cost.wall_s,
-         "energy_evaluations_to_target": s.energy_evals_to_target, "wall_time_s_to_target": s.wall_s_to_target}
+         "energy_evals": s.cost.energy_evals, "wall_s": s.cost.wall_s,
+         "energy_evals_to_target": s.energy_evals_to_target, "wall_s_to_target": s.wall_s_to_target}
     d.update(extra)
     return d
 
@@ -180,16 +186,16 @@ def print_table(res: dict[str, Any]) -> None:
         rows.append((label, _fmt((r.get("energy") or {}).get(key)), _fmt((g.get("energy") or {}).get(key))))
     rows.append(("n samples", str(r["n"]), str(g["n"])))
     rows.append(("ESS", _fmt(r["ess"]), f"{_fmt(g['ess'])} ({100 * g['ess_fraction']:.1f}%)"))
-    rows.append(("energy evaluations", _fmt(r["energy_evaluations"]), _fmt(g["energy_evaluations"])
-                 + (f" (+{_fmt(g['training_energy_evaluations'])} training)"
-                    if g["training_energy_evaluations"] == g["training_energy_evaluations"] else "")))
-    rows.append(("wall time (s)", _fmt(r["wall_time_s"]), _fmt(g["wall_time_s"])
-                 + (f" (+{_fmt(g['training_wall_time_s'])} training)"
-                    if g["training_wall_time_s"] == g["training_wall_time_s"] else "")))
-    rows.append((f"evals to stderr {res['target_stderr']:g} on P({minor})", _fmt(r["energy_evaluations_to_target"]),
-                 _fmt(g["energy_evaluations_to_target"])))
-    rows.append((f"wall s to stderr {res['target_stderr']:g}", _fmt(r["wall_time_s_to_target"]),
-                 _fmt(g["wall_time_s_to_target"])))
+    rows.append(("energy evaluations", _fmt(r["energy_evals"]), _fmt(g["energy_evals"])
+                 + (f" (+{_fmt(g['training_energy_evals'])} training)"
+                    if g["training_energy_evals"] == g["training_energy_evals"] else "")))
+    rows.append(("wall time (s)", _fmt(r["wall_s"]), _fmt(g["wall_s"])
+                 + (f" (+{_fmt(g['training_wall_s'])} training)"
+                    if g["training_wall_s"] == g["training_wall_s"] else "")))
+    rows.append((f"evals to stderr {res['target_stderr']:g} on P({minor})", _fmt(r["energy_evals_to_target"]),
+                 _fmt(g["energy_evals_to_target"])))
+    rows.append((f"wall s to stderr {res['target_stderr']:g}", _fmt(r["wall_s_to_target"]),
+                 _fmt(g["wall_s_to_target"])))
     w0 = max(len(x[0]) for x in rows)
     w1 = max(len(x[1]) for x in rows + [("", "replica exchange")])
     print(f"{res['system']} at {res['temperature_k']:g} K")

@@ -14,6 +14,12 @@ Layout::
       report.html        self-contained report (`boltzflow report RUN_DIR`)
       summary.json       headline numbers, rewritten atomically at the end of each stage
 
+Costs in summary.json, each named once: ``energy_evals_training`` / ``training_wall_s`` are the whole
+cost of training (data generation included; the generator's samples carry them as provenance
+``training_energy_evals`` / ``training_wall_s``); ``training`` holds the optimisation loop's own
+``energy_evals`` / ``wall_s``, ``data_tempering`` and ``data_augmentation`` those of making the data;
+``demo.energy_evals`` adds the sampling.
+
 Nothing is lost on a crash: checkpoints and summaries are written via temp file + rename,
 metrics lines are flushed as they are written.
 """
