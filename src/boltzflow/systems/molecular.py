@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.protocols import ModeSet
 from ..errors import InputError
 from ..io import atomic_write_json, atomic_write_text
 from ..units import check_temperature, kt_kj_per_mol
@@ -50,7 +51,7 @@ class MolecularSystem:
     heavy_indices: np.ndarray
     hydrogen_indices: np.ndarray
     hydrogen_parents: np.ndarray
-    modes: Any = None
+    modes: ModeSet | None = None
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
