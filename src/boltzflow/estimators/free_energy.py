@@ -203,7 +203,7 @@ def exp_free_energy(delta_u, lw=None, name: str = "dF_exp", n_bootstrap: int = 5
         r_ = np.sum(w * e)
         se = float(np.sqrt(np.sum(w * w * (e - r_) ** 2)) / r_)
     ew = w * np.exp(-(du - np.min(du)))
-    ess = float(ew.sum() ** 2 / np.sum(ew * ew))  # ESS of the combined (target C) weights
+    ess = ess_of_weights(ew)  # ESS of the combined (target C) weights
     lo, hi = _bootstrap_ci(lambda i: _exp_weighted(du[i], lwv[i]), n, n_bootstrap, level, seed)
     return Estimate(name, value, se, ess, lo, hi, n, unit="kT", method="EXP",
                     extra={"ess_target_fraction": ess / n})
