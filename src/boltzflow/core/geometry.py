@@ -37,8 +37,11 @@ def dihedral(xi: torch.Tensor, xj: torch.Tensor, xk: torch.Tensor, xl: torch.Ten
 def dihedral_of(x: np.ndarray | torch.Tensor, atoms: Sequence[int]) -> np.ndarray:
     """Dihedral of atoms ``atoms = (i, j, k, l)`` in radians (-pi, pi], float64 ``(batch,)``, for
     positions ``x: (batch, n_atoms, 3)`` or one structure ``(n_atoms, 3)`` (numpy or torch, any unit)."""
-    t = x.detach().to("cpu", torch.float64) if isinstance(x, torch.Tensor) else torch.from_numpy(
-        np.asarray(x, dtype=np.float64))
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to("cpu", torch.float64)
+    else:
+        a = np.asarray(x, dtype=np.float64)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())  # read-only arrays (MolecularSystem.positions)
     if t.ndim == 2:
         t = t[None]
     i, j, k, m = (int(a) for a in atoms)
