@@ -11,7 +11,7 @@ from loss_helpers import affine_flow
 from torch import nn
 
 from boltzflow.errors import InputError
-from boltzflow.losses import LOSSES, fab, get_loss, klx, klx_path, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask
+from boltzflow.losses import LOSSES, fab, get_loss, klx, klx_path, klz, klz_df
 from boltzflow.sampling.ais import AISConfig
 
 LOG2PI = math.log(2 * math.pi)
