@@ -11,8 +11,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from boltzflow.estimators import kish_ess, population
 from boltzflow.replica import ReplicaExchangeConfig, extract_samples, run_replica_exchange
 from boltzflow.sampling import SampleSet

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the test suite. `--slow` runs only the slow tests.
+# Set up (if needed), run ruff and mypy, then the test suite. `--slow` runs only the slow tests (no checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,4 +12,8 @@ if [ "${1:-}" = "--slow" ]; then
   shift
   exec python -m pytest -m slow "$@"
 fi
+# Static checks first (configured in pyproject.toml; installed by setup.sh with the `test` extra):
+# lint (pyflakes, pycodestyle, import order, bugbear) and a lenient mypy.
+python -m ruff check src tests benchmarks examples scripts tools
+python -m mypy
 exec python -m pytest "$@"

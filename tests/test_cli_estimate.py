@@ -126,7 +126,7 @@ def test_compare_table_json_and_plots(butane_run, capsys, tmp_path):
     res = json.loads(out)
     assert set(res["replica_exchange"]["populations"]) == {"gauche_minus", "gauche_plus", "trans"}
     r, g = res["replica_exchange"], res["generator"]
-    assert r["energy_evaluations"] == 30 * 2 * 50 and g["training_energy_evaluations"] == 1000
+    assert r["energy_evals"] == 30 * 2 * 50 and g["training_energy_evals"] == 1000
     assert sum(v["value"] for v in g["populations"].values()) == pytest.approx(1.0)
     assert res["torsion_kl_64"]["reweighted"] >= 0
     assert (out_dir / "torsion.png").is_file() and (out_dir / "energies.png").is_file()

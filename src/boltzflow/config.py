@@ -134,21 +134,6 @@ def load_config(
     return from_dict(cls, read_config_data(path, overrides))
 
 
-def replace(obj: T, **changes: Any) -> T:
-    """``dataclasses.replace`` that accepts dotted keys for nested fields."""
-    nested: dict[str, dict[str, Any]] = {}
-    flat: dict[str, Any] = {}
-    for k, v in changes.items():
-        if "." in k:
-            head, rest = k.split(".", 1)
-            nested.setdefault(head, {})[rest] = v
-        else:
-            flat[k] = v
-    for head, sub in nested.items():
-        flat[head] = replace(getattr(obj, head), **sub)
-    return dataclasses.replace(obj, **flat)
-
-
 def dump_toml(obj: Any, show_unset: bool = False) -> str:
     """Serialise a dataclass (or nested dict) as TOML. Supports scalars, lists of scalars, tables.
     TOML has no null: fields that are None are left out, or with ``show_unset`` written as a

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .errors import InputError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", suffix: str = ".tmp") -> Path:
     """Write ``path`` atomically: ``write(fh)`` fills a temp file ``.<name>.<random><suffix>`` in the
@@ -130,8 +132,6 @@ def check_output_dir(path: str | os.PathLike, kind: str, overwrite: bool = False
     non-empty folder boltzflow did not make, or another kind of boltzflow directory; ``overwrite``
     allows the last two. A new or empty folder, or one of the same kind, passes (the verb decides
     about resuming or rewriting its own outputs). Raises InputError; returns the path."""
-    from .errors import InputError
-
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise InputError(f"{option} '{p}' exists and is not a directory; choose another {option}")
@@ -150,8 +150,6 @@ def check_output_dir(path: str | os.PathLike, kind: str, overwrite: bool = False
 
 def check_output_file(path: str | os.PathLike, overwrite: bool = False, option: str = "-o") -> Path:
     """Refuse an output file ``path`` that already exists (or is a directory) unless ``overwrite``."""
-    from .errors import InputError
-
     p = Path(path)
     if p.is_dir():
         raise InputError(f"{option} '{p}' is a directory; give a file name")
@@ -182,8 +180,6 @@ def undone_on_input_error(path: str | os.PathLike, keep_if: tuple[str, ...] = ()
     """A run directory that was new (or empty) before the block is removed again (or emptied) when the
     block raises InputError, unless one of ``keep_if`` (e.g. a checkpoint) exists in it by then: bad
     input found late leaves no half-made run behind, while work that can be resumed is kept."""
-    from .errors import InputError
-
     p = Path(path)
     existed = p.is_dir()
     was_empty = not existed or not any(p.iterdir())

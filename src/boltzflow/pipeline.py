@@ -474,8 +474,6 @@ def _fit_report(gen, data, holdout, config: RunConfig, n: int = 2000) -> dict[st
 
 def load_trained(run_dir: str | Path, device: str | None = None):
     """(system, config, generator, energy) of a trained run directory."""
-    import torch
-
     from .flows.generator import load_generator
     from .systems import MolecularSystem
     from .training.rundir import RunDir
@@ -572,9 +570,10 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
 
 
 def estimate(run_dir: str | Path, seed: int = 0) -> dict[str, Any]:
-    """Reweighted mode populations, ESS and log Z of a run's generated samples; stored in summary.json
-    under "estimates" and returned as ``{name: Estimate}``."""
-    from .estimators import kish_ess, log_z, mode_populations, population_free_energy
+    """Reweighted mode populations, ESS, log Z and dF(rest->minor) of a run's generated samples
+    (:func:`boltzflow.estimators.analysis.sample_estimates`); stored in summary.json under "estimates" and
+    returned as ``{name: Estimate}``."""
+    from .estimators.analysis import sample_estimates
     from .sampling import SampleSet
     from .systems import MolecularSystem
     from .training.rundir import RunDir
@@ -585,27 +584,10 @@ def estimate(run_dir: str | Path, seed: int = 0) -> dict[str, Any]:
         raise InputError(f"'{rd.path}' has no samples/generated.npz; run `boltzflow sample {rd.path}` first")
     s = SampleSet.load(path)
     system = MolecularSystem.load(rd.system_dir)
-    lw = s.log_weights
-    out: dict[str, Any] = {}
-    if lw is not None:
-        out["ess"] = kish_ess(lw)
-        out["log_Z"] = log_z(lw, seed=seed)
-    if system.modes is not None:
-        pops = mode_populations(system.modes, s.positions, lw, seed=seed)
-        out.update(pops)
-        minor = system.modes.minor
-        major = [m for m in system.modes.names if m != minor]
-        if len(major) == 1:
-            from .estimators import conformational_free_energy
-
-            lab = system.modes.assign(s.positions)
-            names = list(system.modes.names)
-            name = f"dF_{major[0]}_to_{minor}"
-            try:
-                out[name] = conformational_free_energy(lab == names.index(major[0]), lab == names.index(minor), lw,
-                                                       name=name, temperature_k=system.temperature)
-            except InputError as e:  # a mode without weighted samples: dF undefined, say so in the log
-                rd.log(f"{name} not estimated: {e}")
+    res = sample_estimates(s, system.modes, temperature_k=system.temperature, seed=seed)
+    for note in res.notes:  # a mode without weighted samples: dF undefined, say so in the log
+        rd.log(note)
+    out: dict[str, Any] = dict(res.estimates)
     rd.update_summary(estimates={k: v.to_full_dict() for k, v in out.items()})
     return out
 
@@ -651,25 +633,25 @@ def _quick_generator(gcfg):
 
 
 def reference_population(system, data_cfg: DataConfig | None = None) -> dict[str, Any]:
-    """The minor-mode population of the shipped reference data with a block-averaged error bar."""
-    from .estimators import block_average
+    """The minor-mode population of the shipped reference data with a block-averaged error bar
+    (:func:`boltzflow.estimators.analysis.block_population`)."""
+    from .estimators.analysis import block_population
 
     ref, path = load_reference(system, data_cfg or DataConfig())
     lab = system.modes.assign(ref.positions)
     minor = list(system.modes.names).index(system.modes.minor)
-    est = block_average((lab == minor).astype(float), n_blocks=10, name=system.modes.minor)
+    est = block_population(lab == minor, system.modes.minor)
     return {"value": est.value, "stderr": est.stderr, "n": len(ref), "source": str(path),
             "sampler": ref.provenance.get("sampler", ref.provenance.get("method", "replica exchange"))}
 
 
-#: below this Kish ESS (in samples) reweighted estimates are flagged as unreliable
-MIN_RELIABLE_ESS = 50.0
-
-
 def reliability_warnings(estimates: dict[str, Any]) -> list[str]:
-    """Plain-language warnings about reweighted estimates (currently: too small an ESS)."""
+    """Plain-language warnings about reweighted estimates: too few effective samples
+    (:data:`boltzflow.estimators.analysis.MIN_ESS`)."""
+    from .estimators.analysis import too_few_effective_samples
+
     ess = estimates.get("ess")
-    if ess is None or not np.isfinite(ess.value) or ess.value >= MIN_RELIABLE_ESS:
+    if ess is None or not np.isfinite(ess.value) or not too_few_effective_samples(ess.value):
         return []
     return [f"the effective sample size is {ess.value:.0f} of {ess.n} samples: reweighted numbers rest on a handful "
             "of samples and their error bars are not trustworthy. Train longer (training.pretrain.steps, "

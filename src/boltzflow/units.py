@@ -6,30 +6,35 @@ temperature) for energies. kJ/mol appears only at I/O boundaries (OpenMM, files,
 
 from __future__ import annotations
 
+import math
+import warnings
+
+from .errors import InputError
+
 #: Molar gas constant R = N_A * k_B in kJ/(mol K) (CODATA 2018, as used by OpenMM).
 MOLAR_GAS_CONSTANT_KJ = 8.314462618e-3
 
+#: above this many K a temperature is accepted with a warning (molecules come apart; CHARMM is not fit there)
+HOT_TEMPERATURE_K = 1000.0
+
+
+def check_temperature(value: float, what: str = "temperature", warn: bool = True) -> float:
+    """``value`` in K as a float if it is a finite number > 0, else InputError naming ``what``.
+
+    Above :data:`HOT_TEMPERATURE_K` a :class:`UserWarning` says that the force field is not meant for it
+    (``warn=False``: no warning, for callers that say it their own way)."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not (math.isfinite(t) and t > 0):
+        raise InputError(f"{what} must be a finite temperature > 0 K, got {value!r}")
+    if warn and t > HOT_TEMPERATURE_K:
+        warnings.warn(f"{what} {t:g} K is above {HOT_TEMPERATURE_K:g} K: bonds break and the force field is not "
+                      "meant for it; check the structures", UserWarning, stacklevel=2)
+    return t
+
 
 def kt_kj_per_mol(temperature_k: float) -> float:
-    """kT in kJ/mol at ``temperature_k`` (K). 2.494 kJ/mol at 300 K."""
-    if not temperature_k > 0:
-        raise ValueError(f"temperature must be > 0 K, got {temperature_k!r}")
-    return MOLAR_GAS_CONSTANT_KJ * float(temperature_k)
-
-
-def beta_per_kj_mol(temperature_k: float) -> float:
-    """1/kT in mol/kJ at ``temperature_k`` (K)."""
-    return 1.0 / kt_kj_per_mol(temperature_k)
-
-
-def kj_per_mol_to_kt(energy_kj_mol, temperature_k: float):
-    """Convert energies in kJ/mol to reduced units (kT) at ``temperature_k``. Works on floats, arrays, tensors."""
-    return energy_kj_mol / kt_kj_per_mol(temperature_k)
-
-
-def kt_to_kj_per_mol(energy_kt, temperature_k: float):
-    """Convert reduced energies (kT at ``temperature_k``) to kJ/mol."""
-    return energy_kt * kt_kj_per_mol(temperature_k)
-
-
-NM_PER_ANGSTROM = 0.1
+    """kT in kJ/mol at ``temperature_k`` (K, finite and > 0, else InputError). 2.494 kJ/mol at 300 K."""
+    return MOLAR_GAS_CONSTANT_KJ * check_temperature(temperature_k, warn=False)

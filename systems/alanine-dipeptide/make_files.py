@@ -5,7 +5,7 @@ Run from anywhere:  python systems/alanine-dipeptide/make_files.py
    starting coordinates of openmmtools.testsystems.AlanineDipeptideVacuum, minimised with
    CHARMM36m (charmm36_2024.xml, vacuum) after boltzflow's cap conversion.
 2. alanine-dipeptide.psf/.prm/.rtf: PSF + CHARMM parameter/topology files written from that
-   OpenMM System (boltzflow.systems._params.write_charmm_files).
+   OpenMM System (tools/charmm_params.py, write_charmm_files).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def main() -> None:
     import openmm.app as app
     import openmmtools.testsystems as ts
 
-    from boltzflow.systems._params import write_charmm_files
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # build tooling, not in the package
+    from charmm_params import write_charmm_files
     from boltzflow.systems.pdb import convert_caps, create_charmm_system, from_pdb
 
     t = ts.AlanineDipeptideVacuum(constraints=None)

@@ -5,7 +5,7 @@ Run from anywhere:  python systems/alanine-hexapeptide/make_files.py
    builds (boltzflow.systems.sequence: PeptideBuilder + pdbfixer, extended backbone, minimised
    with charmm36_2024.xml in vacuum), written with Amber-style ACE/NME caps.
 2. alanine-hexapeptide.psf/.prm/.rtf: PSF + CHARMM parameter/topology files written from the
-   PDB route's OpenMM System (boltzflow.systems._params.write_charmm_files).
+   PDB route's OpenMM System (tools/charmm_params.py, write_charmm_files).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ SEGID = "ALA6"
 
 def main() -> None:
     sys.path.insert(0, str(HERE.parents[1] / "src"))
-    from boltzflow.systems._params import write_charmm_files
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # build tooling, not in the package
+    from charmm_params import write_charmm_files
     from boltzflow.systems.pdb import from_pdb
     from boltzflow.systems.sequence import sequence_pdb_text
 

@@ -5,7 +5,7 @@ Run from anywhere:  python systems/butane/make_files.py
    from ideal geometry and minimises it with OpenMM's charmm36.xml (CGenFF BUTA; charmm36_2024.xml has
    no BUTA template) in vacuum -> butane.pdb.
 2. Writes PSF + CHARMM parameter/topology files from that OpenMM System
-   (boltzflow.systems._params.write_charmm_files) -> butane.psf/.prm/.rtf.
+   (tools/charmm_params.py, write_charmm_files) -> butane.psf/.prm/.rtf.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def write_pdb(path: Path) -> None:
 def main() -> None:
     sys.path.insert(0, str(HERE.parents[1] / "src"))
     write_pdb(HERE / "butane.pdb")
-    from boltzflow.systems._params import write_charmm_files
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # build tooling, not in the package
+    from charmm_params import write_charmm_files
     from boltzflow.systems.pdb import from_pdb
 
     ms = from_pdb(HERE / "butane.pdb", add_hydrogens=False, force_field=("charmm36.xml",))

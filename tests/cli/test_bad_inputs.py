@@ -295,4 +295,4 @@ def test_world_inputs_are_fine_otherwise(world, capsys):
     rc, out, err = run_cli(capsys, ["compare", "--replica", ADP_REF, "--samples", world / "run/samples/generated.npz",
                                     "--system", world / "adp", "--json"])
     assert rc == 0, err
-    assert json.loads(out)["replica_exchange"]["energy_evaluations"] == 5_600_000  # read through the v1 -> v2 map
+    assert json.loads(out)["replica_exchange"]["energy_evals"] == 5_600_000  # read through the v1 -> v2 map

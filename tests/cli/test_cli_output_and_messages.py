@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 
 from boltzflow.cli import main
 
@@ -26,6 +27,22 @@ def test_pymbar_import_banners_are_filtered():
     banner = logging.LogRecord(log.name, logging.WARNING, "", 0, "\n***** JAX NOT FOUND *****\n", None, None)
     other = logging.LogRecord(log.name, logging.WARNING, "", 0, "solver did not converge", None, None)
     assert not log.filter(banner) and log.filter(other)
+
+
+def test_pymbar_banner_is_filtered_for_python_users_too():
+    """A Python user who only imports boltzflow (no CLI) and then pymbar sees no JAX banner."""
+    import subprocess
+    import sys
+
+    def run(prefix):
+        code = prefix + "import logging; logging.basicConfig(level=logging.WARNING); import pymbar"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout + r.stderr
+
+    if "JAX NOT FOUND" not in run(""):
+        pytest.skip("this pymbar prints no JAX banner (JAX installed?)")
+    assert "JAX" not in run("import boltzflow; ")
 
 
 def test_error_bars_from_too_few_samples_say_so():

@@ -1,8 +1,8 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
-from boltzflow.config import dump_toml, from_dict, load_config, replace
+from boltzflow.config import dump_toml, from_dict, load_config
 from boltzflow.errors import ConfigError
 
 
@@ -20,7 +20,7 @@ class Cfg:
 
 
 def test_toml_round_trip(tmp_path):
-    cfg = replace(Cfg(), steps=3, **{"opt.lr": 0.5})
+    cfg = replace(Cfg(), steps=3, opt=Opt(lr=0.5))
     p = tmp_path / "c.toml"
     p.write_text(dump_toml(cfg))
     assert load_config(Cfg, p) == cfg

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from boltzflow.errors import InputError
-from boltzflow.estimators import (Estimate, conformational_free_energy, expectation, log_weights, log_z,
-                                  parse_region, population)
+from boltzflow.estimators import (
+    Estimate,
+    conformational_free_energy,
+    expectation,
+    log_weights,
+    log_z,
+    parse_region,
+    population,
+)
 from boltzflow.systems.modes import dihedral
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from boltzflow.errors import CheckpointError, InputError
 from boltzflow.flows.builders import flow_config, make_flow

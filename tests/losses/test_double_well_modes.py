@@ -12,9 +12,9 @@ import copy
 
 import pytest
 import torch
+from loss_helpers import DoubleWell2D, coupling_flow, minor_fraction
 
 from boltzflow.losses import klx, klz, l2plus
-from loss_helpers import DoubleWell2D, coupling_flow, minor_fraction
 
 TARGET = DoubleWell2D(tilt=0.5)
 L2_TOL = 0.025

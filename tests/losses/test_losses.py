@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from loss_helpers import affine_flow
 from torch import nn
 
 from boltzflow.errors import InputError
-from boltzflow.losses import LOSSES, fab, get_loss, klx, klx_path, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask
+from boltzflow.losses import LOSSES, fab, get_loss, klx, klx_path, klz, klz_df
 from boltzflow.sampling.ais import AISConfig
-from loss_helpers import affine_flow
 
 LOG2PI = math.log(2 * math.pi)
 

@@ -14,8 +14,7 @@ import pytest
 
 from boltzflow.errors import ConfigError, InputError
 from boltzflow.estimators import bar_free_energy, exp_free_energy
-from boltzflow.replica import (ReplicaExchangeConfig, extract_samples, mbar_analysis, read_replica,
-                               run_replica_exchange)
+from boltzflow.replica import ReplicaExchangeConfig, extract_samples, mbar_analysis, read_replica, run_replica_exchange
 from boltzflow.replica.energies import reduced_energies
 from boltzflow.replica.toy import harmonic_reduced_free_energy, harmonic_system
 from boltzflow.sampling import SampleSet

@@ -5,10 +5,23 @@ import math
 import numpy as np
 import pytest
 
-from boltzflow.estimators import (bar_free_energy, block_average, conformational_free_energy, exp_free_energy,
-                                  expectation, free_energy_surface, histogram_kl, kish_ess, log_weights, log_z,
-                                  log_z_difference, population, population_free_energy, statistical_inefficiency,
-                                  to_kj_per_mol)
+from boltzflow.estimators import (
+    bar_free_energy,
+    block_average,
+    conformational_free_energy,
+    exp_free_energy,
+    expectation,
+    free_energy_surface,
+    histogram_kl,
+    kish_ess,
+    log_weights,
+    log_z,
+    log_z_difference,
+    population,
+    population_free_energy,
+    statistical_inefficiency,
+    to_kj_per_mol,
+)
 
 
 def gaussian_logq(x, mu, sigma):

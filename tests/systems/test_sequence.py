@@ -15,8 +15,7 @@ from boltzflow.errors import InputError  # noqa: E402
 from boltzflow.estimators.regions import parse_region  # noqa: E402
 from boltzflow.systems import MolecularSystem  # noqa: E402
 from boltzflow.systems.builtin import builtin_system  # noqa: E402
-from boltzflow.systems.modes import (BACKBONE_STATES, PeptideModes, backbone_states,  # noqa: E402
-                                     modes_from_dict)
+from boltzflow.systems.modes import BACKBONE_STATES, PeptideModes, backbone_states, modes_from_dict  # noqa: E402
 from boltzflow.systems.sequence import from_sequence, parse_sequence  # noqa: E402
 
 TETRA = "ACE-ALA-ALA-ALA-NME"

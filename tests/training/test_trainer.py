@@ -98,6 +98,8 @@ def test_metrics_rows_and_summary(tmp_path):
         assert key in last, key
     assert 0.0 <= last["ess"] <= 1.0 and abs(sum(last["modes"].values()) - 1.0) < 1e-9
     assert last["energy_evals"] == s["energy_evals"] > 10 * 64
+    saved = run.read_summary()  # one spelling per count: the loop's own under "training", no top-level copy
+    assert "energy_evals" not in saved and "wall_s" not in saved and saved["training"]["energy_evals"] == s["energy_evals"]
     pre = [r for r in rows if r["stage"] == "pretrain"]
     assert all("u_mean" in r for r in pre)  # measured on an eval batch during pre-training
     assert json.loads(run.summary_path.read_text())["step"] == 16

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from boltzflow.errors import InputError
-from boltzflow.transforms.cartesian import (align, alignment_penalty, cap_rotation, centre, kabsch_rotation,
-                                            prepare_cartesian, rotation_angle)
+from boltzflow.transforms.cartesian import (
+    align,
+    alignment_penalty,
+    cap_rotation,
+    centre,
+    kabsch_rotation,
+    prepare_cartesian,
+    rotation_angle,
+)
 
 
 def _rot_z(theta):

@@ -8,17 +8,24 @@ import pytest
 import torch
 
 from boltzflow.errors import InputError
-from boltzflow.transforms.internal import (InternalCoordinates, LocalFrames, bond_angle, chiral_centers,
-                                           count_mirror_images, dihedral, mirror_image_mask, nerf)
+from boltzflow.transforms.internal import (
+    InternalCoordinates,
+    LocalFrames,
+    bond_angle,
+    chiral_centers,
+    count_mirror_images,
+    dihedral,
+    mirror_image_mask,
+    nerf,
+)
 from boltzflow.transforms.zmatrix import bond_graph, build_zmatrix, hydrogen_zmatrix
 
 
 @functools.lru_cache(maxsize=None)
 def _topology_positions(name):
     """(topology, positions (n, 3) nm, heavy, hydrogens, parents) of a builtin molecule."""
-    from boltzflow.systems.molecular import hydrogen_bookkeeping
-
     from boltzflow.systems.builtin import builtin_system
+    from boltzflow.systems.molecular import hydrogen_bookkeeping
 
     s = builtin_system(name, route="psf")
     top, pos = s.topology, np.array(s.positions)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+import warnings
+
+from .. import silence_pymbar_banner
 
 #: (module, verbs it registers), in the order shown by --help.
 VERB_MODULES = (
@@ -57,28 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: pymbar logger -> text of the notice it logs on import, whatever the data (pymbar runs fine without JAX)
-PYMBAR_IMPORT_NOTICES = {"pymbar.mbar_solvers": "JAX NOT FOUND",
-                         "pymbar.timeseries": "Warning on use of the timeseries module"}
-
-
-def _not_an_import_notice(record: logging.LogRecord) -> bool:
-    return PYMBAR_IMPORT_NOTICES.get(record.name, "\0") not in str(record.msg)
-
-
-def silence_pymbar_banner() -> None:
-    """Filter pymbar's import-time notices (the 9-line JAX banner) out of the log; other pymbar
-    warnings still show."""
-    for name in PYMBAR_IMPORT_NOTICES:
-        log = logging.getLogger(name)
-        if _not_an_import_notice not in log.filters:
-            log.addFilter(_not_an_import_notice)
-
-
 def main(argv: list[str] | None = None) -> int:
     from ..errors import InputError
 
-    silence_pymbar_banner()
+    silence_pymbar_banner()  # already done on import of boltzflow; again in case a handler reset the filters
+    # the verbs check every temperature option themselves and warn in one line (cli.common.check_temperature)
+    warnings.filterwarnings("ignore", message=r".* K is above .* K: bonds break", category=UserWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

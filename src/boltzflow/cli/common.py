@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..units import HOT_TEMPERATURE_K
+from ..units import check_temperature as _check_temperature
+
 EXAMPLE_FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
@@ -27,19 +30,10 @@ def add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
                         "already holds (not needed to rewrite the verb's own earlier output)")
 
 
-#: above this many K a temperature is accepted with a warning (molecules come apart; CHARMM is not fit there)
-HOT_TEMPERATURE_K = 1000.0
-
-
 def check_temperature(value: float, option: str) -> float:
-    """``value`` (K) if finite and positive, else InputError; warns on stderr above HOT_TEMPERATURE_K."""
-    import math
-
-    from ..errors import InputError
-
-    t = float(value)
-    if not (math.isfinite(t) and t > 0):
-        raise InputError(f"{option} must be a finite temperature > 0 K, got {value!r}")
+    """``value`` (K) if finite and positive (:func:`boltzflow.units.check_temperature`), else InputError;
+    warns on stderr above HOT_TEMPERATURE_K."""
+    t = _check_temperature(value, option, warn=False)
     if t > HOT_TEMPERATURE_K:
         print(f"warning: {option} {t:g} K is above {HOT_TEMPERATURE_K:g} K: bonds break and the force field is not "
               "meant for it; check the structures", file=sys.stderr)

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .common import add_overwrite, add_verb, print_json
+import numpy as np
+
+from ..errors import InputError
+from .common import add_overwrite, add_verb, has_error_bar, print_json
+
+if TYPE_CHECKING:
+    from ..estimators.analysis import SamplerResult
+    from ..sampling.sampleset import SampleSet
+    from ..systems import MolecularSystem
+
+# The API is imported inside the functions: `boltzflow --help` and every other verb start without
+# loading torch, OpenMM or matplotlib (the CLI's start-up imports numpy only).
 
 EXAMPLE = """\
   boltzflow compare --replica runs/adp-pt --samples runs/adp-flow/samples/generated.npz \\
@@ -37,30 +48,20 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
-MIN_ESS = 20.0
+#: compare.json format 2 spells costs as SampleSet provenance does (``energy_evals``, ``wall_s``,
+#: ``training_energy_evals``, ``training_wall_s``, ``*_to_target``); format 1 (no "format" key) spelled them
+#: ``energy_evaluations``, ``wall_time_s``, ...
+COMPARE_FORMAT = 2
 
 
-def _cost(prov: dict, key: str) -> float:
-    """The numeric provenance entry ``key`` (see SampleSet's PROVENANCE_KEYS), nan when absent."""
-    v = prov.get(key)
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
-        return float(v)
-    return float("nan")
-
-
-def compare(replica: str | Path, generated, system, target_stderr: float = 0.005, seed: int = 0,
-            plot_dir: str | Path | None = None) -> dict[str, Any]:
-    """The comparison as a dict (see module docstring); writes plots into ``plot_dir`` if given."""
-    import numpy as np
-
-    from ..errors import InputError
-    from ..estimators import (conformational_free_energy, histogram_kl, kish_ess, mode_populations,
-                              population_free_energy)
+def compare(replica: str | Path, generated: SampleSet, system: MolecularSystem, target_stderr: float = 0.005,
+            seed: int = 0, plot_dir: str | Path | None = None) -> dict[str, Any]:
+    """The comparison as a dict (see module docstring); writes plots into ``plot_dir`` if given. The numbers
+    come from :func:`boltzflow.estimators.analysis.compare_samplers`; this function formats them."""
+    from ..estimators import analysis
     from ..replica import state_populations
     from ..replica.exchange import storage_path
     from ..sampling.sampleset import SampleSet
-    from ..systems.modes import dihedral
-    from ..systems.torsions import named_torsions
 
     if not target_stderr > 0:
         raise InputError(f"--target-stderr must be > 0, got {target_stderr}")
@@ -73,144 +74,44 @@ def compare(replica: str | Path, generated, system, target_stderr: float = 0.005
     gen = generated
     for label, ss in (("replica", ref), ("generator", gen)):
         system.check_coordinates(ss.positions[:1], f"{label} sample positions")
-    if ref.temperature and gen.temperature and abs(ref.temperature - gen.temperature) > 1e-6:
-        raise InputError(f"replica samples are at {ref.temperature} K but generator samples at {gen.temperature} K")
-    minor = modes.minor
-    names = list(modes.names)
-    imin = names.index(minor)
-    out: dict[str, Any] = {"system": system.name, "temperature_k": ref.temperature or system.temperature,
-                           "minor_mode": minor, "target_stderr": target_stderr}
-
-    # --- populations -------------------------------------------------------------------------
     storage = storage_path(rp) if rp.is_dir() else None
-    if storage is not None and storage.is_file():
-        ind = {nm: (lambda x, i=i: modes.assign(x) == i) for i, nm in enumerate(names)}
-        ref_pops = state_populations(storage, ind, n_blocks=10, seed=seed)
-        ref_err = "block"
-    elif (ref.provenance or {}).get("decorrelated") is False and len(ref) >= 40:
-        from ..estimators import block_average
-
-        lab_ref = modes.assign(ref.positions)
-        ref_pops = {nm: block_average((lab_ref == i).astype(float), n_blocks=20, name=nm, seed=seed)
-                    for i, nm in enumerate(names)}
-        ref_err = "block (time-ordered frames)"
-    else:
-        ref_pops = mode_populations(modes, ref.positions, None, seed=seed)
-        ref_err = "binomial (decorrelated samples)"
-    gen_pops = mode_populations(modes, gen.positions, gen.log_weights, seed=seed)
-    gen_raw = mode_populations(modes, gen.positions, None, seed=seed, n_bootstrap=0)
-    kt = ref.temperature or system.temperature
-
-    def dF(pops, lab=None, lw=None):
-        try:
-            if lab is not None:
-                return conformational_free_energy(lab != imin, lab == imin, lw, name=f"dF(rest->{minor})",
-                                                  temperature_k=kt, seed=seed)
-            return population_free_energy(pops[minor], name=f"dF(rest->{minor})")
-        except InputError:
-            return None
-
-    ref_df = dF(ref_pops)
-    gen_df = dF(None, modes.assign(gen.positions), gen.log_weights)
-
-    # --- ESS and cost ---------------------------------------------------------------------------
-    ref_prov, gen_prov = ref.provenance or {}, gen.provenance or {}
-    ref_ess = float(ref_pops[minor].ess) if ref_pops[minor].ess == ref_pops[minor].ess else float(len(ref))
-    gen_ess = kish_ess(gen.log_weights).value if gen.log_weights is not None else float(len(gen))
-    ref_evals = _cost(ref_prov, "energy_evals")
-    gen_evals_sampling = _cost(gen_prov, "energy_evals")
-    if gen_evals_sampling != gen_evals_sampling:
-        gen_evals_sampling = float(len(gen))  # one energy per generated sample for its weight
-    gen_evals_train = _cost(gen_prov, "training_energy_evals")
-    ref_wall = _cost(ref_prov, "wall_s")
-    gen_wall = _cost(gen_prov, "wall_s")
-    gen_wall_train = _cost(gen_prov, "training_wall_s")
-
-    def to_target(se, cost, ess):
-        # an error bar from fewer than MIN_ESS effective samples is itself meaningless (ESS ~ 1 gives ~0)
-        if not (se == se and se > 0 and cost == cost and ess >= MIN_ESS):
-            return float("nan")
-        return float(cost * (se / target_stderr) ** 2)
-
-    # --- KL and energies --------------------------------------------------------------------------
-    tors = named_torsions(system.topology)
-    bins = 64
-    wg = gen.normalized_weights()
-    if "phi" in tors and "psi" in tors:
-        def hist(ss, w):
-            phi = np.degrees(dihedral(ss.positions, tors["phi"]))
-            psi = np.degrees(dihedral(ss.positions, tors["psi"]))
-            e = np.linspace(-180, 180, bins + 1)
-            return np.histogram2d(phi, psi, bins=[e, e], weights=w)[0], phi, psi
-        kl_name = "ramachandran_kl_64x64"
-    else:
-        atoms = getattr(modes, "atoms", None)
-        if atoms is None:
-            raise InputError("no phi/psi and no torsion modes: nothing to histogram for the KL")
-
-        def hist(ss, w):
-            a = np.degrees(dihedral(ss.positions, atoms))
-            return np.histogram(a, bins=np.linspace(-180, 180, bins + 1), weights=w)[0], a, None
-        kl_name = "torsion_kl_64"
-    h_ref, rx, ry = hist(ref, None)
-    h_gen_w, gx, gy = hist(gen, wg)
-    h_gen_raw, _, _ = hist(gen, None)
-    kl_w = histogram_kl(h_ref, h_gen_w)
-    kl_raw = histogram_kl(h_ref, h_gen_raw)
-
-    def estats(u, w=None):
-        if u is None:
-            return None
-        ok = np.isfinite(u)
-        if not ok.any():
-            return None
-        ww = np.ones(ok.sum()) if w is None else w[ok]
-        ww = ww / ww.sum()
-        m = float(np.sum(ww * u[ok]))
-        return {"mean_kT": m, "std_kT": float(np.sqrt(np.sum(ww * (u[ok] - m) ** 2))),
-                "fraction_finite": float(ok.mean())}
-
-    def side(pops, df, ess, n, evals, wall, err, extra=None):
-        se = pops[minor].stderr
-        if ess < MIN_ESS:
-            err += f"; ESS {ess:.1f} < {MIN_ESS}: error bars and cost extrapolation unreliable"
-        d = {"n": n, "ess": ess, "population_error": err,
-             "populations": {k: v.to_dict() for k, v in pops.items()},
-             "dF": df.to_dict() if df is not None else None,
-             "dF_kj_mol": (df.value * _kt(kt) if df is not None else None),
-             "energy_evaluations": evals, "wall_time_s": wall,
-             "energy_evaluations_to_target": to_target(se, evals, ess),
-             "wall_time_s_to_target": to_target(se, wall, ess)}
-        d.update(extra or {})
-        return d
-
-    out["replica_exchange"] = side(ref_pops, ref_df, ref_ess, int(ref_pops[minor].n), ref_evals, ref_wall, ref_err,
-                                   {"statistical_inefficiency": ref_prov.get("statistical_inefficiency"),
-                                    "energy": estats(ref.reduced_energy)})
-    out["generator"] = side(gen_pops, gen_df, float(gen_ess), len(gen), gen_evals_sampling, gen_wall,
-                            "self-normalised importance sampling (delta method)",
-                            {"ess_fraction": float(gen_ess / len(gen)),
-                             "populations_unweighted": {k: v.value for k, v in gen_raw.items()},
-                             "training_energy_evaluations": gen_evals_train,
-                             "training_wall_time_s": gen_wall_train,
-                             "energy": estats(gen.reduced_energy, wg),
-                             "energy_unweighted": estats(gen.reduced_energy)})
-    out[kl_name] = {"reweighted": kl_w, "unweighted": kl_raw}
-
+    ref_pops = None
+    if storage is not None and storage.is_file():  # the replica run's own target-state series: block errors
+        ind = {nm: (lambda x, i=i: modes.assign(x) == i) for i, nm in enumerate(modes.names)}
+        ref_pops = state_populations(storage, ind, n_blocks=analysis.N_BLOCKS, seed=seed)
+    res = analysis.compare_samplers(system.topology, modes, ref, gen, target_stderr,
+                                    temperature_k=ref.temperature or system.temperature, seed=seed,
+                                    reference_populations=ref_pops)
+    r, g = res.reference, res.generator
+    out: dict[str, Any] = {"format": COMPARE_FORMAT, "system": system.name, "temperature_k": res.temperature_k, "minor_mode": res.minor,
+                           "target_stderr": target_stderr}
+    out["replica_exchange"] = _side(r, {"statistical_inefficiency": (ref.provenance or {}).get("statistical_inefficiency"),
+                                        "energy": r.energy})
+    out["generator"] = _side(g, {"ess_fraction": float(g.summary.ess / len(gen)),
+                                 "populations_unweighted": res.generator_unweighted,
+                                 "training_energy_evals": g.cost.training_energy_evals,
+                                 "training_wall_s": g.cost.training_wall_s,
+                                 "energy": g.energy, "energy_unweighted": res.energy_unweighted})
+    out[res.kl.name] = {"reweighted": res.kl.reweighted, "unweighted": res.kl.unweighted}
     if plot_dir is not None:
-        out["plots"] = _plots(Path(plot_dir), rx, ry, gx, gy, wg, ref, gen, kl_name)
+        (rx, ry), (gx, gy) = res.kl.ref_angles, res.kl.gen_angles
+        out["plots"] = _plots(Path(plot_dir), rx, ry, gx, gy, gen.normalized_weights(), ref, gen, res.kl.name)
     return out
 
 
-def _kt(t: float) -> float:
-    from ..units import kt_kj_per_mol
-
-    return kt_kj_per_mol(t)
+def _side(s: SamplerResult, extra: dict[str, Any]) -> dict[str, Any]:
+    """One sampler's part of compare.json (keys as documented in the module docstring)."""
+    m = s.summary
+    d = {"n": m.n, "ess": m.ess, "population_error": s.note,
+         "populations": {k: v.to_dict() for k, v in m.populations.items()},
+         "dF": m.dF.to_dict() if m.dF is not None else None, "dF_kj_mol": m.dF_kj_mol,
+         "energy_evals": s.cost.energy_evals, "wall_s": s.cost.wall_s,
+         "energy_evals_to_target": s.energy_evals_to_target, "wall_s_to_target": s.wall_s_to_target}
+    d.update(extra)
+    return d
 
 
 def _plots(d: Path, rx, ry, gx, gy, wg, ref, gen, kl_name: str) -> list[str]:
-    import numpy as np
-
     from ..reports import plots
 
     d.mkdir(parents=True, exist_ok=True)
@@ -265,8 +166,6 @@ def _fmt(v, digits: int = 4) -> str:
 
 def _pm(value, stderr) -> str:
     """``value +- stderr``, or ``+- ?`` when the samples were too few for an error bar (stderr 0 or none)."""
-    from .common import has_error_bar
-
     return f"{_fmt(value)} +- {_fmt(stderr, 2) if has_error_bar(stderr) else '? (too few samples)'}"
 
 
@@ -287,16 +186,16 @@ def print_table(res: dict[str, Any]) -> None:
         rows.append((label, _fmt((r.get("energy") or {}).get(key)), _fmt((g.get("energy") or {}).get(key))))
     rows.append(("n samples", str(r["n"]), str(g["n"])))
     rows.append(("ESS", _fmt(r["ess"]), f"{_fmt(g['ess'])} ({100 * g['ess_fraction']:.1f}%)"))
-    rows.append(("energy evaluations", _fmt(r["energy_evaluations"]), _fmt(g["energy_evaluations"])
-                 + (f" (+{_fmt(g['training_energy_evaluations'])} training)"
-                    if g["training_energy_evaluations"] == g["training_energy_evaluations"] else "")))
-    rows.append(("wall time (s)", _fmt(r["wall_time_s"]), _fmt(g["wall_time_s"])
-                 + (f" (+{_fmt(g['training_wall_time_s'])} training)"
-                    if g["training_wall_time_s"] == g["training_wall_time_s"] else "")))
-    rows.append((f"evals to stderr {res['target_stderr']:g} on P({minor})", _fmt(r["energy_evaluations_to_target"]),
-                 _fmt(g["energy_evaluations_to_target"])))
-    rows.append((f"wall s to stderr {res['target_stderr']:g}", _fmt(r["wall_time_s_to_target"]),
-                 _fmt(g["wall_time_s_to_target"])))
+    rows.append(("energy evaluations", _fmt(r["energy_evals"]), _fmt(g["energy_evals"])
+                 + (f" (+{_fmt(g['training_energy_evals'])} training)"
+                    if g["training_energy_evals"] == g["training_energy_evals"] else "")))
+    rows.append(("wall time (s)", _fmt(r["wall_s"]), _fmt(g["wall_s"])
+                 + (f" (+{_fmt(g['training_wall_s'])} training)"
+                    if g["training_wall_s"] == g["training_wall_s"] else "")))
+    rows.append((f"evals to stderr {res['target_stderr']:g} on P({minor})", _fmt(r["energy_evals_to_target"]),
+                 _fmt(g["energy_evals_to_target"])))
+    rows.append((f"wall s to stderr {res['target_stderr']:g}", _fmt(r["wall_s_to_target"]),
+                 _fmt(g["wall_s_to_target"])))
     w0 = max(len(x[0]) for x in rows)
     w1 = max(len(x[1]) for x in rows + [("", "replica exchange")])
     print(f"{res['system']} at {res['temperature_k']:g} K")
@@ -315,12 +214,8 @@ def run(args: argparse.Namespace) -> int:
     gen = SampleSet.load(args.samples).check_finite(f"--samples '{args.samples}'")
     rp = Path(args.replica)
     if not rp.exists():
-        from ..errors import InputError
-
         raise InputError(f"--replica '{rp}' not found; run `boltzflow simulate SYSTEM -o {rp}` first")
     if rp.is_dir() and run_kind(rp) != "replica-exchange run":
-        from ..errors import InputError
-
         raise InputError(f"--replica '{rp}' is not a run directory of `boltzflow simulate`; give one, or a "
                          "SampleSet .npz of reference samples")
     out_dir = check_output_dir(args.output, "comparison", args.overwrite) if args.output else None

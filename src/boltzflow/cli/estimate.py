@@ -79,55 +79,31 @@ def _table(estimates, title: str) -> None:
 
 
 def estimate_samples(samples, system=None, populations: list[str] = (), seed: int = 0, n_bootstrap: int = 500) -> list:
-    """The estimates printed by ``boltzflow estimate``, as a list of Estimates."""
-    import numpy as np
+    """The estimates printed by ``boltzflow estimate``, as a list of Estimates (computed by
+    :func:`boltzflow.estimators.analysis.sample_estimates` and :func:`~boltzflow.estimators.analysis.region_population`)."""
+    import sys
+    from dataclasses import replace
 
-    from ..errors import InputError
-    from ..estimators import (block_average, conformational_free_energy, kish_ess, log_z, parse_region, population,
-                              population_free_energy, to_kj_per_mol)
+    from ..estimators import analysis, parse_region, to_kj_per_mol
 
-    lw = samples.log_weights
-    prov = samples.provenance or {}
-    # time-ordered correlated frames (e.g. a shipped reference with every iteration): block errors
-    correlated = lw is None and prov.get("decorrelated") is False and len(samples) >= 40
-
-    def pop(indicator, name):
-        if correlated:
-            return block_average(np.asarray(indicator, float), n_blocks=20, name=name, n_bootstrap=n_bootstrap,
-                                 seed=seed)
-        return population(indicator, lw, name=name, seed=seed, n_bootstrap=n_bootstrap)
-
-    out = []
-    if lw is not None:
-        out.append(kish_ess(lw))
-        out.append(log_z(lw, seed=seed, n_bootstrap=n_bootstrap))
     if system is not None and samples.positions.ndim == 3:
         system.check_coordinates(samples.positions[:1], "sample positions")
     topology = system.topology if system is not None else None
     modes = system.modes if system is not None else None
-    if modes is not None:
-        if samples.positions.ndim == 3 and not hasattr(modes, "atoms"):
-            raise InputError("the system's modes do not apply to molecular samples")
-        lab = modes.assign(samples.positions)
-        for i, nm in enumerate(modes.names):
-            out.append(pop(lab == i, f"P({nm})"))
-        minor = list(modes.names).index(modes.minor)
-        try:
-            if correlated:
-                d = population_free_energy(out[-len(modes.names) + minor], name=f"dF(rest->{modes.minor})")
-            else:
-                d = conformational_free_energy(lab != minor, lab == minor, lw, name=f"dF(rest->{modes.minor})",
-                                               temperature_k=samples.temperature, seed=seed, n_bootstrap=n_bootstrap)
-            out.append(d)
-            if samples.temperature:
-                out.append(to_kj_per_mol(d, samples.temperature))
-        except InputError as e:
-            import sys
-
-            print(f"note: no dF for the minor mode ({e})", file=sys.stderr)
+    res = analysis.sample_estimates(samples, modes, temperature_k=samples.temperature, seed=seed,
+                                    n_bootstrap=n_bootstrap)
+    mode_names = set(modes.names) if modes is not None else set()
+    out = []
+    for key, e in res.estimates.items():
+        out.append(replace(e, name=f"P({key})") if key in mode_names else e)
+        if e.unit == "kT" and samples.temperature:
+            out.append(to_kj_per_mol(e, samples.temperature))
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
     for expr in populations:
         region = parse_region(expr, topology=topology, modes=modes)
-        out.append(pop(region.indicator(samples.positions), f"P({region.name})"))
+        out.append(analysis.region_population(samples, region.indicator(samples.positions), f"P({region.name})",
+                                              seed=seed, n_bootstrap=n_bootstrap))
     return out
 
 

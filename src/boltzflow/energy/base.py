@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import InputError
+
 #: Canonical per-term names. Every backend reports a subset of these.
 TERM_NAMES = (
     "bond",  # HarmonicBondForce between bonded atoms
@@ -94,8 +96,6 @@ def log_linear_cap(u: torch.Tensor, energy_max: float | None) -> torch.Tensor:
 
 def check_positions(x: torch.Tensor, n_atoms: int) -> torch.Tensor:
     """Validate ``x: (batch, n_atoms, 3)``; a single ``(n_atoms, 3)`` frame is promoted to batch 1."""
-    from ..errors import InputError
-
     if not isinstance(x, torch.Tensor):
         raise InputError(f"positions must be a torch.Tensor of shape (batch, {n_atoms}, 3) in nm, got {type(x).__name__}")
     if x.dim() == 2:

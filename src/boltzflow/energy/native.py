@@ -37,6 +37,11 @@ non-periodic:
   (implicit/obc2.xml and CharmmPsfFile, incl. the ACE surface-area term and salt ``kappa``) and
   the built-in GBSAOBCForce (``gb``).
 
+Compilation: each OpenMM force class has one compiler function (``@force_compiler`` in
+:data:`FORCE_COMPILERS`) that turns the force into a :class:`TermTable`; a force's table is merged
+into the System's only when the whole force compiled. Adding a force type is one such function (plus,
+for a new kind of term, its evaluation here and in the kernels).
+
 Custom expressions are never trusted by spelling: each is evaluated at probe points with
 :mod:`boltzflow.energy.native_expr` and compared with the formula implemented here; anything
 else makes :func:`unsupported_forces` name the force (use ``backend='openmm'`` for it).
@@ -56,6 +61,7 @@ gradient for that sample.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +69,7 @@ import numpy as np
 import torch
 
 from .base import EnergyCap, EnergyResult, cap_gradient, check_positions, log_linear_cap
+from .native_expr import Expression, ExpressionError, numeric_definitions
 
 #: Coulomb constant used by OpenMM's NonbondedForce / GBSAOBCForce, kJ nm / (mol e^2).
 ONE_4PI_EPS0 = 138.93545764438198
@@ -76,15 +83,6 @@ _TINY = 1e-30
 _GB_TINY = 1e-12
 
 _IGNORED = ("CMMotionRemover", "AndersenThermostat")
-#: single-term forces whose term is reported (as zeros) even when the force is empty, like the bridge
-_FORCE_TERM = {
-    "HarmonicAngleForce": "angle",
-    "PeriodicTorsionForce": "torsion",
-    "CustomTorsionForce": "improper",
-    "CMAPTorsionForce": "cmap",
-    "CustomGBForce": "gb",
-    "GBSAOBCForce": "gb",
-}
 
 
 def _v(q) -> float:
@@ -96,20 +94,62 @@ def _v(q) -> float:
 # compilation: OpenMM System -> numpy arrays
 # ------------------------------------------------------------------------------------------
 @dataclass
-class _Compiled:
+class TermTable:
+    """The terms one OpenMM force contributes, as rows of plain numbers (OpenMM units: nm, rad, kJ/mol).
+
+    bonds ``(i, j, r0, k)``; angles ``(i, j, k, theta0, k)``; torsions ``(i, j, k, l, n, phase, k)``;
+    impropers ``(i, j, k, l, k, theta0, two_pi)``; cmap_maps ``(size, coefficients (size*size, 16))``;
+    cmaps ``(map, a1..a8)`` with ``map`` indexing this table's maps; pair_A/B/C: additions to the pair
+    coefficients over the ``n (n-1) / 2`` upper-triangle pairs (``A/r^12 - B/r^6 + C/r``; None: none);
+    gb: the GB parameters (:func:`_set_gb`) or None."""
+
     n: int
-    bonds: list = field(default_factory=list)  # (i, j, r0, k)
-    angles: list = field(default_factory=list)  # (i, j, k, theta0, k)
-    torsions: list = field(default_factory=list)  # (i, j, k, l, n, phase, k)
-    impropers: list = field(default_factory=list)  # (i, j, k, l, k, theta0, two_pi)
-    cmap_maps: list = field(default_factory=list)  # (size, coeff (size*size, 16))
-    cmaps: list = field(default_factory=list)  # (map, a1..a8)
-    pair_A: np.ndarray | None = None  # (n*(n-1)/2,) over triu pairs
+    bonds: list = field(default_factory=list)
+    angles: list = field(default_factory=list)
+    torsions: list = field(default_factory=list)
+    impropers: list = field(default_factory=list)
+    cmap_maps: list = field(default_factory=list)
+    cmaps: list = field(default_factory=list)
+    pair_A: np.ndarray | None = None
     pair_B: np.ndarray | None = None
     pair_C: np.ndarray | None = None
     gb: dict | None = None
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This table's pair-coefficient additions (A, B, C), created as zeros on first use; add into them."""
+        if self.pair_A is None:
+            m = self.n * (self.n - 1) // 2
+            self.pair_A, self.pair_B, self.pair_C = np.zeros(m), np.zeros(m), np.zeros(m)
+        return self.pair_A, self.pair_B, self.pair_C  # type: ignore[return-value]
+
+
+@dataclass
+class _Compiled(TermTable):
+    """A whole System: the merged :class:`TermTable` of its supported forces, the forces it cannot
+    evaluate (``unsupported``), the terms present (``present``, reported even when empty) and the pair
+    list ``pair_iu``, ``pair_ju``."""
+
     unsupported: list = field(default_factory=list)
     present: set = field(default_factory=set)  # term names of forces present (possibly empty)
+    pair_iu: np.ndarray | None = None
+    pair_ju: np.ndarray | None = None
+
+    def merge(self, t: TermTable) -> None:
+        """Append a force's table (rows in force order; cmap map indices shifted past the maps so far)."""
+        if t.gb is not None:
+            self.gb = t.gb
+        base = len(self.cmap_maps)
+        self.bonds += t.bonds
+        self.angles += t.angles
+        self.torsions += t.torsions
+        self.impropers += t.impropers
+        self.cmap_maps += t.cmap_maps
+        self.cmaps += [(base + m, *atoms) for m, *atoms in t.cmaps]
+        if t.pair_A is not None:
+            a, b, c = self.pairs()
+            a += t.pair_A
+            b += t.pair_B
+            c += t.pair_C
 
 
 class _Unsupported(Exception):
@@ -250,10 +290,8 @@ def _close(a: float, b: float, tol: float = 1e-8) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
-def _compile_custom_gb(force, c: _Compiled) -> None:
+def _compile_custom_gb(force, c: TermTable) -> None:
     import openmm
-
-    from .native_expr import Expression, ExpressionError, numeric_definitions
 
     _check_nocutoff(force)
     if force.getNumTabulatedFunctions():
@@ -328,9 +366,7 @@ def _compile_custom_gb(force, c: _Compiled) -> None:
     _set_gb(c, params[:, col["charge"]], params[:, col["or"]], params[:, col["sr"]], offset, gb["self"], _GB_PREF, gb["sa"])
 
 
-def _set_gb(c: _Compiled, charge, or_, sr, offset, diel, pref, sa) -> None:
-    if c.gb is not None:
-        raise _Unsupported("more than one GB force")
+def _set_gb(c: TermTable, charge, or_, sr, offset, diel, pref, sa) -> None:
     eps_in, eps_out, kappa = diel
     c.gb = {
         "charge": np.asarray(charge, dtype=np.float64),
@@ -347,182 +383,255 @@ def _set_gb(c: _Compiled, charge, or_, sr, offset, diel, pref, sa) -> None:
     }
 
 
-def _compile_force(force, c: _Compiled, pairs: dict) -> None:
-    import openmm
+# ------------------------------------------------------------------------------------------
+# force compilers: one function per OpenMM force type -> TermTable
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairIndex:
+    """The upper-triangle pair list of ``n`` atoms: ``iu``, ``ju`` ``(n (n-1) / 2,)`` and ``lookup[i, j]``,
+    the pair's position (-1 on the diagonal)."""
 
-    from .native_expr import Expression, ExpressionError, numeric_definitions
+    iu: np.ndarray
+    ju: np.ndarray
+    lookup: np.ndarray
 
-    kind = type(force).__name__
+    @classmethod
+    def of(cls, n: int) -> PairIndex:
+        return cls(*_triu_index(n))
+
+
+#: a force compiler: reads one OpenMM force and writes its terms into the TermTable (raises
+#: _Unsupported, with the reason, for a form it does not implement)
+ForceCompiler = Callable[[Any, TermTable, PairIndex], None]
+
+
+@dataclass(frozen=True)
+class _Registered:
+    compile: ForceCompiler
+    term: str | None  # the term reported (as zeros) even when the force is empty, like the bridge
+
+
+#: OpenMM force class name -> its compiler. Adding a force type is one ``@force_compiler`` function here
+#: (plus, for a new kind of term, its evaluation in NativeEnergy and the kernels).
+FORCE_COMPILERS: dict[str, _Registered] = {}
+
+
+def force_compiler(kind: str, term: str | None = None) -> Callable[[ForceCompiler], ForceCompiler]:
+    """Register the decorated function as the compiler of OpenMM forces of class ``kind``; ``term``: the
+    term name reported even when such a force is empty."""
+
+    def register(fn: ForceCompiler) -> ForceCompiler:
+        FORCE_COMPILERS[kind] = _Registered(fn, term)
+        return fn
+
+    return register
+
+
+@force_compiler("HarmonicBondForce")
+def _harmonic_bonds(force, t: TermTable, pairs: PairIndex) -> None:
+    for b in range(force.getNumBonds()):
+        i, j, r0, k = force.getBondParameters(b)
+        t.bonds.append((i, j, _v(r0), _v(k)))
+
+
+@force_compiler("HarmonicAngleForce", term="angle")
+def _harmonic_angles(force, t: TermTable, pairs: PairIndex) -> None:
+    for a in range(force.getNumAngles()):
+        i, j, k_, t0, k = force.getAngleParameters(a)
+        t.angles.append((i, j, k_, _v(t0), _v(k)))
+
+
+@force_compiler("PeriodicTorsionForce", term="torsion")
+def _periodic_torsions(force, t: TermTable, pairs: PairIndex) -> None:
+    for n in range(force.getNumTorsions()):
+        i, j, k_, l, per, ph, k = force.getTorsionParameters(n)
+        t.torsions.append((i, j, k_, l, float(per), _v(ph), _v(k)))
+
+
+@force_compiler("CustomTorsionForce", term="improper")
+def _harmonic_impropers(force, t: TermTable, pairs: PairIndex) -> None:
+    expr = force.getEnergyFunction()
+    names = [force.getPerTorsionParameterName(i) for i in range(force.getNumPerTorsionParameters())]
+    if not {"k", "theta0"} <= set(names):
+        raise _Unsupported(f"per-torsion parameters {names} are not (k, theta0): {expr!r}")
+    pi_ = numeric_definitions(expr).get("pi", math.pi)
+    glob = _globals(force)
+    two_pi = None
+    try:
+        f = Expression(expr)
+        for cand in (2 * pi_, math.inf):  # wrapped (charmm36_2024.xml, CharmmPsfFile) or plain k*(theta-theta0)^2
+            ok = True
+            for k in (1.3, 50.0):
+                for t0 in (0.0, 0.4, -2.9, math.pi):
+                    for th in np.linspace(-math.pi, math.pi, 13):
+                        d = abs(th - t0)
+                        ref = k * min(d, cand - d) ** 2
+                        var = dict(glob, **{nm: 0.0 for nm in names})
+                        var.update(theta=float(th), k=k, theta0=t0)
+                        ok = ok and _close(f(var), ref)
+            if ok:
+                two_pi = cand
+                break
+    except (ExpressionError, ValueError, ZeroDivisionError) as e:
+        raise _Unsupported(f"{e}") from e
+    if two_pi is None:
+        raise _Unsupported(f"not a harmonic improper k*min(dtheta, 2*pi-dtheta)^2 or k*(theta-theta0)^2: {expr!r}")
+    ik, it0 = names.index("k"), names.index("theta0")
+    for n in range(force.getNumTorsions()):
+        i, j, k_, l, p = force.getTorsionParameters(n)
+        t.impropers.append((i, j, k_, l, float(p[ik]), float(p[it0]), two_pi))
+
+
+@force_compiler("CMAPTorsionForce", term="cmap")
+def _cmap(force, t: TermTable, pairs: PairIndex) -> None:
+    for m in range(force.getNumMaps()):
+        size, energy = force.getMapParameters(m)
+        energy = np.array([_v(e) for e in (energy._value if hasattr(energy, "_value") else energy)], dtype=np.float64)
+        t.cmap_maps.append((int(size), _compile_periodic_cmap_coefficients(int(size), energy)))
+    for n in range(force.getNumTorsions()):
+        m, *atoms = force.getTorsionParameters(n)
+        t.cmaps.append((m, *atoms))
+
+
+@force_compiler("NonbondedForce")
+def _nonbonded(force, t: TermTable, pairs: PairIndex) -> None:
+    _check_nocutoff(force)
+    if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
+        raise _Unsupported("parameter offsets")
+    p = np.array([[_v(v) for v in force.getParticleParameters(i)] for i in range(t.n)])
+    q, sig, eps = p[:, 0], p[:, 1], p[:, 2]
+    iu, ju, lookup = pairs.iu, pairs.ju, pairs.lookup
+    s = 0.5 * (sig[iu] + sig[ju])
+    e = np.sqrt(eps[iu] * eps[ju])
+    A = 4 * e * s**12
+    B = 4 * e * s**6
+    C = ONE_4PI_EPS0 * q[iu] * q[ju]
+    for x in range(force.getNumExceptions()):
+        i, j, qq, sg, ep = force.getExceptionParameters(x)
+        idx = lookup[i, j]
+        qq, sg, ep = _v(qq), _v(sg), _v(ep)
+        A[idx] = 4 * ep * sg**12
+        B[idx] = 4 * ep * sg**6
+        C[idx] = ONE_4PI_EPS0 * qq
+    pa, pb, pc = t.pairs()
+    pa += A
+    pb += B
+    pc += C
+
+
+@force_compiler("CustomNonbondedForce")
+def _custom_nonbonded(force, t: TermTable, pairs: PairIndex) -> None:
+    _check_nocutoff(force)
+    if force.getNumInteractionGroups():
+        raise _Unsupported("interaction groups")
+    if hasattr(force, "getNumComputedValues") and force.getNumComputedValues():
+        raise _Unsupported("computed values")
+    expr = force.getEnergyFunction()
+    names = [force.getPerParticleParameterName(i) for i in range(force.getNumPerParticleParameters())]
+    glob, funcs = _globals(force), _tabulated(force)
+    params = [tuple(force.getParticleParameters(i)) for i in range(t.n)]
+    uniq = sorted(set(params))
+    code = {p: k for k, p in enumerate(uniq)}
+    try:
+        f = Expression(expr)
+        table = np.zeros((len(uniq), len(uniq), 3))
+        for a, pa in enumerate(uniq):
+            for b, pb in enumerate(uniq):
+                var = dict(glob)
+                var.update({nm + "1": v for nm, v in zip(names, pa)})
+                var.update({nm + "2": v for nm, v in zip(names, pb)})
+                table[a, b] = _fit_pair(lambda r: f(dict(var, r=float(r)), funcs))
+    except (ExpressionError, ValueError, ZeroDivisionError, IndexError, OverflowError) as e:
+        raise _Unsupported(f"{e}: {expr!r}") from e
+    tcode = np.array([code[p] for p in params])
+    abc = table[tcode[pairs.iu], tcode[pairs.ju]].copy()
+    for x in range(force.getNumExclusions()):
+        i, j = force.getExclusionParticles(x)
+        abc[pairs.lookup[i, j]] = 0.0
+    pa, pb, pc = t.pairs()
+    pa += abc[:, 0]
+    pb += abc[:, 1]
+    pc += abc[:, 2]
+
+
+@force_compiler("CustomBondForce")
+def _custom_bonds(force, t: TermTable, pairs: PairIndex) -> None:
+    expr = force.getEnergyFunction()
+    names = [force.getPerBondParameterName(i) for i in range(force.getNumPerBondParameters())]
+    glob = _globals(force)
+    cache: dict = {}
+    pa, pb, pc = t.pairs()
+    try:
+        f = Expression(expr)
+        for b in range(force.getNumBonds()):
+            i, j, p = force.getBondParameters(b)
+            p = tuple(p)
+            if p not in cache:
+                var = dict(glob, **dict(zip(names, p)))
+                cache[p] = _fit_pair(lambda r: f(dict(var, r=float(r))))
+            idx = pairs.lookup[i, j]
+            if idx < 0:
+                raise _Unsupported(f"bond ({i}, {j}) of a particle with itself")
+            A, B, C = cache[p]
+            pa[idx] += A
+            pb[idx] += B
+            pc[idx] += C
+    except (ExpressionError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise _Unsupported(f"{e}: {expr!r}") from e
+
+
+@force_compiler("CustomGBForce", term="gb")
+def _custom_gb(force, t: TermTable, pairs: PairIndex) -> None:
+    _compile_custom_gb(force, t)
+
+
+@force_compiler("GBSAOBCForce", term="gb")
+def _gbsa_obc(force, t: TermTable, pairs: PairIndex) -> None:
+    _check_nocutoff(force)
+    p = np.array([[_v(v) for v in force.getParticleParameters(i)] for i in range(t.n)])
+    offset = 0.009
+    or_ = p[:, 1] - offset
+    sa_energy = _v(force.getSurfaceAreaEnergy())
+    sa = (4 * math.pi * sa_energy, offset, _ACE_PROBE) if sa_energy != 0 else None
+    _set_gb(t, p[:, 0], or_, or_ * p[:, 2], offset, (force.getSoluteDielectric(), force.getSolventDielectric(), 0.0),
+            ONE_4PI_EPS0, sa)
+
+
+def _compile_force(force, pairs: PairIndex, n: int) -> tuple[TermTable, str | None]:
+    """(the TermTable of one force, the term it reports even when empty); _Unsupported with the reason."""
     if hasattr(force, "usesPeriodicBoundaryConditions") and force.usesPeriodicBoundaryConditions():
         raise _Unsupported("periodic boundary conditions")
-    n = c.n
-    if isinstance(force, openmm.HarmonicBondForce):
-        for b in range(force.getNumBonds()):
-            i, j, r0, k = force.getBondParameters(b)
-            c.bonds.append((i, j, _v(r0), _v(k)))
-    elif isinstance(force, openmm.HarmonicAngleForce):
-        for a in range(force.getNumAngles()):
-            i, j, k_, t0, k = force.getAngleParameters(a)
-            c.angles.append((i, j, k_, _v(t0), _v(k)))
-    elif isinstance(force, openmm.PeriodicTorsionForce):
-        for t in range(force.getNumTorsions()):
-            i, j, k_, l, per, ph, k = force.getTorsionParameters(t)
-            c.torsions.append((i, j, k_, l, float(per), _v(ph), _v(k)))
-    elif isinstance(force, openmm.CustomTorsionForce):
-        expr = force.getEnergyFunction()
-        names = [force.getPerTorsionParameterName(i) for i in range(force.getNumPerTorsionParameters())]
-        if not {"k", "theta0"} <= set(names):
-            raise _Unsupported(f"per-torsion parameters {names} are not (k, theta0): {expr!r}")
-        pi_ = numeric_definitions(expr).get("pi", math.pi)
-        glob = _globals(force)
-        two_pi = None
-        try:
-            f = Expression(expr)
-            for cand in (2 * pi_, math.inf):  # wrapped (charmm36_2024.xml, CharmmPsfFile) or plain k*(theta-theta0)^2
-                ok = True
-                for k in (1.3, 50.0):
-                    for t0 in (0.0, 0.4, -2.9, math.pi):
-                        for th in np.linspace(-math.pi, math.pi, 13):
-                            d = abs(th - t0)
-                            ref = k * min(d, cand - d) ** 2
-                            var = dict(glob, **{nm: 0.0 for nm in names})
-                            var.update(theta=float(th), k=k, theta0=t0)
-                            ok = ok and _close(f(var), ref)
-                if ok:
-                    two_pi = cand
-                    break
-        except (ExpressionError, ValueError, ZeroDivisionError) as e:
-            raise _Unsupported(f"{e}") from e
-        if two_pi is None:
-            raise _Unsupported(f"not a harmonic improper k*min(dtheta, 2*pi-dtheta)^2 or k*(theta-theta0)^2: {expr!r}")
-        ik, it0 = names.index("k"), names.index("theta0")
-        for t in range(force.getNumTorsions()):
-            i, j, k_, l, p = force.getTorsionParameters(t)
-            c.impropers.append((i, j, k_, l, float(p[ik]), float(p[it0]), two_pi))
-    elif isinstance(force, openmm.CMAPTorsionForce):
-        base = len(c.cmap_maps)
-        for m in range(force.getNumMaps()):
-            size, energy = force.getMapParameters(m)
-            energy = np.array([_v(e) for e in (energy._value if hasattr(energy, "_value") else energy)], dtype=np.float64)
-            c.cmap_maps.append((int(size), _compile_periodic_cmap_coefficients(int(size), energy)))
-        for t in range(force.getNumTorsions()):
-            m, *atoms = force.getTorsionParameters(t)
-            c.cmaps.append((base + m, *atoms))
-    elif isinstance(force, openmm.NonbondedForce):
-        _check_nocutoff(force)
-        if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
-            raise _Unsupported("parameter offsets")
-        p = np.array([[_v(v) for v in force.getParticleParameters(i)] for i in range(n)])
-        q, sig, eps = p[:, 0], p[:, 1], p[:, 2]
-        iu, ju, lookup = pairs["iu"], pairs["ju"], pairs["lookup"]
-        s = 0.5 * (sig[iu] + sig[ju])
-        e = np.sqrt(eps[iu] * eps[ju])
-        A = 4 * e * s**12
-        B = 4 * e * s**6
-        C = ONE_4PI_EPS0 * q[iu] * q[ju]
-        for x in range(force.getNumExceptions()):
-            i, j, qq, sg, ep = force.getExceptionParameters(x)
-            idx = lookup[i, j]
-            qq, sg, ep = _v(qq), _v(sg), _v(ep)
-            A[idx] = 4 * ep * sg**12
-            B[idx] = 4 * ep * sg**6
-            C[idx] = ONE_4PI_EPS0 * qq
-        pairs["A"] += A
-        pairs["B"] += B
-        pairs["C"] += C
-    elif isinstance(force, openmm.CustomNonbondedForce):
-        _check_nocutoff(force)
-        if force.getNumInteractionGroups():
-            raise _Unsupported("interaction groups")
-        if hasattr(force, "getNumComputedValues") and force.getNumComputedValues():
-            raise _Unsupported("computed values")
-        expr = force.getEnergyFunction()
-        names = [force.getPerParticleParameterName(i) for i in range(force.getNumPerParticleParameters())]
-        glob, funcs = _globals(force), _tabulated(force)
-        params = [tuple(force.getParticleParameters(i)) for i in range(n)]
-        uniq = sorted(set(params))
-        code = {p: k for k, p in enumerate(uniq)}
-        try:
-            f = Expression(expr)
-            table = np.zeros((len(uniq), len(uniq), 3))
-            for a, pa in enumerate(uniq):
-                for b, pb in enumerate(uniq):
-                    var = dict(glob)
-                    var.update({nm + "1": v for nm, v in zip(names, pa)})
-                    var.update({nm + "2": v for nm, v in zip(names, pb)})
-                    table[a, b] = _fit_pair(lambda r: f(dict(var, r=float(r)), funcs))
-        except (ExpressionError, ValueError, ZeroDivisionError, IndexError, OverflowError) as e:
-            raise _Unsupported(f"{e}: {expr!r}") from e
-        tcode = np.array([code[p] for p in params])
-        iu, ju, lookup = pairs["iu"], pairs["ju"], pairs["lookup"]
-        abc = table[tcode[iu], tcode[ju]].copy()
-        for x in range(force.getNumExclusions()):
-            i, j = force.getExclusionParticles(x)
-            abc[lookup[i, j]] = 0.0
-        pairs["A"] += abc[:, 0]
-        pairs["B"] += abc[:, 1]
-        pairs["C"] += abc[:, 2]
-    elif isinstance(force, openmm.CustomBondForce):
-        expr = force.getEnergyFunction()
-        names = [force.getPerBondParameterName(i) for i in range(force.getNumPerBondParameters())]
-        glob = _globals(force)
-        cache: dict = {}
-        try:
-            f = Expression(expr)
-            for b in range(force.getNumBonds()):
-                i, j, p = force.getBondParameters(b)
-                p = tuple(p)
-                if p not in cache:
-                    var = dict(glob, **dict(zip(names, p)))
-                    cache[p] = _fit_pair(lambda r: f(dict(var, r=float(r))))
-                idx = pairs["lookup"][i, j]
-                if idx < 0:
-                    raise _Unsupported(f"bond ({i}, {j}) of a particle with itself")
-                A, B, C = cache[p]
-                pairs["A"][idx] += A
-                pairs["B"][idx] += B
-                pairs["C"][idx] += C
-        except (ExpressionError, ValueError, ZeroDivisionError, OverflowError) as e:
-            raise _Unsupported(f"{e}: {expr!r}") from e
-    elif isinstance(force, openmm.CustomGBForce):
-        _compile_custom_gb(force, c)
-    elif isinstance(force, openmm.GBSAOBCForce):
-        _check_nocutoff(force)
-        p = np.array([[_v(v) for v in force.getParticleParameters(i)] for i in range(n)])
-        offset = 0.009
-        or_ = p[:, 1] - offset
-        sa_energy = _v(force.getSurfaceAreaEnergy())
-        sa = (4 * math.pi * sa_energy, offset, _ACE_PROBE) if sa_energy != 0 else None
-        _set_gb(c, p[:, 0], or_, or_ * p[:, 2], offset, (force.getSoluteDielectric(), force.getSolventDielectric(), 0.0), ONE_4PI_EPS0, sa)
-    elif kind in _IGNORED:
-        pass
-    else:
+    reg = FORCE_COMPILERS.get(type(force).__name__)
+    if reg is None:
         raise _Unsupported("not implemented in the native backend")
+    table = TermTable(n)
+    reg.compile(force, table, pairs)
+    return table, reg.term
 
 
 def _compile(system) -> _Compiled:
+    """The :class:`_Compiled` tables of an ``openmm.System``: each force's table is merged only when the
+    whole force compiled (an unsupported force leaves nothing behind and is named in ``unsupported``)."""
     n = system.getNumParticles()
     c = _Compiled(n=n)
-    iu, ju, lookup = _triu_index(n)
-    pairs = {"iu": iu, "ju": ju, "lookup": lookup, "A": np.zeros(len(iu)), "B": np.zeros(len(iu)), "C": np.zeros(len(iu))}
+    pairs = PairIndex.of(n)
+    c.pairs()
+    c.pair_iu, c.pair_ju = pairs.iu, pairs.ju
     if any(system.isVirtualSite(i) for i in range(n)):
         c.unsupported.append("virtual sites (the native backend has no virtual-site construction)")
     for force in system.getForces():
-        snapshot = (len(c.bonds), len(c.angles), len(c.torsions), len(c.impropers), len(c.cmap_maps), len(c.cmaps))
-        saved = {k: pairs[k].copy() for k in ("A", "B", "C")}
+        if type(force).__name__ in _IGNORED:
+            continue
         try:
-            _compile_force(force, c, pairs)
-            term = _FORCE_TERM.get(type(force).__name__)
-            if term:
-                c.present.add(term)
+            table, term = _compile_force(force, pairs, n)
+            if table.gb is not None and c.gb is not None:
+                raise _Unsupported("more than one GB force")
         except _Unsupported as e:
             c.unsupported.append(f"{type(force).__name__} '{force.getName()}' ({e})")
-            # roll back partial additions of this force
-            c.bonds, c.angles, c.torsions = c.bonds[: snapshot[0]], c.angles[: snapshot[1]], c.torsions[: snapshot[2]]
-            c.impropers, c.cmap_maps, c.cmaps = c.impropers[: snapshot[3]], c.cmap_maps[: snapshot[4]], c.cmaps[: snapshot[5]]
-            pairs.update(saved)
-    c.pair_A, c.pair_B, c.pair_C = pairs["A"], pairs["B"], pairs["C"]
-    c.pair_iu, c.pair_ju = iu, ju  # type: ignore[attr-defined]
+            continue
+        c.merge(table)
+        if term:
+            c.present.add(term)
     return c
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import current_umask
+
 SOURCE = Path(__file__).with_name("native_cpu.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c++17"]
 
@@ -116,6 +118,7 @@ def build_shared_library(cxx: str, source: Path) -> Path:
         r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{r.stderr[-2000:]}")
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkstemp made it owner-only; a library as the umask gives
         os.replace(tmp, lib)  # atomic: concurrent builders both end with a complete library
     finally:
         if os.path.exists(tmp):

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import InputError, WorkerError
 from .base import TERM_NAMES, EnergyCap, EnergyResult, check_positions, log_linear_cap
+from .terms import term_systems
 
 PLATFORMS = ("CPU", "Reference", "CUDA", "OpenCL")
 
@@ -304,8 +305,6 @@ class OpenMMEnergy(torch.nn.Module):
                  timeout: float = 300.0):
         super().__init__()
         import openmm
-
-        from .terms import term_systems
 
         _check_platform(platform)
         if not isinstance(n_workers, int) or n_workers < 1:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import UnsupportedForceError
+from .base import TERM_NAMES
+
 #: force class name -> term name, for forces that map to exactly one term
 _SIMPLE = {
     "HarmonicAngleForce": "angle",
@@ -71,8 +74,6 @@ def classify_forces(system, topology=None) -> list[tuple[int, str]]:
     ``topology`` is accepted for the contract but not needed.
     Returns ``[(force_index, name)]`` in force order; CMMotionRemover is omitted.
     Raises :class:`~boltzflow.errors.UnsupportedForceError` for a force type it does not know."""
-    from ..errors import UnsupportedForceError
-
     out: list[tuple[int, str]] = []
     for idx, f in enumerate(system.getForces()):
         cls = type(f).__name__
@@ -139,8 +140,6 @@ def term_systems(system, topology=None) -> tuple[Any, dict[str, list[int]]]:
     Returns ``(new_system, {term name: [force indices in new_system]})``; the new System has the
     same particles and no CMMotionRemover; term ``t`` is in force group ``TERM_NAMES.index(t)``."""
     import openmm
-
-    from .base import TERM_NAMES
 
     new = openmm.System()
     for i in range(system.getNumParticles()):

@@ -7,11 +7,29 @@
 """
 
 from .blocks import block_average, detect_equilibration, statistical_inefficiency, subsample_indices
-from .core import (Estimate, ess_fraction, expectation, kish_ess, log_weights, log_z, log_z_difference,
-                   normalized_weights)
-from .free_energy import (FreeEnergySurface, bar_free_energy, conformational_free_energy, exp_free_energy,
-                          free_energy_surface, histogram_kl, mode_populations, ramachandran_surface, population, population_free_energy,
-                          to_kj_per_mol)
+from .core import (
+                   Estimate,
+                   ess_fraction,
+                   expectation,
+                   kish_ess,
+                   log_weights,
+                   log_z,
+                   log_z_difference,
+                   normalized_weights,
+)
+from .free_energy import (
+                   FreeEnergySurface,
+                   bar_free_energy,
+                   conformational_free_energy,
+                   exp_free_energy,
+                   free_energy_surface,
+                   histogram_kl,
+                   mode_populations,
+                   population,
+                   population_free_energy,
+                   ramachandran_surface,
+                   to_kj_per_mol,
+)
 from .regions import GRAMMAR, Region, parse_region, torsion_atoms
 
 __all__ = [

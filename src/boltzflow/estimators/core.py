@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..core.weights import ess_of_weights
 from ..errors import InputError
 
 
@@ -98,9 +99,9 @@ def normalized_weights(lw) -> np.ndarray:
 
 def kish_ess(lw) -> Estimate:
     """Kish ESS = (sum w)^2 / sum w^2 as a count (``value``) with ``extra['fraction']`` = ESS / n."""
-    w = normalized_weights(lw)
+    w = normalized_weights(lw)  # raises for all-invalid weights
     n = w.size
-    ess = 1.0 / np.sum(w * w)
+    ess = ess_of_weights(w)
     return Estimate("ess", float(ess), float("nan"), float(ess), n=n, unit="samples", method="kish",
                     extra={"fraction": float(ess / n)})
 
@@ -138,7 +139,7 @@ def expectation(values, lw=None, name: str = "expectation", n_bootstrap: int = 5
     se = float(np.sqrt(np.sum(w * w * (f - mu) ** 2)))
     if lw is None and f.size > 1:
         se = float(np.std(f, ddof=1) / np.sqrt(f.size))
-    ess = 1.0 / np.sum(w * w)
+    ess = ess_of_weights(w)
     lo, hi = _bootstrap_ci(lambda idx: _weighted_mean(f[idx], w[idx]) if w[idx].sum() > 0 else np.nan,
                            f.size, n_bootstrap, level, seed)
     return Estimate(name, mu, se, float(ess), lo, hi, int(f.size), method="snis+bootstrap")
@@ -177,7 +178,7 @@ def log_z(lw, name: str = "log_Z", n_bootstrap: int = 500, level: float = 0.95,
     mean_w = w.mean()
     value = float(m + np.log(mean_w))
     se = float(np.std(w, ddof=1) / (np.sqrt(n) * mean_w)) if n > 1 else float("nan")
-    ess = float(w.sum() ** 2 / np.sum(w * w))
+    ess = ess_of_weights(w)
 
     def stat(idx):
         return float(np.log(np.mean(w[idx]))) + m
@@ -200,7 +201,3 @@ def log_z_difference(lw_a, lw_b, name: str = "delta_log_Z", seed: int | np.rando
     return Estimate(name, v, se, min(a.ess, b.ess), lo, hi, a.n + b.n, method="logZ difference",
                     extra={"log_Z_a": a.value, "log_Z_b": b.value})
 
-
-def weights_of(samples) -> np.ndarray | None:
-    """Log weights of a SampleSet (None when unweighted)."""
-    return None if samples.log_weights is None else np.asarray(samples.log_weights, dtype=np.float64)

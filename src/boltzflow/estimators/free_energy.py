@@ -11,9 +11,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..core.weights import ess_of_weights
 from ..errors import InputError
+from ..systems.modes import dihedral
 from ..units import kt_kj_per_mol
+from .blocks import _quiet_pymbar
 from .core import Estimate, _bootstrap_ci, _finite_lw, _rng, _vec, normalized_weights
+from .regions import torsion_atoms
 
 Z95 = 1.959963984540054
 
@@ -52,7 +56,7 @@ def population(indicator, lw=None, name: str = "population", n_bootstrap: int = 
         se = float(np.sqrt(max(p * (1 - p), 0.0) / (a.size - 1)))
     lo, hi = _bootstrap_ci(lambda i: float(np.sum(w[i] * a[i]) / np.sum(w[i])) if w[i].sum() > 0 else np.nan,
                            a.size, n_bootstrap, level, seed)
-    return Estimate(name, p, se, float(1.0 / np.sum(w * w)), lo, hi, int(a.size), unit="probability",
+    return Estimate(name, p, se, ess_of_weights(w), lo, hi, int(a.size), unit="probability",
                     method="snis" if lw is not None else "binomial")
 
 
@@ -96,7 +100,7 @@ def conformational_free_energy(in_a, in_b, lw=None, name: str = "dF", temperatur
     if temperature_k is not None:
         kt = kt_kj_per_mol(temperature_k)
         extra.update(value_kj_mol=value * kt, stderr_kj_mol=se * kt)
-    ess = float(1.0 / np.sum(w * w))
+    ess = ess_of_weights(w)
     return Estimate(name, value, se, ess, lo, hi, int(a.size), unit="kT", method="ratio+delta", extra=extra)
 
 
@@ -145,15 +149,12 @@ def free_energy_surface(x, y, lw=None, bins: int = 64, range_deg: tuple[float, f
         f = -np.log(p)
     if np.any(np.isfinite(f)):
         f = f - np.min(f[np.isfinite(f)])
-    return FreeEnergySurface(ex, ey, f, p, float(1.0 / np.sum(w * w)), int(xv.size))
+    return FreeEnergySurface(ex, ey, f, p, ess_of_weights(w), int(xv.size))
 
 
 def ramachandran_surface(positions, topology, lw=None, bins: int = 64) -> FreeEnergySurface:
     """Reweighted phi/psi free-energy surface (degrees, kT) of molecular samples ``positions: (n, n_atoms, 3)``
     nm; phi/psi are found from ``topology`` (first residue with both)."""
-    from ..systems.modes import dihedral
-    from .regions import torsion_atoms
-
     x = np.asarray(positions)
     phi = np.degrees(dihedral(x, torsion_atoms(topology, "phi")))
     psi = np.degrees(dihedral(x, torsion_atoms(topology, "psi")))
@@ -184,8 +185,6 @@ def exp_free_energy(delta_u, lw=None, name: str = "dF_exp", n_bootstrap: int = 5
         raise InputError("delta_u has non-finite entries (invalid energies); remove those samples first")
     n = du.size
     if lw is None:
-        from .blocks import _quiet_pymbar
-
         _quiet_pymbar()
         from pymbar import other_estimators
 
@@ -204,7 +203,7 @@ def exp_free_energy(delta_u, lw=None, name: str = "dF_exp", n_bootstrap: int = 5
         r_ = np.sum(w * e)
         se = float(np.sqrt(np.sum(w * w * (e - r_) ** 2)) / r_)
     ew = w * np.exp(-(du - np.min(du)))
-    ess = float(ew.sum() ** 2 / np.sum(ew * ew))  # ESS of the combined (target C) weights
+    ess = ess_of_weights(ew)  # ESS of the combined (target C) weights
     lo, hi = _bootstrap_ci(lambda i: _exp_weighted(du[i], lwv[i]), n, n_bootstrap, level, seed)
     return Estimate(name, value, se, ess, lo, hi, n, unit="kT", method="EXP",
                     extra={"ess_target_fraction": ess / n})
@@ -223,8 +222,6 @@ def bar_free_energy(w_f, w_r, lw_f=None, lw_r=None, name: str = "dF_bar",
 
     Weighted sample sets (generators, ``lw_f``/``lw_r`` log weights towards B resp. C) are first turned
     into Boltzmann samples by seeded multinomial resampling to their Kish ESS (rounded)."""
-    from .blocks import _quiet_pymbar
-
     _quiet_pymbar()
     from pymbar import other_estimators
 
@@ -246,5 +243,5 @@ def _resample(values: np.ndarray, lw, rng: np.random.Generator) -> np.ndarray:
     w = normalized_weights(_finite_lw(lw))
     if w.size != values.size:
         raise InputError(f"{values.size} work values but {w.size} log weights")
-    m = max(2, int(round(1.0 / np.sum(w * w))))
+    m = max(2, int(round(ess_of_weights(w))))
     return values[rng.choice(values.size, size=m, replace=True, p=w)]

@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from ..systems.modes import dihedral
+from ..systems.torsions import named_torsions
 
 GRAMMAR = ("expected e.g. 'phi>0', 'psi<-100', 'phi<0 & psi>100', 'mode=phi_positive', "
            "'dihedral(4,6,8,14)>0' or 'x[0]>0' (angles in degrees; OP one of > < >= <=; join with & or and)")
@@ -109,7 +111,6 @@ def _condition(text: str, whole: str, topology, modes) -> Callable[[np.ndarray],
         atoms = _named_torsion(coord, whole, topology)
     if not -180.0 <= thr <= 180.0:
         raise InputError(f"angle threshold {thr} in {whole!r} must be in [-180, 180] degrees")
-    from ..systems.modes import dihedral
 
     def tors(x):
         x = np.asarray(x)
@@ -126,7 +127,6 @@ def _named_torsion(name: str, whole: str, topology) -> tuple[int, int, int, int]
     if topology is None:
         raise InputError(f"'{name}' in {whole!r} needs the system's topology; pass --system SYSTEM_DIR "
                          "(or use dihedral(a,b,c,d) with atom indices)")
-    from ..systems.torsions import named_torsions
 
     tors = named_torsions(topology)
     if name not in tors:

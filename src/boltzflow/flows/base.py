@@ -1,4 +1,5 @@
-"""Core flow objects: bijections with log-determinants, composition, base distributions, Flow.
+"""Core flow objects: composition of bijections (the :class:`Bijection` base lives in
+:mod:`boltzflow.core.bijection`), base distributions, Flow.
 
 Conventions (design.md): ``forward`` maps latent -> configuration, ``forward(z) -> (x, logdet)``
 with ``logdet = log|det dx/dz|`` of shape (batch,); ``inverse(x) -> (z, logdet)`` with
@@ -13,19 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-
-class Bijection(nn.Module):
-    """Base class: subclasses implement ``forward`` and ``inverse``, each returning (out, logdet).
-
-    ``context`` (optional, ``(batch, context_dim)``) conditions the map (conditional flows, e.g.
-    hydrogens given heavy atoms); unconditional layers ignore it.
-    """
-
-    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError
-
-    def inverse(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError
+from ..core.bijection import Bijection
 
 
 class Compose(Bijection):

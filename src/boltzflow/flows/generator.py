@@ -31,8 +31,13 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..transforms.cartesian import alignment_penalty, prepare_cartesian
-from ..transforms.internal import (InternalCoordinates, amide_torsions, chiral_centers, improper_torsions,
-                                  mirror_image_mask)
+from ..transforms.internal import (
+    InternalCoordinates,
+    amide_torsions,
+    chiral_centers,
+    improper_torsions,
+    mirror_image_mask,
+)
 from ..transforms.zmatrix import all_atom_zmatrix, bond_graph, build_zmatrix
 
 PIPELINES = ("hnet", "conditional", "internal-all")

@@ -12,6 +12,7 @@ which are dropped from the loss and counted in ``metrics["n_invalid"]``).
 
 from __future__ import annotations
 
+from ..errors import InputError
 from .base import LossOutput, kish_ess
 from .core import alpha2_resampled, klx, klx_path, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask
 from .fab import fab
@@ -29,17 +30,13 @@ LOSSES = {
     "alpha2": alpha2_resampled,
 }
 
-DATA_FREE = tuple(k for k in LOSSES if k != "klz")
-
 
 def get_loss(name: str):
     """The loss function registered as ``name``; InputError listing the valid names otherwise."""
-    from ..errors import InputError
-
     if name not in LOSSES:
         raise InputError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     return LOSSES[name]
 
 
-__all__ = ["LOSSES", "DATA_FREE", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "l2plus",
+__all__ = ["LOSSES", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "l2plus",
            "l2plus_nomask", "l2plus_nodetach", "fab"]

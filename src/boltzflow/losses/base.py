@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
+
+from ..core.weights import kish_ess as core_kish_ess
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -27,13 +29,10 @@ class LossOutput:
 
 
 def kish_ess(log_w: torch.Tensor) -> float:
-    """Kish effective sample size as a fraction of N: ``(sum w)^2 / (N sum w^2)``; -inf weights count as 0."""
-    lw = log_w.detach().double().reshape(-1)
-    n = lw.numel()
-    if n == 0 or not torch.isfinite(lw).any():
-        return 0.0
-    lw = torch.where(torch.isnan(lw), torch.full_like(lw, -math.inf), lw)
-    return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0)) / n)
+    """Kish effective sample size as a fraction of N: ``(sum w)^2 / (N sum w^2)``; -inf and NaN weights count
+    as 0, no valid weight gives 0.0 (:func:`boltzflow.core.weights.kish_ess`, divided by N)."""
+    n = log_w.numel()
+    return core_kish_ess(log_w) / n if n else 0.0
 
 
 def log_z_estimate(log_w: torch.Tensor) -> float:

@@ -12,7 +12,18 @@ from typing import Callable
 
 import numpy as np
 
+from ..core.weights import ess_of_weights
 from ..errors import InputError
+from ..estimators.analysis import N_BLOCKS
+from ..estimators.blocks import (
+    _quiet_pymbar,
+    block_average,
+    detect_equilibration,
+    statistical_inefficiency,
+    subsample_indices,
+)
+from ..estimators.core import Estimate
+from ..sampling.sampleset import SampleSet
 from .exchange import CONFIG_NAME, COST_NAME, _quiet_openmmtools, storage_path
 
 
@@ -116,8 +127,6 @@ def _temperatures_from_storage(path: Path) -> np.ndarray:
 
 
 def _equilibration(data: ReplicaData, state_index: int, discard: bool) -> tuple[int, float]:
-    from ..estimators.blocks import detect_equilibration, statistical_inefficiency
-
     _, u = data.state_series(state_index)
     if discard:
         t0, g, _ = detect_equilibration(u)
@@ -134,9 +143,6 @@ def extract_samples(storage: str | Path, state_index: int = 0, discard_equilibra
     temperature; log_q / log_weights None (Boltzmann samples). Equilibration is detected on the state's
     reduced-energy series (pymbar) and discarded; with ``decorrelate`` every g-th frame is kept (g the
     statistical inefficiency). Provenance records t0, g, iterations and cost."""
-    from ..estimators.blocks import subsample_indices
-    from ..sampling.sampleset import SampleSet
-
     data = read_replica(storage)
     k = int(state_index)
     if not 0 <= k < data.energies.shape[2]:
@@ -171,12 +177,11 @@ def extract_samples(storage: str | Path, state_index: int = 0, discard_equilibra
 
 
 def state_populations(storage: str | Path, indicators: dict[str, Callable[[np.ndarray], np.ndarray]],
-                      state_index: int = 0, n_blocks: int = 10, discard_equilibration: bool = True,
+                      state_index: int = 0, n_blocks: int = N_BLOCKS, discard_equilibration: bool = True,
                       seed: int = 0) -> dict:
     """Populations of regions at state ``state_index`` from that state's (correlated) series with block
-    errors: ``{name: Estimate}``; ``indicators[name](x: (T, n_atoms, 3)) -> (T,) bool``."""
-    from ..estimators.blocks import block_average
-
+    errors: ``{name: Estimate}``; ``indicators[name](x: (T, n_atoms, 3)) -> (T,) bool``. ``n_blocks``
+    defaults to :data:`boltzflow.estimators.analysis.N_BLOCKS` (fewer for series shorter than 2 per block)."""
     data = read_replica(storage)
     x, _ = data.state_series(state_index)
     t0, g = _equilibration(data, state_index, discard_equilibration)
@@ -220,8 +225,6 @@ def mbar_analysis(storage: str | Path, observables: dict[str, Callable[[np.ndarr
     per-block estimates (contiguous iteration blocks, global f_k), (iii) bootstrap over blocks
     (reported as stderr). (i) understates rare-state populations several-fold for correlated runs.
     """
-    from ..estimators.blocks import _quiet_pymbar, detect_equilibration, statistical_inefficiency
-
     _quiet_pymbar()
     from pymbar import MBAR
     from pymbar.utils import ParameterError
@@ -287,7 +290,7 @@ def mbar_analysis(storage: str | Path, observables: dict[str, Callable[[np.ndarr
                     reps.append(num[pick].sum() / d)
             reps = np.asarray(reps)
             se_boot = float(np.std(reps, ddof=1)) if reps.size > 1 else float("nan")
-            ess = float(w.sum() ** 2 / np.sum(w * w))
+            ess = ess_of_weights(w)
             lo, hi = (float(np.quantile(reps, 0.025)), float(np.quantile(reps, 0.975))) if reps.size else (np.nan, np.nan)
             obs_out[name] = _estimate(name, value, se_boot, ess, lo, hi, int(a.size),
                                       {"stderr_block": se_block, "stderr_mbar": naive, "n_blocks": int(ok.sum())})
@@ -295,8 +298,6 @@ def mbar_analysis(storage: str | Path, observables: dict[str, Callable[[np.ndarr
 
 
 def _estimate(name, value, se, ess, lo, hi, n, extra):
-    from ..estimators.core import Estimate
-
     return Estimate(name, value, se, ess, lo, hi, n, unit="probability", method="mbar+bootstrap-over-blocks",
                     extra=extra)
 

@@ -62,6 +62,8 @@ from ..errors import ConfigError, InputError
 from ..io import atomic_write_json
 from ..systems.molecular import prune_unused_cmap_maps  # re-exported by boltzflow.replica
 from . import storage as _storage
+from .energies import openmm_platform as _platform
+from .energies import reduced_energies
 
 METHODS = ("parallel-tempering", "replica-exchange")
 STORAGE_NAME = "replica.nc"
@@ -134,23 +136,6 @@ def storage_path(out_dir: str | Path) -> Path:
     return p if p.suffix == ".nc" else p / STORAGE_NAME
 
 
-def _platform(name: str, threads: int | None):
-    import openmm
-
-    if name == "auto":
-        names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-        name = next((n for n in ("CUDA", "OpenCL", "CPU", "Reference") if n in names), "Reference")
-    try:
-        plat = openmm.Platform.getPlatformByName(name)
-    except Exception as e:
-        raise InputError(f"OpenMM platform {name!r} is not available ({e}); use CPU, Reference or auto") from e
-    props = {}
-    if name == "CPU" and threads:
-        props["Threads"] = str(int(threads))
-    return plat, props
-
-
-
 def _quiet_openmmtools() -> None:
     # openmmtools warns "multistate API is experimental" on every reporter; pymbar warns about JAX.
     for name in ("openmmtools.multistate", "openmmtools.multistate.multistatereporter", "pymbar.mbar_solvers",
@@ -160,7 +145,7 @@ def _quiet_openmmtools() -> None:
 
 def _make_sampler(config: ReplicaExchangeConfig):
     from openmm import unit
-    from openmmtools import cache, mcmc, multistate
+    from openmmtools import mcmc, multistate
 
     move = mcmc.LangevinDynamicsMove(
         timestep=config.timestep_fs * unit.femtosecond,
@@ -203,7 +188,6 @@ def _same_energies(system, path: Path, n_frames: int = 4) -> bool:
     re-serialised differently, e.g. after a force-field file reordering, is still the same target)."""
     import netCDF4
 
-    from .energies import reduced_energies
 
     with netCDF4.Dataset(str(path), "r") as ds:
         n = int(ds.variables["states"].shape[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..systems.molecular import MolecularSystem
 from ..units import kt_kj_per_mol
 
 
@@ -29,8 +30,6 @@ def harmonic_system(n_particles: int = 5, k_kj_mol_nm2: float = 100.0, temperatu
                     mass_da: float = 1.0):
     """MolecularSystem of ``n_particles`` independent oscillators U = k/2 |x - x0_i|^2 (kJ/mol, nm)."""
     import openmm
-
-    from ..systems.molecular import MolecularSystem
 
     sysobj = openmm.System()
     f = openmm.CustomExternalForce("0.5*harm_k*((x-harm_x0)^2+(y-harm_y0)^2+(z-harm_z0)^2)")
@@ -60,8 +59,6 @@ def double_well_system(barrier_kj_mol: float = 10.0, tilt_kj_mol: float = 4.0, t
     With tilt > 0 the x > 0 well is the minor mode (modes: SignModes-like ``TorsionModes`` are not
     applicable; use the region ``x[0]>0``)."""
     import openmm
-
-    from ..systems.molecular import MolecularSystem
 
     sysobj = openmm.System()
     sysobj.addParticle(mass_da)

@@ -12,20 +12,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from ..core.geometry import dihedral_of as dihedral
+from ..core.protocols import is_molecular
 from ..errors import InputError
+from ..estimators.analysis import mode_fractions, sample_ess
 from ..io import atomic_write_text, staged_files
+from ..sampling import SampleSet
+from ..systems import MolecularSystem
+from ..systems.torsions import named_torsions
+from ..training.rundir import RunDir
 from . import html as H
 from . import plots
 
 
 def build_report(run_dir: str | Path, replica_dir: str | Path | None = None) -> Path:
     """Render plots into ``RUN_DIR/plots`` and write ``RUN_DIR/report.html``; returns its path."""
-    from ..sampling import SampleSet
-    from ..systems import MolecularSystem
-    from ..training.rundir import RunDir
-
     rd = RunDir(run_dir, create=False)
     gen_path = rd.path / "samples" / "generated.npz"
     if not gen_path.is_file() and not rd.metrics_path.is_file():
@@ -100,9 +101,6 @@ def _flat(v: Any) -> dict:
 
 
 def _torsion_section(system, gen, ref, figs: Path) -> str:
-    from ..systems.modes import dihedral
-    from ..systems.torsions import named_torsions
-
     tors = named_torsions(system.topology)
     parts = []
     w = gen.normalized_weights() if gen.log_weights is not None else None
@@ -116,7 +114,7 @@ def _torsion_section(system, gen, ref, figs: Path) -> str:
             panels.append(("reweighted", gphi, gpsi, w))
         p = plots.ramachandran(panels, figs / "ramachandran.png")
         parts.append(H.figure(p, "Ramachandran free-energy surfaces: reference vs generated vs reweighted"))
-    elif system.modes is not None and hasattr(system.modes, "atoms"):
+    elif is_molecular(system.modes):
         atoms = system.modes.atoms
         sets = []
         if ref is not None:
@@ -129,19 +127,17 @@ def _torsion_section(system, gen, ref, figs: Path) -> str:
         parts.append(H.figure(p, "torsion histogram: reference vs generated vs reweighted"))
     if system.modes is not None:
         rows = []
-        for label, ss, ww in (("reference", ref, None), ("generated", gen, None), ("reweighted", gen, w)):
-            if ss is None or (label == "reweighted" and ww is None):
+        for label, ss, lw in (("reference", ref, None), ("generated", gen, None), ("reweighted", gen, gen.log_weights)):
+            if ss is None or (label == "reweighted" and lw is None):
                 continue
-            lab = system.modes.assign(ss.positions)
-            weights = ww if ww is not None else np.full(len(lab), 1.0 / len(lab))
-            rows.append({"samples": label, **{n: float(weights[lab == i].sum()) for i, n in enumerate(system.modes.names)}})
+            rows.append({"samples": label, **mode_fractions(system.modes, ss.positions, lw)})
         parts.append(H.table(rows))
     return "\n".join(parts)
 
 
 def _compare_with_replica(system, gen, replica_dir) -> list[dict]:
-    from ..sampling import SampleSet
-
+    """Rows of the report's comparison table: n, Kish ESS and mode fractions of the replica-exchange
+    samples and the reweighted generator (:mod:`boltzflow.estimators.analysis`)."""
     rp = Path(replica_dir)
     path = rp / "samples.npz" if rp.is_dir() else rp
     rep = SampleSet.load(path)
@@ -152,9 +148,6 @@ def _compare_with_replica(system, gen, replica_dir) -> list[dict]:
     for label, ss in (("replica exchange", rep), ("flow (reweighted)", gen)):
         if ss is None:
             continue
-        lab = system.modes.assign(ss.positions)
-        w = ss.normalized_weights()
-        ess = 1.0 / np.sum(w ** 2)
-        rows.append({"sampler": label, "n": len(ss), "ess": float(ess),
-                     **{n: float(w[lab == i].sum()) for i, n in enumerate(system.modes.names)}})
+        rows.append({"sampler": label, "n": len(ss), "ess": sample_ess(ss),
+                     **mode_fractions(system.modes, ss.positions, ss.log_weights)})
     return rows

@@ -8,28 +8,19 @@ backbone (phi, psi) automatically (:func:`peptide_modes`, used by the PDB and se
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from ..core.geometry import dihedral_of
+from .torsions import backbone_torsions
+
 
 def dihedral(x: np.ndarray, atoms: tuple[int, int, int, int]) -> np.ndarray:
-    """Dihedral angle in radians, range (-pi, pi], for ``x: (batch, n_atoms, 3)`` (numpy or torch)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim == 2:
-        x = x[None]
-    p0, p1, p2, p3 = (x[:, a] for a in atoms)
-    b0, b1, b2 = p0 - p1, p2 - p1, p3 - p2
-    b1n = b1 / np.linalg.norm(b1, axis=-1, keepdims=True)
-    v = b0 - np.sum(b0 * b1n, axis=-1, keepdims=True) * b1n
-    w = b2 - np.sum(b2 * b1n, axis=-1, keepdims=True) * b1n
-    xx = np.sum(v * w, axis=-1)
-    yy = np.sum(np.cross(b1n, v) * w, axis=-1)
-    return np.arctan2(yy, xx)
+    """Dihedral angle in radians, range (-pi, pi], for ``x: (batch, n_atoms, 3)`` (numpy or torch);
+    :func:`boltzflow.core.geometry.dihedral_of`."""
+    return dihedral_of(x, atoms)
 
 
 @dataclass(frozen=True)
@@ -41,6 +32,8 @@ class TorsionModes:
     mode whose population is the headline number (e.g. alanine dipeptide's phi > 0).
     """
 
+    #: coordinates are molecular ``(n, n_atoms, 3)`` (:class:`boltzflow.core.protocols.MolecularModeSet`)
+    molecular: ClassVar[bool] = True
     atoms: tuple[int, int, int, int]
     edges_deg: tuple[float, ...]
     names: tuple[str, ...]
@@ -79,6 +72,8 @@ class TorsionModes:
 class SignModes:
     """Two modes by the sign of coordinate ``index`` of a flat vector ``x: (batch, dim)``."""
 
+    #: coordinates are flat vectors ``(n, dim)`` (a toy target's), not molecules
+    molecular: ClassVar[bool] = False
     index: int = 0
     names: tuple[str, ...] = ("negative", "positive")
     minor: str = "negative"
@@ -145,6 +140,8 @@ class PeptideModes:
     ``mode=res1_alpha_R``) and the molecule's as ``mode=helix`` etc.
     """
 
+    #: coordinates are molecular ``(n, n_atoms, 3)`` (:class:`boltzflow.core.protocols.MolecularModeSet`)
+    molecular: ClassVar[bool] = True
     residues: tuple
     names: tuple[str, ...] = PEPTIDE_STATES
     minor: str = "any_alpha_L"
@@ -221,8 +218,6 @@ class PeptideModes:
 
 def peptide_modes(topology) -> PeptideModes | None:
     """:class:`PeptideModes` of every residue of ``topology`` with both phi and psi (None if there is none)."""
-    from .torsions import backbone_torsions
-
     res = []
     for i, t in enumerate(backbone_torsions(topology)):
         if "phi" in t and "psi" in t:

@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ..core.protocols import ModeSet
 from ..errors import InputError
 from ..io import atomic_write_json, atomic_write_text
-from ..units import kt_kj_per_mol
+from ..units import check_temperature, kt_kj_per_mol
 from .modes import modes_from_dict
 
 SOLVENTS = ("vacuum", "obc2")
@@ -50,12 +51,14 @@ class MolecularSystem:
     heavy_indices: np.ndarray
     hydrogen_indices: np.ndarray
     hydrogen_parents: np.ndarray
-    modes: Any = None
+    modes: ModeSet | None = None
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.solvent not in SOLVENTS:
             raise InputError(f"solvent must be one of {SOLVENTS}, got {self.solvent!r}")
+        object.__setattr__(self, "temperature", check_temperature(self.temperature, "the system's temperature",
+                                                                   warn=False))
         n = self.system.getNumParticles()
         if self.topology.getNumAtoms() != n:
             raise InputError(f"topology has {self.topology.getNumAtoms()} atoms but the System has {n} particles")
@@ -122,9 +125,10 @@ class MolecularSystem:
     # ---- persistence ---------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write ``system.xml``, ``topology.pdb`` and ``metadata.json`` into ``directory``."""
+        import io
+
         import openmm
         import openmm.app as app
-        import io
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, SystemBuildError
+from ..units import check_temperature
 from .modes import peptide_modes
 from .molecular import SOLVENTS, MolecularSystem, hydrogen_bookkeeping, prune_unused_cmap_maps
 
@@ -40,15 +41,11 @@ _HIS_VARIANT = {"HID": "HID", "HSD": "HID", "HIE": "HIE", "HSE": "HIE", "HIP": "
 
 
 def check_solvent_temperature(solvent: str, temperature: float) -> None:
-    """Raise InputError for an unknown solvent or a non-positive temperature (K)."""
+    """Raise InputError for an unknown solvent or a temperature (K) that is not finite and > 0
+    (:func:`boltzflow.units.check_temperature`; a warning above 1 000 K)."""
     if solvent not in SOLVENTS:
         raise InputError(f"unknown solvent {solvent!r}; choose one of {', '.join(SOLVENTS)}")
-    try:
-        ok = float(temperature) > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise InputError(f"temperature must be a positive number in K, got {temperature!r}")
+    check_temperature(temperature)
 
 
 def charmm_forcefield(solvent: str = "vacuum", force_field: tuple[str, ...] = FORCE_FIELD_FILES):
@@ -359,7 +356,6 @@ def from_pdb(path: str | Path, solvent: str = "vacuum", temperature: float = 300
     force_field: OpenMM force-field files (default CHARMM36m ``charmm36_2024.xml``; butane's BUTA
     residue template is only in the older ``charmm36.xml``)."""
     import openmm
-    import openmm.app as app
 
     check_solvent_temperature(solvent, temperature)
     p = Path(path)

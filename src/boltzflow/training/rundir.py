@@ -14,6 +14,12 @@ Layout::
       report.html        self-contained report (`boltzflow report RUN_DIR`)
       summary.json       headline numbers, rewritten atomically at the end of each stage
 
+Costs in summary.json, each named once: ``energy_evals_training`` / ``training_wall_s`` are the whole
+cost of training (data generation included; the generator's samples carry them as provenance
+``training_energy_evals`` / ``training_wall_s``); ``training`` holds the optimisation loop's own
+``energy_evals`` / ``wall_s``, ``data_tempering`` and ``data_augmentation`` those of making the data;
+``demo.energy_evals`` adds the sampling.
+
 Nothing is lost on a crash: checkpoints and summaries are written via temp file + rename,
 metrics lines are flushed as they are written.
 """
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import _json_default, atomic_write_json, atomic_write_text
 
 
 class RunDir:
@@ -93,8 +99,6 @@ class RunDir:
             fh.write(f"[{stamp}] {message}\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        from ..io import _json_default
-
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row, default=_json_default) + "\n")
             fh.flush()
@@ -116,7 +120,6 @@ class RunDir:
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric rows with step > after_step (used when resuming from a checkpoint)."""
         rows = [r for r in self.read_metrics() if r.get("step", -1) <= after_step]
-        from ..io import _json_default
 
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 

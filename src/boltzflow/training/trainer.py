@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -434,7 +434,9 @@ class Trainer:
             "n_invalid": self.counters.n_invalid, "wall_s": self.counters.wall_s, "last": self.last_row,
         }
         if self.run_dir is not None:
-            self.run_dir.update_summary(**summary)
+            # the loop's own costs only under "training" (summary.json's costs: training/rundir.py)
+            top = {k: v for k, v in summary.items() if k not in ("energy_evals", "wall_s")}
+            self.run_dir.update_summary(**top, training=summary)
         return summary
 
     def _guard_check(self) -> None:

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.bijection import Bijection
+from ..core.geometry import dihedral
 from ..errors import InputError
-from ..flows.base import Bijection
 from .zmatrix import ZMatrix, _levels
 
 _EPS = 1e-12
@@ -58,19 +59,6 @@ def bond_angle(xi: torch.Tensor, xj: torch.Tensor, xk: torch.Tensor) -> torch.Te
     """Angle i-j-k in radians [0, pi], (..., 3) -> (...). atan2 form (stable near 0 and pi)."""
     a, b = xi - xj, xk - xj
     return torch.atan2(_norm(torch.cross(a, b, dim=-1)), (a * b).sum(-1))
-
-
-def dihedral(xi: torch.Tensor, xj: torch.Tensor, xk: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
-    """Torsion i-j-k-l in radians (-pi, pi], IUPAC sign convention; (..., 3) -> (...)."""
-    b0 = xi - xj
-    b1 = xk - xj
-    b1 = b1 / _norm(b1).unsqueeze(-1)
-    b2 = xl - xk
-    v = b0 - (b0 * b1).sum(-1, keepdim=True) * b1
-    w = b2 - (b2 * b1).sum(-1, keepdim=True) * b1
-    x = (v * w).sum(-1)
-    y = (torch.cross(b1, v, dim=-1) * w).sum(-1)
-    return torch.atan2(y, x)
 
 
 def nerf(xl: torch.Tensor, xk: torch.Tensor, xj: torch.Tensor, r: torch.Tensor, theta: torch.Tensor,

@@ -1,7 +1,8 @@
 """Write CHARMM PSF + parameter (.prm) + topology (.rtf) files for a molecule parametrised by
 OpenMM's ``charmm36_2024.xml``.
 
-Used by ``systems/<name>/make_files.py`` to make the shipped PSF route. The parameters written are
+Build tooling (not part of the installed package: it uses OpenMM's private ``ForceField._forces``). Used by
+``systems/<name>/make_files.py`` to make the shipped PSF route. The parameters written are
 exactly those OpenMM assigned (per CHARMM atom class), converted to CHARMM units, so
 ``CharmmPsfFile(psf).createSystem(CharmmParameterSet(rtf, prm))`` reproduces the energy of the
 ``charmm36_2024.xml`` System. Only parameters the molecule uses are written.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+
 import numpy as np
 
 KCAL = 4.184
