@@ -281,56 +281,82 @@ def build(system, config: RunConfig, data_positions=None):
 
 
 def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-          max_steps: int | None = None) -> dict[str, Any]:
+          max_steps: int | None = None, dist=None) -> dict[str, Any]:
     """Pre-train on reference data (KLz), then fine-tune data-free, in ``run_dir``.
 
     Writes config.toml, environment.json, system/, checkpoints/, metrics.jsonl, generator.pt and
     summary.json. With ``resume=True`` continues from the last checkpoint (same parameters as an
-    uninterrupted run). Returns the summary dict."""
+    uninterrupted run). Returns the summary dict.
+
+    dist: a :class:`boltzflow.distributed.DistContext` (default: the initialised process group, if any):
+    every rank calls ``train`` with the same arguments; the generator is trained data-parallel
+    (:class:`boltzflow.training.trainer.Trainer`), rank 0 alone writes ``run_dir`` and builds cached
+    training data (tempering, Langevin frames) that the other ranks then read."""
     import torch
 
-    from .flows.generator import save_generator
+    from . import distributed
     from .training.rundir import RunDir
     from .training.trainer import Trainer
 
+    dist = dist or distributed.current()
     rd = RunDir(run_dir)
     if resume and not rd.latest_checkpoint.is_file():
         raise InputError(f"nothing to resume in '{rd.path}' (no checkpoints/latest.pt); start without --resume")
     if not resume and rd.latest_checkpoint.is_file():
         raise InputError(f"'{rd.path}' already holds a training run; use --resume to continue it or choose a new -o")
-    rd.write_config(dump_toml(config))
-    rd.write_environment()
-    system.save(rd.system_dir)
+    dist.barrier()  # every rank has looked before rank 0 writes
+    log = rd.log if dist.is_main else (lambda message: None)
+    if dist.is_main:
+        rd.write_config(dump_toml(config))
+        rd.write_environment()
+        system.save(rd.system_dir)
     tempering = None
     if config.data.source == "tempering":
-        ref, ref_path, tempering = _tempering_data(system, config, rd)
+        ref, ref_path, tempering = distributed.rank0_first(dist, lambda: _tempering_data(system, config, rd))
     else:
         ref, ref_path = load_reference(system, config.data)
     train_idx, test_idx = _split(len(ref), config.data.holdout, config.seed)
     train_x, aug = ref.positions[train_idx], None
     if config.data.md_frames > 0:
-        train_x, aug = _augmented_data(system, config, rd, train_x, ref.reduced_energy, train_idx)
+        train_x, aug = distributed.rank0_first(
+            dist, lambda: _augmented_data(system, config, rd, train_x, ref.reduced_energy, train_idx))
     train_x, n_other = _keep_isomer(system, config, train_x)
     if n_other:
-        rd.log(f"dropped {n_other} training frames of another isomer (generator.fixed_torsions = "
-               f"'{config.generator.fixed_torsions}': cis/trans amide or handedness unlike the input structure)")
+        log(f"dropped {n_other} training frames of another isomer (generator.fixed_torsions = "
+            f"'{config.generator.fixed_torsions}': cis/trans amide or handedness unlike the input structure)")
     gen, energy = build(system, config, train_x)
     device, dtype = resolve_device(config.device), _dtype(config.dtype)
     data = torch.as_tensor(train_x, dtype=dtype, device=device)
-    rd.log(f"{'resuming' if resume else 'starting'} training of {system.name} on {device} "
-           f"({len(train_x)} training frames from {ref_path}"
-           f"{f', Langevin from {len(train_idx)} reference frames' if aug else ''})")
+    ranks = f" x {dist.world_size} ranks ({dist.backend}, data-parallel)" if dist.active else ""
+    log(f"{'resuming' if resume else 'starting'} training of {system.name} on {device}{ranks} "
+        f"({len(train_x)} training frames from {ref_path}"
+        f"{f', Langevin from {len(train_idx)} reference frames' if aug else ''})")
     if config.generator.pipeline == "hnet" and not resume and config.hydrogen.steps > 0:
         from .training.hydrogen import train_hydrogen_net
 
         losses = train_hydrogen_net(gen.hnet, energy, data, steps=config.hydrogen.steps, batch=config.hydrogen.batch,
                                     lr=config.hydrogen.lr, seed=config.seed)
-        rd.log(f"hydrogen placement network: mean u {losses[0]:.2f} -> {losses[-1]:.2f} kT "
-               f"over {config.hydrogen.steps} steps")
+        log(f"hydrogen placement network: mean u {losses[0]:.2f} -> {losses[-1]:.2f} kT "
+            f"over {config.hydrogen.steps} steps")
     trainer = Trainer(gen, energy, _effective_training(config.training, gen), run_dir=rd, data=data, modes=system.modes,
-                      progress=progress)
+                      progress=progress, dist=dist)
     t0 = time.time()
     summary = trainer.run(resume=resume, max_steps=max_steps)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 writes generator.pt and the summary
+        return rd.read_summary()
+    try:
+        return _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, test_idx, data, aug,
+                                tempering, t0)
+    finally:
+        dist.barrier()
+
+
+def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, test_idx, data, aug, tempering,
+                     t0) -> dict[str, Any]:
+    """Rank 0's end of :func:`train`: generator.pt, held-out log-likelihood, summary.json."""
+    from .flows.generator import save_generator
+
     finished = trainer.step >= config.training.total_steps
     save_generator(rd.path / "generator.pt", gen)
     rd.log(f"training {'finished' if finished else 'stopped'} at step {trainer.step} after {time.time() - t0:.1f} s")
@@ -521,36 +547,104 @@ def export_generator(run_dir: str | Path, dest: str | Path, note: str = "") -> P
 
 
 def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = None, device: str | None = None,
-           seed: int = 1, progress: bool = True):
-    """Draw ``n`` samples from a trained run; writes samples/generated.npz (with log q, u, log weights)
+           seed: int = 1, progress: bool = True, shard: tuple[int, int] | None = None, dist=None):
+    """Draw ``n`` samples from a trained run; writes samples/generated.npz (with log q, u and log weights)
     and samples/reference.npz (reference data with the generator's log q, for reports). Returns the
-    generated SampleSet."""
+    generated SampleSet.
+
+    shard: ``(i, N)`` draws only shard i of N of the ``n`` samples, with its own seed
+    (:mod:`boltzflow.sampling.shards`), into samples/generated.shard-III-of-NNN.npz (for batch-scheduler
+    arrays; :func:`merge_samples` joins them). dist: under torchrun (default: the initialised process
+    group) every rank draws its shard and rank 0 merges them into generated.npz, returned on rank 0
+    (the other ranks return their shard)."""
     import torch
 
+    from . import distributed
     from .sampling import SampleSet
+    from .sampling.shards import shard_name, shard_seed
     from .training.rundir import RunDir
 
+    dist = dist or distributed.current()
+    if shard is not None and dist.active:
+        raise InputError("--shard and torchrun both split the sample; use one of them")
+    if dist.active:
+        shard = (dist.rank, dist.world_size)
     rd = RunDir(run_dir, create=False)
-    system, config, gen, energy = load_trained(rd.path, device)
+    system, config, gen, energy = load_trained(rd.path, device or (dist.device if dist.active else None))
     n = int(config.sampling.n if n is None else n)
     bs = int(config.sampling.batch_size if batch_size is None else batch_size)
     if n < 1 or bs < 1:
         raise InputError("the number of samples and the batch size must be >= 1")
+    index, count = shard if shard is not None else (0, 1)
+    lo, hi = distributed.shard_bounds(n, index, count)
+    if hi <= lo:
+        raise InputError(f"shard {index}/{count} of {n} samples is empty; use at most {n} shards")
+    seed_i = shard_seed(seed, index, count)
     t0 = time.time()
-    g = torch.Generator(device=next(gen.parameters()).device).manual_seed(seed)
+    g = torch.Generator(device=next(gen.parameters()).device).manual_seed(seed_i)
     with torch.no_grad():
-        samples = gen.sample(n, energy=energy, batch_size=bs, generator=g)
+        samples = gen.sample(hi - lo, energy=energy, batch_size=bs, generator=g)
     wall = time.time() - t0
     prov = dict(samples.provenance)
     trained = rd.read_summary()
-    prov.update(sampler=f"flow:{config.generator.pipeline}", run_dir=str(rd.path), wall_s=wall, energy_evals=n,
+    prov.update(sampler=f"flow:{config.generator.pipeline}", run_dir=str(rd.path), wall_s=wall, energy_evals=hi - lo,
                 training_energy_evals=trained.get("energy_evals_training"),
                 training_wall_s=trained.get("training_wall_s"),
                 fingerprint=system.fingerprint(), biased=bool(getattr(gen, "biased", False)))
+    if shard is not None:
+        prov["shard"] = {"index": index, "count": count, "n_total": n, "seed": seed_i, "base_seed": int(seed)}
     samples = SampleSet(samples.positions, samples.reduced_energy, samples.log_q, samples.log_weights,
                         system.temperature, prov)
-    samples.save(rd.samples_dir / "generated.npz")
-    # reference data with the generator's log q, for the u_G histogram
+    if shard is None:
+        samples.save(rd.samples_dir / "generated.npz")
+    else:
+        samples.save(rd.samples_dir / shard_name("generated", index, count))
+    if dist.active:
+        dist.barrier()  # every shard file is written
+        if not dist.is_main:
+            dist.barrier()
+            return samples
+        try:
+            samples = merge_samples(rd.path, remove_shards=True)
+            _write_reference_logq(rd, system, config, gen, energy, bs)
+        finally:
+            dist.barrier()
+        return samples
+    if index == 0:
+        _write_reference_logq(rd, system, config, gen, energy, bs)
+    what = f"shard {index}/{count} ({hi - lo} of {n} configurations, seed {seed_i})" if shard else f"{n} configurations"
+    rd.log(f"sampled {what} in {wall:.1f} s")
+    return samples
+
+
+def merge_samples(run_dir: str | Path, remove_shards: bool = False):
+    """Join a run's sample shards (samples/generated.shard-*-of-N.npz, from ``sample(shard=...)``) into
+    samples/generated.npz; all N shards must be there. Returns the merged SampleSet (Python side of
+    ``boltzflow merge RUN_DIR``)."""
+    from .sampling import SampleSet
+    from .sampling.shards import merge_sample_sets, shard_files
+    from .training.rundir import RunDir
+
+    rd = RunDir(run_dir, create=False)
+    files = shard_files(rd.samples_dir, "generated")
+    if not files:
+        raise InputError(f"'{rd.samples_dir}' has no shards (generated.shard-*-of-*.npz); run "
+                         "`boltzflow sample RUN --shard i/N` first")
+    merged = merge_sample_sets([SampleSet.load(p) for p in files])
+    merged.save(rd.samples_dir / "generated.npz")
+    if remove_shards:
+        for p in files:
+            p.unlink()
+    rd.log(f"merged {len(files)} shards into samples/generated.npz ({len(merged)} configurations)")
+    return merged
+
+
+def _write_reference_logq(rd, system, config: RunConfig, gen, energy, bs: int) -> None:
+    """samples/reference.npz: the reference data with the generator's log q and u, for the u_G histogram."""
+    import torch
+
+    from .sampling import SampleSet
+
     try:
         ref, _ = load_reference(system, config.data)
     except InputError:
@@ -565,8 +659,6 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
             u = torch.cat([energy(x[i:i + bs]) for i in range(0, len(x), bs)]).double().cpu().numpy()
         SampleSet(ref.positions[idx], u, logq, None, system.temperature,
                   {"sampler": "reference", "log_q": "generator"}).save(rd.samples_dir / "reference.npz")
-    rd.log(f"sampled {n} configurations in {wall:.1f} s")
-    return samples
 
 
 def estimate(run_dir: str | Path, seed: int = 0) -> dict[str, Any]:
@@ -659,18 +751,21 @@ def reliability_warnings(estimates: dict[str, Any]) -> list[str]:
 
 
 def demo(run_dir: str | Path = "runs/demo", quick: bool = False, device: str = "auto", progress: bool | None = None,
-         config: RunConfig | None = None) -> dict[str, Any]:
+         config: RunConfig | None = None, dist=None) -> dict[str, Any]:
     """The main job: prepare alanine dipeptide (vacuum, 300 K), train on the shipped reference data
     (grown by Langevin dynamics; data-free fine-tuning only if ``config`` asks, see
     :func:`demo_config`), sample, reweight, report. Re-running with the same
-    ``run_dir`` resumes a killed demo. Returns the JSON-able result of ``boltzflow demo --json``."""
+    ``run_dir`` resumes a killed demo. Returns the JSON-able result of ``boltzflow demo --json``.
+    Under torchrun (``dist``, default: the initialised process group) training and sampling are
+    data-parallel; rank 0 estimates and reports, and every rank returns its result."""
     from dataclasses import replace
 
-    from .reports.report import build_report
+    from . import distributed
     from .systems.builtin import builtin_system
     from .training.rundir import RunDir
 
     t0 = time.time()
+    dist = dist or distributed.current()
     system = builtin_system("alanine-dipeptide", solvent="vacuum", temperature=300.0)
     cfg = config or demo_config(quick)
     cfg = replace(cfg, device=device)
@@ -680,8 +775,16 @@ def demo(run_dir: str | Path = "runs/demo", quick: bool = False, device: str = "
         resume = rd.latest_checkpoint.is_file()
         if resume:
             cfg = load_run_config(rd.config_path, {"device": device})
-        summary = train(system, cfg, rd.path, resume=resume, progress=progress)
-    s = sample(rd.path, cfg.sampling.n, cfg.sampling.batch_size, device=device, progress=progress is not False)
+        summary = train(system, cfg, rd.path, resume=resume, progress=progress, dist=dist)
+    s = sample(rd.path, cfg.sampling.n, cfg.sampling.batch_size, device=None if dist.active else device,
+               progress=progress is not False, dist=dist)
+    return distributed.on_rank0(dist, lambda: _demo_result(rd, system, cfg, s, t0))
+
+
+def _demo_result(rd, system, cfg: RunConfig, s, t0: float) -> dict[str, Any]:
+    """The demo's estimates, report and result (rank 0)."""
+    from .reports.report import build_report
+
     est = estimate(rd.path)
     ref = reference_population(system, cfg.data)
     rd.update_summary(reference_population=ref)

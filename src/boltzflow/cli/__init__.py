@@ -22,6 +22,7 @@ VERB_MODULES = (
     "simulate",
     "train",
     "sample",
+    "merge",
     "estimate",
     "compare",
     "report",
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _check_launch(args)
         return int(args.func(args) or 0)
     except InputError as e:
         if getattr(args, "debug", False):
@@ -81,6 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"boltzflow {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from .. import distributed
+
+        distributed.shutdown()
+
+
+#: verbs that run data-parallel under torchrun (the others run in one process, or under MPI: simulate)
+TORCHRUN_VERBS = ("train", "sample", "demo")
+
+
+def _check_launch(args) -> None:
+    """InputError for a verb launched by torchrun with several processes that cannot use them."""
+    from .. import distributed
+    from ..errors import InputError
+
+    if distributed.launched_by_torchrun() and args.verb not in TORCHRUN_VERBS:
+        hint = " (replica exchange runs under MPI: mpirun -n N boltzflow simulate ...)" if args.verb == "simulate" else ""
+        raise InputError(f"'{args.verb}' does not run under torchrun; launch it as one process{hint}; "
+                         f"torchrun runs {', '.join(TORCHRUN_VERBS)}")
 
 
 def entry() -> None:  # pragma: no cover

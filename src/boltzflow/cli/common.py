@@ -96,3 +96,28 @@ def load_system(spec: str):
         f"'{spec}' is neither a system directory (made by `boltzflow prepare`) nor a built-in system "
         f"({', '.join(BUILTIN_SYSTEMS)})"
     )
+
+
+def add_distributed(p: argparse.ArgumentParser) -> None:
+    """The --dist-backend option of a verb that runs data-parallel under torchrun."""
+    p.add_argument("--dist-backend", default="auto", choices=("auto", "gloo", "nccl"),
+                   help="under torchrun: process-group backend (auto: NCCL with one GPU per rank when the run uses "
+                        "CUDA, else gloo); ignored in one process")
+
+
+def distributed_context(args: argparse.Namespace):
+    """The :class:`boltzflow.distributed.DistContext` of this process: joins torchrun's process group
+    when launched by torchrun with several processes, else the one-process context."""
+    from .. import distributed
+
+    return distributed.init_distributed(backend=getattr(args, "dist_backend", "auto"),
+                                        device=getattr(args, "device", None) or "auto")
+
+
+def main_rank_only(dist, path):
+    """undone_on_input_error(path) on rank 0 (the rank that writes), a no-op elsewhere."""
+    import contextlib
+
+    from ..io import undone_on_input_error
+
+    return undone_on_input_error(path, keep_if=("checkpoints/latest.pt",)) if dist.is_main else contextlib.nullcontext()

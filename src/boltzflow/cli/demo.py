@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from .common import add_overwrite, add_verb, format_pm, has_error_bar, print_json
+from .common import (add_distributed, add_overwrite, add_verb, distributed_context, format_pm, has_error_bar,
+                     main_rank_only, print_json)
 
 EXAMPLE = """\
   boltzflow demo                      # ~13 min on 2 CPU cores (Kish ESS ~47 % of 1e5 samples); uses a GPU when present
   boltzflow demo -o runs/demo2 --json
   boltzflow demo --quick              # toy-size smoke run (about a minute)
+  torchrun --nproc_per_node 2 -m boltzflow demo -o runs/demo-ddp   # data-parallel training and sampling
 Re-running with the same -o resumes a killed demo.
 """
 
@@ -21,15 +23,20 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_distributed(p)
 
 
 def run(args) -> int:
-    from ..io import check_output_dir, undone_on_input_error
+    from ..io import check_output_dir
     from ..pipeline import demo
 
+    dist = distributed_context(args)
     check_output_dir(args.output, "training run", args.overwrite)
-    with undone_on_input_error(args.output, keep_if=("checkpoints/latest.pt",)):
-        res = demo(args.output, quick=args.quick, device=args.device, progress=False if args.no_progress else None)
+    with main_rank_only(dist, args.output):
+        res = demo(args.output, quick=args.quick, device=args.device, progress=False if args.no_progress else None,
+                   dist=dist)
+    if not dist.is_main:
+        return 0
     if args.json:
         print_json(res)
         return 0

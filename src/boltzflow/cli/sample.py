@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from .common import add_overwrite, add_verb, estimate_line, print_json
+from .common import add_distributed, add_overwrite, add_verb, distributed_context, estimate_line, print_json
 
 EXAMPLE = """\
   boltzflow sample runs/adp -n 20000                 # writes runs/adp/samples/generated.npz
   boltzflow sample runs/adp -n 5000 --export adp.dcd # also write the configurations as a trajectory
+  torchrun --nproc_per_node 4 -m boltzflow sample runs/adp -n 1000000   # 4 ranks, merged into generated.npz
+  boltzflow sample runs/adp -n 1000000 --shard 3/8   # one job of a batch array (shard 3 of 8, its own seed)
+  boltzflow merge runs/adp                           # then join the 8 shards into generated.npz
 """
 
 
@@ -20,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--export", metavar="TRAJ", help="also write positions as .dcd/.pdb/.xtc/.h5 via mdtraj")
     add_overwrite(p, "TRAJ (RUN_DIR/samples/ is the verb's own and always rewritten)")
     p.add_argument("--json", action="store_true", help="print the estimates as JSON")
+    p.add_argument("--shard", metavar="I/N", help="draw only shard I of N of the -n samples (0 <= I < N; its own seed) "
+                   "into samples/generated.shard-III-of-NNN.npz; join them with `boltzflow merge RUN_DIR`")
+    add_distributed(p)
 
 
 def check_args(args) -> None:
@@ -39,7 +45,26 @@ def run(args) -> int:
     from .. import pipeline
 
     check_args(args)
-    s = pipeline.sample(args.run_dir, args.n, args.batch_size, args.device, seed=args.seed)
+    shard = None
+    if args.shard:
+        from ..sampling.shards import parse_shard
+
+        shard = parse_shard(args.shard)
+    dist = distributed_context(args)
+    s = pipeline.sample(args.run_dir, args.n, args.batch_size, args.device, seed=args.seed, shard=shard, dist=dist)
+    if not dist.is_main:
+        return 0
+    if shard is not None:
+        from ..sampling.shards import shard_name
+
+        print(f"{len(s)} samples (shard {shard[0]}/{shard[1]}) -> {args.run_dir}/samples/"
+              f"{shard_name('generated', *shard)}; join all {shard[1]} with `boltzflow merge {args.run_dir}`")
+        if args.export:
+            from ..systems import MolecularSystem
+            from ..training.rundir import RunDir
+
+            s.export(args.export, MolecularSystem.load(RunDir(args.run_dir, create=False).system_dir).topology)
+        return 0
     est = pipeline.estimate(args.run_dir)
     if args.export:
         from ..systems import MolecularSystem

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_overwrite, add_verb, load_system, print_json
+from .common import add_distributed, add_overwrite, add_verb, distributed_context, load_system, main_rank_only, print_json
 
 EXAMPLE = """\
   boltzflow train --print-config > train.toml           # every option with its default
@@ -12,6 +12,8 @@ EXAMPLE = """\
   boltzflow train alanine-dipeptide -o runs/quick --pretrain-steps 200 --finetune-steps 500 --loss l2plus
   boltzflow train --resume runs/adp                      # continue a killed run
   boltzflow train my_system/ -o runs/x --set generator.hidden=128 --set training.optimizer.lr=5e-4
+  torchrun --nproc_per_node 2 -m boltzflow train alanine-dipeptide -o runs/ddp   # data-parallel (DDP)
+  torchrun --nproc_per_node 2 -m boltzflow train --resume runs/ddp                # same number of ranks
 """
 
 
@@ -55,6 +57,7 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_distributed(p)
 
 
 def overrides_from_args(args) -> dict:
@@ -79,6 +82,7 @@ def run(args) -> int:
         cfg = pipeline.recipe_config(args.recipe) if args.recipe else pipeline.RunConfig()
         print(dump_toml(cfg, show_unset=True), end="")
         return 0
+    dist = distributed_context(args)
     if args.resume:
         from ..systems import MolecularSystem
         from ..training.rundir import RunDir
@@ -88,17 +92,21 @@ def run(args) -> int:
             raise InputError(f"'{rd.path}' is not a training run directory (no config.toml)")
         config = pipeline.load_run_config(rd.config_path, overrides_from_args(args))
         system = MolecularSystem.load(rd.system_dir)
-        summary = pipeline.train(system, config, rd.path, resume=True, progress=False if args.no_progress else None)
+        summary = pipeline.train(system, config, rd.path, resume=True, progress=False if args.no_progress else None,
+                                 dist=dist)
     else:
         if not args.system or not args.output:
             raise InputError("train needs SYSTEM and -o RUN_DIR (or --resume RUN_DIR); see `boltzflow train --help`")
-        from ..io import check_output_dir, undone_on_input_error
+        from ..io import check_output_dir
 
         check_output_dir(args.output, "training run", args.overwrite)
         system = load_system(args.system)
         config = pipeline.load_run_config(args.config, overrides_from_args(args), recipe=args.recipe)
-        with undone_on_input_error(args.output, keep_if=("checkpoints/latest.pt",)):
-            summary = pipeline.train(system, config, args.output, progress=False if args.no_progress else None)
+        with main_rank_only(dist, args.output):
+            summary = pipeline.train(system, config, args.output, progress=False if args.no_progress else None,
+                                     dist=dist)
+    if not dist.is_main:
+        return 0
     if args.json:
         print_json(summary)
     else:

@@ -11,6 +11,18 @@ Steps are numbered globally: steps ``[0, pretrain.steps)`` are pre-training, the
 All randomness comes from the trainer's own ``torch.Generator`` (seeded by ``config.seed``), so
 a resumed run is bitwise identical to an uninterrupted one. Steps whose loss or gradient norm is
 not finite are skipped (no parameter update) and counted.
+
+Data-parallel training (``dist``, a :class:`boltzflow.distributed.DistContext` from ``torchrun``):
+the generator is wrapped in torch's ``DistributedDataParallel`` (gradients averaged over ranks) and
+each global batch of ``batch`` is split into contiguous shards, one per rank
+(:func:`boltzflow.distributed.shard_bounds`). Pre-training draws the *global* batch's data indices
+from the shared generator (the same on every rank) and each rank takes its shard, so the loss
+curve equals the one-process curve up to floating-point summation order. Data-free losses draw
+their samples (and run their AIS chains, and fill their replay buffer) per rank from a per-rank
+generator; batch statistics inside a loss (L2+'s K, KLz-df's self-normalised weights) are then
+per shard, as batch norm is under DDP. A step is skipped on every rank when any rank's loss is not
+finite. Rank 0 alone writes the run directory; checkpoints hold every rank's random state, so a
+resume needs the same number of ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import to_dict
+from ..distributed import SINGLE, DistContext
 from ..errors import CheckpointError, ConfigError, InputError
 from ..sampling.ais import AISConfig, AnnealedImportanceSampler
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -154,17 +167,23 @@ class Trainer:
     checkpoints/ and summary.json go (None: keep nothing on disk, no checkpoints);
     data: ``(n, ...)`` reference configurations for pre-training (nm; passed through
     ``gen.prepare_data`` when the generator has it); modes: an object with
-    ``fractions(x) -> {name: fraction}`` and ``minor`` (e.g. SignModes / TorsionModes).
+    ``fractions(x) -> {name: fraction}`` and ``minor`` (e.g. SignModes / TorsionModes);
+    dist: the distributed context (None: one process); every rank builds its Trainer with the
+    same generator initialisation, data, configuration and run_dir, and calls :meth:`run`.
     """
 
     def __init__(self, gen, energy: Callable[[torch.Tensor], torch.Tensor], config: TrainConfig | None = None,
-                 run_dir=None, data: torch.Tensor | None = None, modes=None, progress: bool | None = None):
+                 run_dir=None, data: torch.Tensor | None = None, modes=None, progress: bool | None = None,
+                 dist: DistContext | None = None):
         self.gen = gen
         self.config = config or TrainConfig()
         self.run_dir = run_dir
         self.modes = modes
         self._energy = energy
-        self.show_progress = self.config.progress if progress is None else progress
+        self.dist = dist or SINGLE
+        #: True on the process that writes run_dir (rank 0)
+        self.writes = run_dir is not None and self.dist.is_main
+        self.show_progress = (self.config.progress if progress is None else progress) and self.dist.is_main
         p = next(iter(gen.parameters()), None)
         self.device = p.device if p is not None else torch.device("cpu")
         self.dtype = p.dtype if p is not None else torch.get_default_dtype()
@@ -174,6 +193,13 @@ class Trainer:
         if self.data is not None and self.data.shape[0] == 0:
             raise InputError("training data is empty; pass at least one configuration or set pretrain.steps = 0")
         self.rng = torch.Generator(device=self.device).manual_seed(int(self.config.seed))
+        #: draws of the generator's samples: the shared rng in one process, a per-rank stream under DDP
+        self.sample_rng = self.rng
+        self._ddp = None
+        if self.dist.active:
+            self.sample_rng = torch.Generator(device=self.device).manual_seed(
+                _rank_seed(int(self.config.seed), self.dist.rank))
+            self._ddp = _wrap_ddp(self, self.dist)
         self.step = 0
         self.counters = _Counters()
         self.ais = AnnealedImportanceSampler(self.config.ais)
@@ -228,7 +254,15 @@ class Trainer:
         self._opt_stage = stage
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: their sample streams, AIS step sizes, replay buffers."""
+        return {"sample_rng": self.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                "ais": self.ais.state_dict(), "buffer": self.buffer.state_dict() if self.buffer is not None else None}
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs; under DDP a collective (every rank must call it), with every
+        rank's own state under "ranks"."""
+        ranks = self.dist.all_gather_object(self._rank_state()) if self.dist.active else None
         return {
             "model": self.gen.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
@@ -243,13 +277,18 @@ class Trainer:
             "ais": self.ais.state_dict(),
             "buffer": self.buffer.state_dict() if self.buffer is not None else None,
             "guard": self._guard,
+            "world_size": self.dist.world_size,
+            "ranks": ranks,
         }
 
     def save_checkpoint(self) -> None:
         if self.run_dir is None:
             return
+        state = self.state_dict()  # a collective under DDP: before the rank check
+        if not self.writes:
+            return
         keep = self.run_dir.checkpoint_dir / f"step_{self.step:08d}.pt" if self.config.keep_checkpoints else None
-        save_checkpoint(self.run_dir.latest_checkpoint, self.state_dict(), keep_copy=keep)
+        save_checkpoint(self.run_dir.latest_checkpoint, state, keep_copy=keep)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (CheckpointError when it belongs to another configuration)."""
@@ -262,6 +301,11 @@ class Trainer:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise CheckpointError(f"checkpoint was written with a different configuration (differs in: "
                                   f"{', '.join(diff)}); use the original config or a new run directory")
+        theirs_world = int(state.get("world_size", 1))
+        if theirs_world != self.dist.world_size:
+            raise CheckpointError(f"checkpoint was written by {theirs_world} process(es) but this run has "
+                                  f"{self.dist.world_size}; resume with the same number "
+                                  f"(torchrun --nproc_per_node {theirs_world}, or one process for 1)")
         try:
             self.gen.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -278,6 +322,13 @@ class Trainer:
         self._guard = state.get("guard")
         if self.buffer is not None and state.get("buffer") is not None:
             self.buffer.load_state_dict(state["buffer"])
+        if state.get("ranks"):
+            mine = state["ranks"][self.dist.rank]
+            self.sample_rng.set_state(mine["sample_rng"])
+            torch.set_rng_state(mine["torch_rng"])
+            self.ais.load_state_dict(mine["ais"])
+            if self.buffer is not None and mine.get("buffer") is not None:
+                self.buffer.load_state_dict(mine["buffer"])
 
     def resume(self) -> int:
         """Load run_dir/checkpoints/latest.pt and drop metric rows written after it. Returns the step."""
@@ -285,8 +336,10 @@ class Trainer:
             raise InputError("cannot resume without a run directory")
         state = load_checkpoint(self.run_dir.latest_checkpoint, map_location=self.device)
         self.load_state_dict(state)
-        self.run_dir.truncate_metrics(self.step)
-        self.run_dir.log(f"resumed from step {self.step}")
+        self.dist.barrier()  # every rank has read the checkpoint before rank 0 writes again
+        if self.writes:
+            self.run_dir.truncate_metrics(self.step)
+            self.run_dir.log(f"resumed from step {self.step}")
         return self.step
 
     # -- one step ----------------------------------------------------------------------------
@@ -295,18 +348,18 @@ class Trainer:
         from ..losses.fab import fab
 
         st = self._stage_cfg(stage)
-        if stage == "pretrain":
-            idx = torch.randint(0, self.data.shape[0], (st.batch,), generator=self.rng, device=self.device)
-            return klz(self.gen, self.data[idx], generator=self.rng, penalty_weight=st.penalty_weight)
-        if st.loss == "klz":
-            if self.data is None:
-                raise InputError("finetune.loss 'klz' needs data; pass data= or choose a data-free loss")
-            idx = torch.randint(0, self.data.shape[0], (st.batch,), generator=self.rng, device=self.device)
-            return klz(self.gen, self.data[idx], generator=self.rng, penalty_weight=st.penalty_weight)
+        lo, hi = self.dist.shard(st.batch)  # this rank's part of the global batch ([0, batch) in one process)
+        if stage == "finetune" and st.loss == "klz" and self.data is None:
+            raise InputError("finetune.loss 'klz' needs data; pass data= or choose a data-free loss")
+        if stage == "pretrain" or st.loss == "klz":
+            # the global batch's indices from the shared stream (the same on every rank), then this rank's shard
+            idx = torch.randint(0, self.data.shape[0], (st.batch,), generator=self.rng, device=self.device)[lo:hi]
+            return klz(self.gen, self.data[idx], generator=self.sample_rng, penalty_weight=st.penalty_weight)
         if st.loss == "fab":
-            return fab(self.gen, self.energy, st.batch, self.ais, self.buffer, generator=self.rng,
+            return fab(self.gen, self.energy, hi - lo, self.ais, self.buffer, generator=self.sample_rng,
                        penalty_weight=st.penalty_weight)
-        return get_loss(st.loss)(self.gen, self.energy, st.batch, generator=self.rng, penalty_weight=st.penalty_weight)
+        return get_loss(st.loss)(self.gen, self.energy, hi - lo, generator=self.sample_rng,
+                                 penalty_weight=st.penalty_weight)
 
     def train_step(self) -> tuple[Any, float, bool]:
         """One optimizer step at ``self.step``; returns (LossOutput, grad_norm, applied)."""
@@ -314,13 +367,25 @@ class Trainer:
         if self._opt_stage != stage:
             self._setup_stage(stage)
         self.optimizer.zero_grad(set_to_none=True)
-        out = self._loss(stage)
-        self.counters.energy_evals += int(out.energy_evals)
-        self.counters.n_invalid += int(out.metrics.get("n_invalid", 0))
+        if self._ddp is None:
+            out = self._loss(stage)
+            ok = bool(torch.isfinite(out.loss)) and out.loss.requires_grad
+            self.counters.energy_evals += int(out.energy_evals)
+            self.counters.n_invalid += int(out.metrics.get("n_invalid", 0))
+        else:
+            backward_loss, out = self._ddp(stage)  # DDP's forward: the loss on this rank's shard
+            mine_ok = bool(torch.isfinite(out.loss)) and out.loss.requires_grad
+            bad, evals, invalid = self.dist.all_reduce_sum([0.0 if mine_ok else 1.0, out.energy_evals,
+                                                            out.metrics.get("n_invalid", 0)])
+            ok = bad == 0
+            self.counters.energy_evals += int(evals)
+            self.counters.n_invalid += int(invalid)
+            backward_loss.backward()  # every rank, so DDP's gradient all-reduce completes; skipped below when not ok
         applied = False
         grad_norm = float("nan")
-        if torch.isfinite(out.loss) and out.loss.requires_grad:
-            out.loss.backward()
+        if ok:
+            if self._ddp is None:
+                out.loss.backward()
             params = [p for p in self.gen.parameters() if p.grad is not None]
             clip = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
             gn = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
@@ -366,10 +431,24 @@ class Trainer:
                     m["minor_fraction_rw"] = float(w[lab == names.index(minor)].sum())
         return m
 
+    def _global_metrics(self, out, stage: str) -> dict[str, Any]:
+        """The loss's metrics over the global batch: per-rank values averaged with the shard sizes as
+        weights (the loss: the global-batch mean), counts summed. A collective under DDP."""
+        if not self.dist.active:
+            return dict(out.metrics)
+        keys = sorted(k for k, v in out.metrics.items() if isinstance(v, (int, float)))
+        lo, hi = self.dist.shard(self._stage_cfg(stage).batch)
+        share = (hi - lo) / self._stage_cfg(stage).batch
+        sums = self.dist.all_reduce_sum([float(out.metrics[k]) * (1.0 if k == "n_invalid" else share) for k in keys])
+        merged = dict(out.metrics)
+        merged.update(zip(keys, sums))
+        return merged
+
     def _row(self, out, stage: str, grad_norm: float, t0: float) -> dict[str, Any]:
         row: dict[str, Any] = {"step": self.step, "stage": stage, "loss_name": self._stage_cfg(stage).loss}
-        row.update({k: v for k, v in out.metrics.items()})
-        row.update(self._sample_metrics(out, stage))
+        row.update(self._global_metrics(out, stage))
+        if self.dist.is_main:  # diagnostics on rank 0's samples (or its fresh evaluation batch)
+            row.update(self._sample_metrics(out, stage))
         row.update({
             "skipped_steps": self.counters.skipped_steps,
             "grad_norm": grad_norm,
@@ -377,6 +456,8 @@ class Trainer:
             "wall_s": self.counters.wall_s + (time.perf_counter() - t0),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         })
+        if self.dist.active:
+            row["world_size"] = self.dist.world_size
         return row
 
     # -- the loop ----------------------------------------------------------------------------
@@ -387,7 +468,7 @@ class Trainer:
         cfg = self.config
         if resume and self.run_dir is not None and self.run_dir.latest_checkpoint.is_file():
             self.resume()
-        elif self.run_dir is not None and self.step == 0:
+        elif self.writes and self.step == 0:
             from ..config import dump_toml
 
             if not self.run_dir.config_path.exists():  # a caller (pipeline.train) may have written the full run config
@@ -412,7 +493,7 @@ class Trainer:
                     row = self._row(out, stage, grad_norm, t0)
                     self.last_row = row
                     self.history.append(row)
-                    if self.run_dir is not None:
+                    if self.writes:
                         self.run_dir.append_metrics(row)
                     bar.set_postfix(format_postfix(row))
                 if stage == "finetune" and cfg.ess_guard > 0 and (self.step % cfg.checkpoint_every == 0 or stage_end):
@@ -422,7 +503,7 @@ class Trainer:
                 if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or stage_end or self.step == end):
                     self._checkpoint(t0)
                     t0 = time.perf_counter()
-                if stage_end and self.run_dir is not None:
+                if stage_end and self.writes:
                     self.run_dir.update_summary(**{f"{stage}_final": self.last_row})
                 bar.update(1)
         finally:
@@ -433,7 +514,7 @@ class Trainer:
             "skipped_steps": self.counters.skipped_steps, "energy_evals": self.counters.energy_evals,
             "n_invalid": self.counters.n_invalid, "wall_s": self.counters.wall_s, "last": self.last_row,
         }
-        if self.run_dir is not None:
+        if self.writes:
             # the loop's own costs only under "training" (summary.json's costs: training/rundir.py)
             top = {k: v for k, v in summary.items() if k not in ("energy_evals", "wall_s")}
             self.run_dir.update_summary(**top, training=summary)
@@ -448,17 +529,22 @@ class Trainer:
         luck; on common draws neighbouring generators are compared on the same configurations."""
         from ..losses.base import kish_ess, sample_stats
 
-        g = torch.Generator(device=self.device).manual_seed(int(self.config.seed) * 7_919 + 1)
+        seed = int(self.config.seed) * 7_919 + 1  # the same draws at every check (per rank under DDP)
+        g = torch.Generator(device=self.device).manual_seed(_rank_seed(seed, self.dist.rank) if self.dist.active else seed)
         n = int(self.config.ess_guard)
+        lo, hi = self.dist.shard(n)  # each rank draws its shard; the ESS is taken over all of them
         lws = []
         was_training = self.gen.training
         self.gen.eval()
         with torch.no_grad():
-            for s in range(0, n, 4096):
-                x, log_q = self.gen.sample_and_log_prob(min(4096, n - s), generator=g)
+            for s in range(0, hi - lo, 4096):
+                x, log_q = self.gen.sample_and_log_prob(min(4096, hi - lo - s), generator=g)
                 lws.append(sample_stats(self.energy(x), log_q)[1])
         self.gen.train(was_training)
         self.counters.energy_evals += n
+        if self.dist.active:
+            per_rank = self.dist.all_gather_object([t.cpu() for t in lws])
+            lws = [t.to(self.device) for rank_lws in per_rank for t in rank_lws]
         ess = float(kish_ess(torch.cat(lws))) if lws else 0.0
         guard = self._guard or {"best_ess": -1.0, "best_step": None, "best_state": None, "history": []}
         guard["history"].append({"step": self.step, "ess": ess})
@@ -466,7 +552,7 @@ class Trainer:
             guard.update(best_ess=ess, best_step=self.step,
                          best_state={k: v.detach().cpu().clone() for k, v in self.gen.state_dict().items()})
         self._guard = guard
-        if self.run_dir is not None:
+        if self.writes:
             self.run_dir.log(f"ESS guard at step {self.step}: Kish ESS {ess:.4f} of {n} samples "
                              f"(best {guard['best_ess']:.4f} at step {guard['best_step']})")
 
@@ -476,7 +562,7 @@ class Trainer:
         if not guard or guard["best_state"] is None or guard["best_step"] == self.step:
             return
         self.gen.load_state_dict(guard["best_state"])
-        if self.run_dir is not None:
+        if self.writes:
             self.run_dir.log(f"ESS guard: restored the generator of step {guard['best_step']} "
                              f"(Kish ESS {guard['best_ess']:.4f}; fine-tuning did not beat it)")
             self.run_dir.update_summary(ess_guard={k: v for k, v in guard.items() if k != "best_state"})
@@ -484,3 +570,38 @@ class Trainer:
     def _checkpoint(self, t0: float) -> None:
         self.counters.wall_s += time.perf_counter() - t0
         self.save_checkpoint()
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A seed of rank ``rank``'s own stream, derived from the run's seed (distinct per rank, reproducible)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) % 2**63, int(rank)]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+class _StageLoss(torch.nn.Module):
+    """The Trainer's loss as a module, so that DistributedDataParallel sees a forward: ``forward(stage)``
+    returns ``(backward_loss, LossOutput)`` where backward_loss is the loss, or, when it is not finite,
+    ``0 * sum(parameters)`` (every rank must run a backward for DDP's gradient all-reduce)."""
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__()
+        self.gen = trainer.gen
+        self._trainer = [trainer]  # a list: not a sub-module
+
+    def forward(self, stage: str):
+        out = self._trainer[0]._loss(stage)
+        if bool(torch.isfinite(out.loss)) and out.loss.requires_grad:
+            return out.loss, out
+        zero = sum((p.sum() * 0.0 for p in self.gen.parameters() if p.requires_grad), torch.zeros((), device=out.loss.device))
+        return zero, out
+
+
+def _wrap_ddp(trainer: "Trainer", dist: DistContext):
+    """DistributedDataParallel around the trainer's loss (gloo on CPU, NCCL with one GPU per rank)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = _StageLoss(trainer)
+    dev = trainer.device
+    ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
