@@ -56,14 +56,22 @@ def main(argv=None) -> int:
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--loss", default="l2plus")
+    ap.add_argument("--stop-at", type=int, help="also train RUN_DIR-stopped to this step, then resume it with a "
+                    "new Trainer (as after a kill) and report both")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     ctx = distributed.init_distributed(device="cpu")
     try:
         trainer, _ = train(a.run_dir, a.max_steps, a.resume, a.loss, dist=ctx)
+        out = {"full": result(trainer), "world_size": ctx.world_size}
+        if a.stop_at:
+            stopped = a.run_dir.rstrip("/") + "-stopped"
+            train(stopped, a.stop_at, False, a.loss, dist=ctx)
+            resumed, _ = train(stopped, None, True, a.loss, dist=ctx)
+            out["resumed"] = result(resumed)
         if ctx.is_main:
             with open(a.out, "w") as fh:
-                json.dump(result(trainer), fh)
+                json.dump(out, fh)
     finally:
         distributed.shutdown()
     return 0
