@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import numpy as np
@@ -14,8 +15,9 @@ EXAMPLE = """\
       --replicas 8 --iterations 2000 -o runs/adp-pt
   # killed? continue where the last checkpoint left off (or extend with a larger --iterations):
   boltzflow simulate alanine-dipeptide --iterations 3000 -o runs/adp-pt --resume
-  # several MPI ranks (needs mpi4py): openmmtools spreads the replicas over the ranks
+  # several MPI ranks (pip install -e .[mpi]): openmmtools spreads the replicas over the ranks, rank 0 writes
   mpirun -n 4 boltzflow simulate butane --iterations 2000 -o runs/butane-pt
+  mpirun -n 4 boltzflow simulate butane --iterations 3000 -o runs/butane-pt --resume
 
 Writes RUN_DIR/replica.nc (+ replica_checkpoint.nc, NetCDF, and their *.snapshot copies taken at
 each checkpoint, which --resume falls back to when a kill damaged the storage), RUN_DIR/samples.npz
@@ -53,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
     from ..estimators import mode_populations
     from ..io import atomic_write_json, check_output_dir, undone_on_input_error
     from ..replica import ReplicaExchangeConfig, extract_samples, run_replica_exchange, state_populations
+    from ..replica.exchange import check_mpi_launch, mpi_comm
     from .common import load_system
 
+    comm = mpi_comm()  # None unless launched by mpirun with mpi4py installed
+    is_root = comm is None or comm.rank == 0
+    check_mpi_launch(args.replicas, comm)
     out = check_output_dir(args.output, "replica-exchange run", args.overwrite)
     if (out / "replica.nc").exists() and not args.resume:
         raise InputError(f"'{out}' already holds a run; pass --resume to continue it or choose another -o directory")
@@ -72,10 +78,16 @@ def run(args: argparse.Namespace) -> int:
         timestep_fs=float(args.timestep_fs), collision_rate_per_ps=float(args.collision_rate),
         platform=args.platform, threads=args.threads, checkpoint_interval=int(args.checkpoint_interval),
         online_analysis=bool(args.online_analysis))
-    with undone_on_input_error(out, keep_if=("replica.nc",)):
+    if comm is not None:
+        comm.barrier()  # every rank has checked -o before rank 0 writes into it
+    guard = undone_on_input_error(out, keep_if=("replica.nc",)) if is_root else contextlib.nullcontext(out)
+    with guard:
         out.mkdir(parents=True, exist_ok=True)
-        system.save(out / "system")
+        if is_root:
+            system.save(out / "system")
         storage = run_replica_exchange(system, config, out, resume=args.resume, progress=not args.no_progress)
+    if not is_root:
+        return 0  # rank 0 alone reads the storage back and writes samples.npz and summary.json
     samples = extract_samples(storage, state_index=0)
     samples.provenance["command"] = "boltzflow simulate " + " ".join(_argv(args))
     samples.save(out / "samples.npz")

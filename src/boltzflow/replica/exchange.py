@@ -36,9 +36,14 @@ Snapshots are taken at every checkpoint iteration while the storage is small; fo
 than ``SNAPSHOT_BYTES_PER_CHECKPOINT`` only every ``ceil(size / SNAPSHOT_BYTES_PER_CHECKPOINT)``-th
 checkpoint is copied, which bounds the copying to about that many bytes per checkpoint interval.
 
-MPI: launched as ``mpirun -n K boltzflow simulate ...`` with mpi4py installed,
-openmmtools (through mpiplus) distributes the replicas over the K ranks by itself; boltzflow only
-keeps its own file writing (cost record, snapshots, restores) on rank 0. Without mpi4py the run is serial.
+MPI: launched as ``mpirun -n K boltzflow simulate ...`` with mpi4py installed (``pip install -e .[mpi]``
+brings mpi4py and an MPICH with ``mpiexec`` into the environment), openmmtools (through mpiplus)
+distributes the replicas over the K ranks by itself (one or more replicas per rank; K must not exceed
+the number of replicas) and writes its storage from rank 0; boltzflow keeps its own file writing
+(config and cost records, snapshots, restores, samples.npz) on rank 0 as well, and rank 0 decides
+whether a run exists before any rank looks. Without mpi4py the run is serial. GPUs: give each rank
+its own device, e.g. ``mpirun -n 4 bash -c 'CUDA_VISIBLE_DEVICES=$MPI_LOCALRANKID boltzflow simulate
+... --platform CUDA'`` (MPICH; Open MPI: ``$OMPI_COMM_WORLD_LOCAL_RANK``), see docs/scaling.md.
 
 Not bitwise reproducible: openmmtools draws Langevin noise and swap decisions from unseeded
 generators.
@@ -213,6 +218,21 @@ def _mpi_comm():
     return mpiplus.get_mpicomm()
 
 
+def mpi_comm():
+    """The MPI communicator of an ``mpirun``-launched run (mpi4py's COMM_WORLD, as openmmtools uses it),
+    or None when the process runs serially (no MPI launcher, or mpi4py not installed)."""
+    return _mpi_comm()
+
+
+def check_mpi_launch(n_replicas: int, comm=None) -> None:
+    """InputError when an MPI launch cannot work: more ranks than replicas (openmmtools would leave
+    ranks without a replica)."""
+    comm = _mpi_comm() if comm is None else comm
+    if comm is not None and comm.size > int(n_replicas):
+        raise InputError(f"{comm.size} MPI ranks but only {n_replicas} replicas; start at most {n_replicas} ranks "
+                         f"(mpirun -n {n_replicas}) or use more --replicas")
+
+
 def _restore_snapshot(path: Path, cost_path: Path, iteration: int) -> None:
     """Copy the (checked) snapshots of ``iteration`` over the storage ``path``; rewrite the cost record
     to the snapshot's iteration and wall time."""
@@ -285,7 +305,9 @@ def _load_sampler(path: Path, config: ReplicaExchangeConfig):
 
     cls = (multistate.ParallelTemperingSampler if config.method == "parallel-tempering"
            else multistate.ReplicaExchangeSampler)
-    reporter = multistate.MultiStateReporter(str(path), open_mode="a")
+    # under MPI openmmtools opens the storage itself (read on every rank, then append on rank 0 only);
+    # opening it for appending here on every rank would collide on the HDF5 file lock
+    reporter = multistate.MultiStateReporter(str(path), open_mode=None if _mpi_comm() is not None else "a")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # from_storage prints a citation banner
             sampler = cls.from_storage(reporter)
@@ -357,6 +379,7 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
     cost_path = out / COST_NAME
     comm = _mpi_comm()
     is_root = comm is None or comm.rank == 0
+    check_mpi_launch(config.n_replicas, comm)
     fingerprint = system.fingerprint()
     record = {"config": config.to_dict(), "fingerprint": fingerprint, "system": system.name,
               "temperatures_k": config.temperatures().tolist(), "n_atoms": system.n_atoms}
@@ -364,7 +387,10 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
     if is_root:
         for leftover in _storage.remove_partial_copies(path):
             logging.getLogger(__name__).info("removed %s (a copy killed midway)", leftover)
-    if path.exists():
+    exists = path.exists()
+    if comm is not None:  # rank 0's view: another rank could otherwise see the storage rank 0 just created
+        exists = comm.bcast(exists, root=0)
+    if exists:
         if not resume:
             raise InputError(f"'{path}' already exists; pass --resume to continue it or choose another -o directory")
         if not cfg_path.is_file():
@@ -375,10 +401,19 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
             if oc.get(key) != getattr(config, key):
                 raise InputError(f"cannot resume '{path}' with {key}={getattr(config, key)!r}: the run used "
                                  f"{oc.get(key)!r}; use the same settings or a new -o directory")
-        source = _prepare_resume(path, cost_path) if is_root else {"source": "storage", "iteration": None,
-                                                                   "problem": None}
-        if comm is not None:
-            comm.barrier()  # the other ranks read the storage only once rank 0 has checked/restored it
+        source = {"source": "storage", "iteration": None, "problem": None}
+        failed = None
+        if is_root:
+            try:
+                source = _prepare_resume(path, cost_path)
+            except InputError as e:
+                failed = e
+        if comm is not None:  # the other ranks read the storage only once rank 0 has checked/restored it
+            why = comm.bcast(None if failed is None else " ".join(str(failed).split()), root=0)
+            if why is not None and failed is None:
+                raise InputError(f"rank 0 cannot resume: {why}")
+        if failed is not None:
+            raise failed
         if old.get("fingerprint") != fingerprint and not _same_energies(system, path):
             raise InputError(f"'{path}' was made for another system ({old.get('system')}, fingerprint "
                              f"{old.get('fingerprint')}, energies differ); use a new -o directory")
@@ -436,7 +471,8 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
         if config.minimize:
             sampler.minimize()
         snapshots = _Snapshots(path)
-    atomic_write_json(cfg_path, record)
+    if is_root:
+        atomic_write_json(cfg_path, record)
 
     total = int(sampler.number_of_iterations)
     prior = json.loads(cost_path.read_text()).get("wall_time_s", 0.0) if (resume and cost_path.is_file()) else 0.0
@@ -451,7 +487,7 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
                                           **snapshots.record()})
 
     bar = None
-    if progress:
+    if progress and is_root:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=int(sampler.iteration), desc=f"replica exchange {system.name}",
