@@ -626,9 +626,9 @@ def merge_samples(run_dir: str | Path, remove_shards: bool = False):
     from .training.rundir import RunDir
 
     rd = RunDir(run_dir, create=False)
-    files = shard_files(rd.samples_dir, "generated")
+    files = shard_files(rd.path / "samples", "generated")
     if not files:
-        raise InputError(f"'{rd.samples_dir}' has no shards (generated.shard-*-of-*.npz); run "
+        raise InputError(f"'{rd.path / 'samples'}' has no shards (generated.shard-*-of-*.npz); run "
                          "`boltzflow sample RUN --shard i/N` first")
     merged = merge_sample_sets([SampleSet.load(p) for p in files])
     merged.save(rd.samples_dir / "generated.npz")

@@ -268,6 +268,11 @@ CASES = [
     ("demo-into-user-folder", ["demo", "--quick", "-o", "{w}/mine"], "--overwrite"),
     ("demo-into-replica-run", ["demo", "--quick", "-o", "{w}/pt"], "replica-exchange run"),
     ("demo-no-cuda", ["demo", "--quick", "--device", "cuda", "-o", "{w}/new"], "cuda"),
+    # merge / sharded sampling
+    ("merge-run-without-shards", ["merge", "{w}/run"], "no shards"),
+    ("merge-files-without-o", ["merge", "{w}/toy.npz"], "-o"),
+    ("merge-onto-existing-file", ["merge", "{w}/toy.npz", "-o", "{w}/toy.npz"], "--overwrite"),
+    ("sample-shard-out-of-range", ["sample", "{w}/run", "-n", "4", "--shard", "2/2"], "i/N"),
     # the command line itself
     ("unknown-verb", ["transmogrify"], "transmogrify"),
     ("unknown-option", ["estimate", "{w}/toy.npz", "--frobnicate"], "--frobnicate"),
