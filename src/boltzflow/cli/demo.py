@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from .common import (add_distributed, add_overwrite, add_verb, distributed_context, format_pm, has_error_bar,
-                     main_rank_only, print_json)
+from .common import (
+    add_distributed,
+    add_overwrite,
+    add_verb,
+    distributed_context,
+    format_pm,
+    has_error_bar,
+    main_rank_only,
+    print_json,
+)
 
 EXAMPLE = """\
   boltzflow demo                      # ~13 min on 2 CPU cores (Kish ESS ~47 % of 1e5 samples); uses a GPU when present

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .common import add_distributed, add_overwrite, add_verb, distributed_context, load_system, main_rank_only, print_json
+from .common import (
+    add_distributed,
+    add_overwrite,
+    add_verb,
+    distributed_context,
+    load_system,
+    main_rank_only,
+    print_json,
+)
 
 EXAMPLE = """\
   boltzflow train --print-config > train.toml           # every option with its default
