@@ -105,3 +105,15 @@ def test_nccl_without_gpus_is_a_one_line_error(monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(InputError, match="needs CUDA GPUs"):
         distributed.init_distributed(backend="nccl")
+
+
+def test_ranks_with_other_versions_are_a_one_line_error():
+    from boltzflow import distributed
+    from boltzflow.errors import InputError
+
+    class TwoRanks:  # rank 1 runs another torch
+        def all_gather_object(self, obj):
+            return [obj, dict(obj, torch="0.0.1")]
+
+    with pytest.raises(InputError, match=r"rank 1 runs other versions than rank 0 \(torch .* vs 0.0.1\)"):
+        distributed.check_same_versions(TwoRanks())
