@@ -401,7 +401,7 @@ def run_replica_exchange(system, config: ReplicaExchangeConfig, out_dir: str | P
             if oc.get(key) != getattr(config, key):
                 raise InputError(f"cannot resume '{path}' with {key}={getattr(config, key)!r}: the run used "
                                  f"{oc.get(key)!r}; use the same settings or a new -o directory")
-        source = {"source": "storage", "iteration": None, "problem": None}
+        source: dict[str, Any] = {"source": "storage", "iteration": None, "problem": None}
         failed = None
         if is_root:
             try:
