@@ -2,8 +2,8 @@
 
 Packages import each other downward only (enforced by ``tests/core/test_layering.py``)::
 
-    errors -> units, io, config -> core -> systems -> energy -> sampling -> transforms -> flows
-        -> losses -> training -> estimators -> reports -> recipes -> pipeline -> cli
+    errors -> units, io, config, distributed -> core -> systems -> energy -> sampling -> transforms -> flows
+        -> losses -> training -> estimators -> reports -> recipes -> pipeline -> cli -> __main__
                                             replica (reference sampling) beside reports
 
 Importing :mod:`boltzflow` does no work: heavy dependencies (OpenMM, torch) are imported by
