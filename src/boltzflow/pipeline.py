@@ -431,7 +431,8 @@ def _tempering_data(system, config: RunConfig, rd):
                       "wall_s": info["wall_s"], "tempering": info})
     path.parent.mkdir(parents=True, exist_ok=True)
     data.save(path)
-    rd.log(f"parallel tempering: {info['frames']} frames at {system.temperature:g} K in {res.wall_s:.1f} s "
+    rd.log(f"parallel tempering: {info['frames']} frames at {system.temperature:g} K"
+           f"{' and the next ' + str(tc.keep_replicas - 1) + ' temperature(s)' if tc.keep_replicas > 1 else ''} in {res.wall_s:.1f} s "
            f"({res.energy_evals} energy evaluations; swap acceptance {min(res.swap_acceptance, default=1):.2f}-"
            f"{max(res.swap_acceptance, default=1):.2f}; {res.reset_chains} chains reset); mean u {info['mean_u']:.2f} kT")
     return data, path, info

@@ -96,11 +96,8 @@ def klx_path(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None
     kl = (u.detach() + lq.detach())[valid]
     metrics["kl"] = float(kl.mean()) if kl.numel() else float("nan")
     metrics["path_grad_rms"] = float(g[valid].pow(2).flatten(1).sum(1).mean().sqrt()) if valid.any() else float("nan")
-    pen = _penalty(gen, x, penalty_weight)
-    if pen is not None:
-        metrics["penalty"] = float(pen.detach())
-        loss = loss + pen
-    metrics["loss"] = metrics["kl"]
+    loss = _finish(loss, _penalty(gen, x, penalty_weight), metrics)
+    metrics["loss"] = metrics["kl"]  # the surrogate's value means nothing; report the reverse KL
     return LossOutput(loss=loss, metrics=metrics, samples=x.detach(), log_w=log_w, energy_evals=n)
 
 
