@@ -38,6 +38,7 @@ import numpy as np
 QUICK = {
     "generator.blocks": 1, "generator.hidden": 32,
     "training.pretrain.steps": 40, "training.pretrain.batch": 64, "training.log_every": 10,
+    "training.finetune.steps": 20, "training.finetune.batch": 64, "training.ess_guard": 200,
     "training.checkpoint_every": 20, "training.eval_batch": 128,
     "tempering.ladders": 4, "tempering.replicas": 3, "tempering.t_max": 600.0, "tempering.burnin_rounds": 2,
     "tempering.frames": 25, "tempering.steps_per_swap": 10,

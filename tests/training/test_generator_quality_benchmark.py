@@ -26,7 +26,7 @@ def test_generator_quality_quick_json(route, tmp_path, capsys):
         assert s["data_energy_evals"] > 0 and s["energy_evals"] > s["data_energy_evals"] + 500
         assert s["curve"] and all({"energy_evals", "wall_s", "ess"} <= set(c) for c in s["curve"])
         cc = s["curve_checkpoints"]
-        assert [c["step"] for c in cc] == [20, 40] and all(0 < c["ess"] <= 1 and c["n_samples"] == 200 for c in cc)
+        assert [c["step"] for c in cc] == [20, 40, 60] and all(0 < c["ess"] <= 1 and c["n_samples"] == 200 for c in cc)
         assert [c["energy_evals"] for c in s["curve"]] == sorted(c["energy_evals"] for c in s["curve"])
     if route == "energy":  # no reference frames were used: the data are the tempering frames
         summary = json.loads((tmp_path / "alanine-dipeptide" / "energy-seed0" / "summary.json").read_text())

@@ -67,4 +67,7 @@ def test_cli_train_recipe_energy_uses_tempering(tmp_path):
     assert main(argv) == 0
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["pipeline"] == "internal-all" and summary["data_tempering"]["energy_evals"] > 0
-    assert summary["training_steps"] == QUICK["training.pretrain.steps"]  # the recipe has no fine-tuning
+    # the recipe's two stages, both shortened by QUICK: maximum likelihood, then path-gradient fine-tuning
+    assert summary["training_steps"] == QUICK["training.pretrain.steps"] + QUICK["training.finetune.steps"]
+    guard = summary["ess_guard"]  # checked before fine-tuning and at its checkpoints (every 20 steps)
+    assert [h["step"] for h in guard["history"]] == [40, 60] and guard["best_step"] in (40, 60)

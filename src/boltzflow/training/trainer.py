@@ -559,13 +559,17 @@ class Trainer:
     def _guard_restore(self) -> None:
         """End of fine-tuning: put back the best state the guard saw."""
         guard = self._guard
-        if not guard or guard["best_state"] is None or guard["best_step"] == self.step:
+        if not guard or guard["best_state"] is None:
             return
-        self.gen.load_state_dict(guard["best_state"])
+        restored = guard["best_step"] != self.step
+        if restored:
+            self.gen.load_state_dict(guard["best_state"])
         if self.writes:
-            self.run_dir.log(f"ESS guard: restored the generator of step {guard['best_step']} "
-                             f"(Kish ESS {guard['best_ess']:.4f}; fine-tuning did not beat it)")
-            self.run_dir.update_summary(ess_guard={k: v for k, v in guard.items() if k != "best_state"})
+            if restored:
+                self.run_dir.log(f"ESS guard: restored the generator of step {guard['best_step']} "
+                                 f"(Kish ESS {guard['best_ess']:.4f}; later fine-tuning did not beat it)")
+            self.run_dir.update_summary(ess_guard={**{k: v for k, v in guard.items() if k != "best_state"},
+                                                   "restored": restored})
 
     def _checkpoint(self, t0: float) -> None:
         self.counters.wall_s += time.perf_counter() - t0
