@@ -25,6 +25,7 @@ import numpy as np
 from .config import dump_toml, from_dict, merge_dicts, read_config_data, to_dict
 from .errors import ConfigError, InputError
 from .io import atomic_write
+from .sampling.mcmc_config import MCMC_METHODS, MCMCConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,10 +104,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sampling after training: n samples in batches of batch_size."""
+    """Sampling after training: n samples in batches of batch_size; mcmc: flow-MCMC on top of the
+    flow's draws (``[sampling.mcmc]``, :class:`~boltzflow.sampling.mcmc_config.MCMCConfig`; method
+    "none" = plain reweighting)."""
 
     n: int = 20000
     batch_size: int = 2000
+    mcmc: MCMCConfig = field(default_factory=MCMCConfig)
 
 
 def _default_generator():
@@ -548,7 +552,8 @@ def export_generator(run_dir: str | Path, dest: str | Path, note: str = "") -> P
 
 
 def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = None, device: str | None = None,
-           seed: int = 1, progress: bool = True, shard: tuple[int, int] | None = None, dist=None):
+           seed: int = 1, progress: bool = True, shard: tuple[int, int] | None = None, dist=None,
+           mcmc: MCMCConfig | None = None):
     """Draw ``n`` samples from a trained run; writes samples/generated.npz (with log q, u and log weights)
     and samples/reference.npz (reference data with the generator's log q, for reports). Returns the
     generated SampleSet.
@@ -557,7 +562,10 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
     (:mod:`boltzflow.sampling.shards`), into samples/generated.shard-III-of-NNN.npz (for batch-scheduler
     arrays; :func:`merge_samples` joins them). dist: under torchrun (default: the initialised process
     group) every rank draws its shard and rank 0 merges them into generated.npz, returned on rank 0
-    (the other ranks return their shard)."""
+    (the other ranks return their shard).
+
+    mcmc: flow-MCMC to run as well (default: the run's ``sampling.mcmc``); unless its method is "none",
+    :func:`sample_mcmc` writes samples/METHOD.npz (IMH on these same draws, no extra energy evaluations)."""
     import torch
 
     from . import distributed
@@ -572,6 +580,9 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
         shard = (dist.rank, dist.world_size)
     rd = RunDir(run_dir, create=False)
     system, config, gen, energy = load_trained(rd.path, device or (dist.device if dist.active else None))
+    mcmc = config.sampling.mcmc if mcmc is None else mcmc
+    if mcmc.method != "none" and shard is not None:
+        raise InputError("flow-MCMC (sampling.mcmc) runs in one process; drop --shard / torchrun or set method 'none'")
     n = int(config.sampling.n if n is None else n)
     bs = int(config.sampling.batch_size if batch_size is None else batch_size)
     if n < 1 or bs < 1:
@@ -615,7 +626,51 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
         _write_reference_logq(rd, system, config, gen, energy, bs)
     what = f"shard {index}/{count} ({hi - lo} of {n} configurations, seed {seed_i})" if shard else f"{n} configurations"
     rd.log(f"sampled {what} in {wall:.1f} s")
+    if mcmc.method != "none":
+        _run_mcmc(rd, system, gen, energy, mcmc, n, bs, seed, samples if mcmc.method == "imh" else None)
     return samples
+
+
+def sample_mcmc(run_dir: str | Path, mcmc: MCMCConfig | None = None, n: int | None = None,
+                batch_size: int | None = None, device: str | None = None, seed: int = 1):
+    """Flow-MCMC on a trained run (Python side of ``boltzflow sample RUN --mcmc METHOD``): ``n`` samples of
+    ``mcmc`` (default: the run's ``sampling.mcmc``) with the trained generator and the target energy,
+    written to samples/METHOD.npz (IMH: chains over n fresh flow draws; mala / hmc: latent-space chains;
+    snf: path-weighted samples; see :mod:`boltzflow.sampling.flow_mcmc`). Returns the SampleSet;
+    ``estimate(run_dir, which=METHOD)`` gives its populations with block errors."""
+    from .training.rundir import RunDir
+
+    rd = RunDir(run_dir, create=False)
+    system, config, gen, energy = load_trained(rd.path, device)
+    mcmc = config.sampling.mcmc if mcmc is None else mcmc
+    if mcmc.method == "none":
+        raise InputError("no flow-MCMC method chosen; pass MCMCConfig(method='imh') (CLI: --mcmc imh)")
+    n = int(config.sampling.n if n is None else n)
+    bs = int(config.sampling.batch_size if batch_size is None else batch_size)
+    return _run_mcmc(rd, system, gen, energy, mcmc, n, bs, seed, None)
+
+
+def _run_mcmc(rd, system, gen, energy, mcmc: MCMCConfig, n: int, bs: int, seed: int, proposals):
+    import torch
+
+    from .flows.latent import latent_map
+    from .sampling import SampleSet
+    from .sampling.flow_mcmc import run_flow_mcmc
+
+    if n < 1 or bs < 1:
+        raise InputError("the number of samples and the batch size must be >= 1")
+    g = torch.Generator(device=next(gen.parameters()).device).manual_seed(int(seed) + 7919)
+    s = run_flow_mcmc(latent_map(gen), energy, mcmc, n, generator=g, proposals=proposals, batch_size=bs, seed=seed)
+    prov = dict(s.provenance)
+    prov.update(run_dir=str(rd.path), fingerprint=system.fingerprint(), biased=bool(getattr(gen, "biased", False)),
+                mcmc=to_dict(mcmc))
+    s = SampleSet(s.positions, s.reduced_energy, s.log_q, s.log_weights, system.temperature, prov)
+    s.save(rd.samples_dir / f"{mcmc.method}.npz")
+    rate = prov.get("accept_rate")
+    rd.log(f"flow-MCMC {mcmc.method}: {len(s)} configurations, {prov.get('energy_evals')} energy evaluations"
+           + (f", acceptance {rate:.3f}" if isinstance(rate, float) and rate == rate else "")
+           + f" -> samples/{mcmc.method}.npz")
+    return s
 
 
 def merge_samples(run_dir: str | Path, remove_shards: bool = False):
@@ -662,26 +717,31 @@ def _write_reference_logq(rd, system, config: RunConfig, gen, energy, bs: int) -
                   {"sampler": "reference", "log_q": "generator"}).save(rd.samples_dir / "reference.npz")
 
 
-def estimate(run_dir: str | Path, seed: int = 0) -> dict[str, Any]:
+def estimate(run_dir: str | Path, seed: int = 0, which: str = "generated") -> dict[str, Any]:
     """Reweighted mode populations, ESS, log Z and dF(rest->minor) of a run's generated samples
     (:func:`boltzflow.estimators.analysis.sample_estimates`); stored in summary.json under "estimates" and
-    returned as ``{name: Estimate}``."""
+    returned as ``{name: Estimate}``. which: samples/WHICH.npz (e.g. a flow-MCMC method's "imh": block
+    errors over its chains, stored under "estimates_imh")."""
     from .estimators.analysis import sample_estimates
     from .sampling import SampleSet
     from .systems import MolecularSystem
     from .training.rundir import RunDir
 
+    if which != "generated" and which not in MCMC_METHODS[1:]:
+        raise InputError(f"unknown samples {which!r}: 'generated' or a flow-MCMC method ({', '.join(MCMC_METHODS[1:])})")
     rd = RunDir(run_dir, create=False)
-    path = rd.path / "samples" / "generated.npz"
+    path = rd.path / "samples" / f"{which}.npz"
     if not path.is_file():
-        raise InputError(f"'{rd.path}' has no samples/generated.npz; run `boltzflow sample {rd.path}` first")
+        how = f" --mcmc {which}" if which != "generated" else ""
+        raise InputError(f"'{rd.path}' has no samples/{which}.npz; run `boltzflow sample {rd.path}{how}` first")
     s = SampleSet.load(path)
     system = MolecularSystem.load(rd.system_dir)
     res = sample_estimates(s, system.modes, temperature_k=system.temperature, seed=seed)
     for note in res.notes:  # a mode without weighted samples: dF undefined, say so in the log
         rd.log(note)
     out: dict[str, Any] = dict(res.estimates)
-    rd.update_summary(estimates={k: v.to_full_dict() for k, v in out.items()})
+    key = "estimates" if which == "generated" else f"estimates_{which}"
+    rd.update_summary(**{key: {k: v.to_full_dict() for k, v in out.items()}})
     return out
 
 

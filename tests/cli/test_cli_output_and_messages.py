@@ -86,3 +86,11 @@ def test_energy_writers_give_null_and_nan_for_invalid_frames():
     rows = energies_table(e, e / 2, terms).splitlines()
     assert rows[0].split() == ["frame", "energy_kJ/mol", "reduced_kT", "bond"] and len(rows) == 4
     assert rows[2].split() == ["1", "nan", "nan", "nan"] and rows[3].split()[1] == "-2.2500"
+
+
+def test_train_help_lists_every_registered_loss():
+    """`train --help` names the losses without importing torch; the list must follow the registry."""
+    from boltzflow.cli.train import FINETUNE_LOSSES
+    from boltzflow.losses import LOSSES
+
+    assert sorted(FINETUNE_LOSSES) == sorted(LOSSES)

@@ -1,4 +1,4 @@
-"""`boltzflow train`: pre-train on reference data, fine-tune data-free; resumable."""
+"""`boltzflow train`: maximum likelihood on data, then energy-based fine-tuning; resumable."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ EXAMPLE = """\
 """
 
 
+#: the fine-tuning losses of boltzflow.losses.LOSSES, listed here so that `--help` does not import torch
+#: (tests/cli checks the two lists agree)
+FINETUNE_LOSSES = ("klx_path", "klx", "klz_df", "alpha2", "fab", "l2plus", "l2plus_nomask", "l2plus_nodetach", "klz")
+
+
 def parse_set(items: list[str] | None) -> dict:
     """``["a.b=3", "c=x"]`` -> ``{"a.b": 3, "c": "x"}`` (values parsed as TOML scalars when possible)."""
     import tomllib
@@ -44,19 +49,19 @@ def parse_set(items: list[str] | None) -> dict:
 
 
 def register(sub) -> None:
-    p = add_verb(sub, "train", "train a Boltzmann generator (KLz pre-training, then data-free fine-tuning)", EXAMPLE, run)
+    p = add_verb(sub, "train", "train a Boltzmann generator (maximum likelihood on data, then energy-based fine-tuning)", EXAMPLE, run)
     p.add_argument("system", nargs="?", help="system directory (from `boltzflow prepare`) or built-in name")
     p.add_argument("-o", "--output", help="run directory to create")
     add_overwrite(p, "RUN_DIR (a folder that holds other files or another kind of run)")
     p.add_argument("--recipe", help="start from a shipped recipe: 'energy' (no reference data: parallel tempering "
-                   "from the input structure, then maximum likelihood) or 'data' (maximum likelihood on the reference "
-                   "frames grown by Langevin dynamics); --config and --set apply on top")
+                   "from the input structure, maximum likelihood on its frames, then path-gradient reverse KL) or 'data' "
+                   "(the same on the reference frames grown by Langevin dynamics); --config and --set apply on top")
     p.add_argument("--config", help="TOML configuration (see --print-config)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the full default configuration and exit")
-    p.add_argument("--pretrain-steps", type=int, help="KLz steps on reference data")
-    p.add_argument("--finetune-steps", type=int, help="data-free fine-tuning steps")
-    p.add_argument("--loss", help="fine-tuning loss: klx, klz_df, l2plus, l2plus_nomask, l2plus_nodetach, fab")
+    p.add_argument("--pretrain-steps", type=int, help="maximum-likelihood (KLz) steps on the training data")
+    p.add_argument("--finetune-steps", type=int, help="energy-based fine-tuning steps")
+    p.add_argument("--loss", help="fine-tuning loss: " + ", ".join(FINETUNE_LOSSES))
     p.add_argument("--batch", type=int, help="batch size of both stages")
     p.add_argument("--pipeline", help="generator pipeline: conditional (unbiased), hnet (biased), internal-all")
     p.add_argument("--device", help="auto, cpu or cuda")
