@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..sampling.mcmc_config import MCMC_METHODS
 from .common import add_distributed, add_overwrite, add_verb, distributed_context, estimate_line, print_json
 
 EXAMPLE = """\
@@ -10,6 +11,7 @@ EXAMPLE = """\
   torchrun --nproc_per_node 4 -m boltzflow sample runs/adp -n 1000000   # 4 ranks, merged into generated.npz
   boltzflow sample runs/adp -n 1000000 --shard 3/8   # one job of a batch array (shard 3 of 8, its own seed)
   boltzflow merge runs/adp                           # then join the 8 shards into generated.npz
+  boltzflow sample runs/adp -n 100000 --mcmc imh --chains 16   # also exact unweighted IMH chains: samples/imh.npz
 """
 
 
@@ -25,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the estimates as JSON")
     p.add_argument("--shard", metavar="I/N", help="draw only shard I of N of the -n samples (0 <= I < N; its own seed) "
                    "into samples/generated.shard-III-of-NNN.npz; join them with `boltzflow merge RUN_DIR`")
+    p.add_argument("--mcmc", choices=MCMC_METHODS, help="flow-MCMC on top of the draws (default: config "
+                   "sampling.mcmc.method): imh (independence Metropolis-Hastings over the same draws), mala / hmc "
+                   "(latent-space chains), snf (latent stochastic blocks, path weights); writes samples/METHOD.npz")
+    p.add_argument("--chains", type=int, help="flow-MCMC chains (default: config sampling.mcmc.chains)")
     add_distributed(p)
 
 
@@ -34,7 +40,7 @@ def check_args(args) -> None:
     from ..io import check_output_file
     from ..sampling.sampleset import check_export_path
 
-    for option, value in (("-n", args.n), ("--batch-size", args.batch_size)):
+    for option, value in (("-n", args.n), ("--batch-size", args.batch_size), ("--chains", args.chains)):
         if value is not None and value < 1:
             raise InputError(f"{option} must be >= 1, got {value}")
     if args.export:
@@ -51,7 +57,9 @@ def run(args) -> int:
 
         shard = parse_shard(args.shard)
     dist = distributed_context(args)
-    s = pipeline.sample(args.run_dir, args.n, args.batch_size, args.device, seed=args.seed, shard=shard, dist=dist)
+    mcmc = _mcmc_config(args)
+    s = pipeline.sample(args.run_dir, args.n, args.batch_size, args.device, seed=args.seed, shard=shard, dist=dist,
+                        mcmc=mcmc)
     if not dist.is_main:
         return 0
     if shard is not None:
@@ -71,12 +79,44 @@ def run(args) -> int:
         from ..training.rundir import RunDir
 
         s.export(args.export, MolecularSystem.load(RunDir(args.run_dir, create=False).system_dir).topology)
+    chain = None
+    if mcmc is not None and mcmc.method != "none":
+        from ..sampling import SampleSet
+        from ..training.rundir import RunDir
+
+        prov = SampleSet.load(RunDir(args.run_dir, create=False).samples_dir / f"{mcmc.method}.npz").provenance
+        chain = {"method": mcmc.method, "accept_rate": prov.get("accept_rate"), "energy_evals": prov.get("energy_evals"),
+                 "chains": prov.get("chains"), "estimates": pipeline.estimate(args.run_dir, which=mcmc.method)}
     if args.json:
-        print_json({k: v.to_dict() for k, v in est.items()})
+        out = {k: v.to_dict() for k, v in est.items()}
+        if chain is not None:
+            out["mcmc"] = {**chain, "estimates": {k: v.to_dict() for k, v in chain["estimates"].items()}}
+        print_json(out)
     else:
         print(f"{len(s)} samples -> {args.run_dir}/samples/generated.npz")
         for v in est.values():
             print(f"  {estimate_line(v)}")
         for w in pipeline.reliability_warnings(est):
             print(f"  warning: {w}")
+        if chain is not None:
+            rate = chain["accept_rate"]
+            print(f"flow-MCMC {chain['method']} -> {args.run_dir}/samples/{chain['method']}.npz "
+                  f"({chain['energy_evals']} energy evaluations"
+                  + (f", acceptance {rate:.3f}" if isinstance(rate, float) else "") + ")")
+            for v in chain["estimates"].values():
+                print(f"  {estimate_line(v)}")
     return 0
+
+
+def _mcmc_config(args):
+    """The run's ``sampling.mcmc`` with --mcmc / --chains applied, or None when neither is given."""
+    if args.mcmc is None and args.chains is None:
+        return None
+    from dataclasses import replace
+
+    from .. import pipeline
+    from ..training.rundir import RunDir
+
+    base = pipeline.load_run_config(RunDir(args.run_dir, create=False).config_path).sampling.mcmc
+    kw = {k: v for k, v in (("method", args.mcmc), ("chains", args.chains)) if v is not None}
+    return replace(base, **kw)

@@ -243,6 +243,11 @@ class MolecularGenerator(nn.Module):
     def _heavy_sample(self, n: int, generator):
         """(x_heavy (n, n_heavy, 3), log q(x_heavy) (n,))."""
         y, logq = self.heavy_flow.sample_and_log_prob(n, generator=generator)
+        return self._heavy_from_flow(y, logq)
+
+    def _heavy_from_flow(self, y: torch.Tensor, logq: torch.Tensor):
+        """(x_heavy (n, n_heavy, 3), log q(x_heavy) (n,)) of the heavy flow's output y (n, dim) with log density logq."""
+        n = y.shape[0]
         if self.config.representation == "cartesian":
             xh = (self.cart_mean.to(y) + self.cart_std.to(y) * y).reshape(n, -1, 3)
             return xh, logq - torch.log(self.cart_std.to(y)).sum()

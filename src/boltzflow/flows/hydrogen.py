@@ -162,6 +162,11 @@ class ConditionalHydrogenFlow(nn.Module):
         """x: (batch, n_atoms, 3) with heavy atoms set -> (x with hydrogens sampled, log q(x_H | x_C) (batch,))."""
         ctx = self.features(x)
         y, logq_y = self.flow.sample_and_log_prob(x.shape[0], generator=generator, context=ctx)
+        return self.place(y, logq_y, x)
+
+    def place(self, y: torch.Tensor, logq_y: torch.Tensor, x: torch.Tensor):
+        """Hydrogens of x (batch, n_atoms, 3) from the flow output y (batch, dim) with log density logq_y
+        -> (x with hydrogens placed, log q(x_H | x_C) (batch,))."""
         n_h = self.frames.n_h
         t = wrap_angle(y[:, 2 * n_h :] + self.torsion_ref.to(y))
         x_new, ld = self.frames(torch.cat([y[:, : 2 * n_h], t], -1), x)

@@ -19,12 +19,14 @@ LogProbFn = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class HMCResult:
     """x: accepted states, same shape as input; log_prob: (batch,) at x; accept: (batch,) bool;
-    n_evals: number of log-density evaluations per chain (gradient included)."""
+    n_evals: number of log-density evaluations per chain (gradient included); grad: d log_prob / dx at
+    x (pass ``(log_prob, grad)`` as the next step's ``current`` to save an evaluation)."""
 
     x: torch.Tensor
     log_prob: torch.Tensor
     accept: torch.Tensor
     n_evals: int
+    grad: torch.Tensor | None = None
 
     @property
     def accept_rate(self) -> float:
@@ -57,11 +59,14 @@ def hmc_step(
     n_leapfrog: int = 5,
     generator: torch.Generator | None = None,
     current: tuple[torch.Tensor, torch.Tensor] | None = None,
+    wrap: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> HMCResult:
-    """One HMC transition of every chain.
+    """One HMC transition of every chain (``n_leapfrog = 1`` is MALA).
 
     x: (batch, ...) current states; step_size: scalar or (batch,) leapfrog step (units of x);
-    current: optional cached ``(log_prob(x), grad)`` to save one evaluation.
+    current: optional cached ``(log_prob(x), grad)`` to save one evaluation; wrap: maps positions back
+    onto a periodic domain after each drift (e.g. torsions to [-pi, pi); ``log_prob`` must be periodic
+    there, so the leapfrog map stays reversible and volume-preserving).
     Returns an :class:`HMCResult`; rejected chains keep their state.
     """
     if n_leapfrog < 1:
@@ -80,6 +85,8 @@ def hmc_step(
     lp, g = lp0, g0
     for i in range(n_leapfrog):
         xn = xn + eps_b * p
+        if wrap is not None:
+            xn = wrap(xn)
         lp, g = log_prob_and_grad(log_prob, xn)
         n_evals += 1
         scale = 0.5 if i == n_leapfrog - 1 else 1.0
@@ -94,7 +101,7 @@ def hmc_step(
     ab = _bcast(accept, x)
     x_out = torch.where(ab, xn, x)
     lp_out = torch.where(accept, lp, lp0)
-    return HMCResult(x=x_out, log_prob=lp_out, accept=accept, n_evals=n_evals)
+    return HMCResult(x=x_out, log_prob=lp_out, accept=accept, n_evals=n_evals, grad=torch.where(ab, g, g0))
 
 
 def hmc_sample(
