@@ -77,7 +77,11 @@ class DataConfig:
     md_frames > 0 replaces the training frames by Langevin frames at the system temperature, run with
     the target energy from every training frame (:mod:`boltzflow.training.augment`): md_frames
     frames per start, md_burnin steps before the first and md_stride steps between them, timestep
-    md_timestep_fs (fs), friction md_friction (1/ps). Counted in the training cost (energy evaluations,
+    md_timestep_fs (fs), friction md_friction (1/ps). md_temperatures (K): further temperatures at
+    which every start is grown as well (the same number of frames each), for broader data: maximum
+    likelihood on frames that cover the tails and the minor states better gives a generator with
+    lighter-tailed weights (the samples are reweighted to the system temperature afterwards, so the
+    data need not carry its exact populations). Counted in the training cost (energy evaluations,
     wall time). A few thousand frames are far too few for maximum likelihood (the flow over-fits);
     see docs/pipelines.md, "Training data"."""
 
@@ -90,10 +94,13 @@ class DataConfig:
     md_stride: int = 50
     md_timestep_fs: float = 1.0
     md_friction: float = 5.0
+    md_temperatures: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.source not in DATA_SOURCES:
             raise ConfigError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
+        if any(not float(t) > 0 for t in self.md_temperatures):
+            raise ConfigError(f"data.md_temperatures must be temperatures in K (> 0), got {list(self.md_temperatures)}")
 
     def augment_config(self):
         from .training.augment import LangevinAugmentConfig
@@ -460,22 +467,35 @@ def _augmented_data(system, config: RunConfig, rd, x_train: np.ndarray, ref_u, t
     energy = make_energy(system, replace(config.energy, term_grad_max=0.0, energy_max=0.0), device=device)
     g = torch.Generator(device=device).manual_seed(int(config.seed) + 7919)
     x0 = torch.as_tensor(np.asarray(x_train), dtype=_dtype(config.dtype), device=device)
-    res = langevin_augment(energy, x0, system.masses, system.kT, config.data.augment_config(), generator=g,
-                           dtype=_dtype(config.dtype))
-    if len(res.positions) == 0:
+    t0 = float(system.temperature)
+    positions, per_t, evals, wall, dropped = [], [], 0, 0.0, 0
+    for temp in (t0, *(float(t) for t in config.data.md_temperatures)):
+        # at temperature T: energy u * T0 / T in units of kT(T) = kT * T / T0, so the forces stay
+        # -grad U and the noise is that of T
+        scale = t0 / temp
+        res = langevin_augment((lambda x, s=scale: energy(x) * s) if scale != 1.0 else energy, x0, system.masses,
+                               system.kT / scale, config.data.augment_config(), generator=g, dtype=_dtype(config.dtype))
+        positions.append(res.positions)
+        evals, wall, dropped = evals + int(res.energy_evals), wall + float(res.wall_s), dropped + int(res.dropped_chains)
+        per_t.append({"temperature_k": temp, "frames": int(len(res.positions)),
+                      "mean_u": float(np.mean(res.reduced_energy) / scale) if len(res.positions) else None})
+    pos = np.concatenate(positions)
+    if len(pos) == 0:
         raise InputError("Langevin augmentation dropped every chain (non-finite energies); check the reference data")
     u_ref = None if ref_u is None else float(np.mean(np.asarray(ref_u)[train_idx]))
-    info = {"starts": int(len(x_train)), "frames": int(len(res.positions)), "energy_evals": int(res.energy_evals),
-            "wall_s": float(res.wall_s), "dropped_chains": int(res.dropped_chains),
-            "mean_u_reference": u_ref, "mean_u_langevin": float(np.mean(res.reduced_energy)),
+    info = {"starts": int(len(x_train)), "frames": int(len(pos)), "energy_evals": evals,
+            "wall_s": wall, "dropped_chains": dropped,
+            "mean_u_reference": u_ref, "mean_u_langevin": per_t[0]["mean_u"], "temperatures": per_t,
             "config": {k: getattr(config.data, k) for k in ("md_frames", "md_burnin", "md_stride", "md_timestep_fs",
-                                                            "md_friction")}}
-    atomic_write(path, lambda fh: np.savez(fh, positions=res.positions, info=json.dumps(info)))
+                                                            "md_friction")}
+            | {"md_temperatures": [float(t) for t in config.data.md_temperatures]}}
+    atomic_write(path, lambda fh: np.savez(fh, positions=pos, info=json.dumps(info)))
     ref_txt = f"; mean u {u_ref:.2f} kT on the reference frames" if u_ref is not None else ""
-    rd.log(f"Langevin augmentation: {info['frames']} frames from {info['starts']} starts in {res.wall_s:.1f} s "
-           f"({res.energy_evals} energy evaluations, {res.dropped_chains} chains dropped); mean u "
-           f"{info['mean_u_langevin']:.2f} kT{ref_txt}")
-    return res.positions, info
+    temps = ", ".join(f"{p['frames']} at {p['temperature_k']:g} K (mean u {p['mean_u']:.2f} kT)"
+                      for p in per_t if p["mean_u"] is not None)
+    rd.log(f"Langevin augmentation: {info['frames']} frames from {info['starts']} starts in {wall:.1f} s "
+           f"({evals} energy evaluations, {dropped} chains dropped): {temps}{ref_txt}")
+    return pos, info
 
 
 def _fit_report(gen, data, holdout, config: RunConfig, n: int = 2000) -> dict[str, float] | None:

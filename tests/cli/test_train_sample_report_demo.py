@@ -162,6 +162,32 @@ def test_train_with_langevin_augmentation(tmp_path):
 
 
 @needs_ref
+def test_langevin_growth_at_further_temperatures(tmp_path):
+    """data.md_temperatures: every start is grown at the system temperature and at each further one
+    (the same frames per start); the hotter frames carry the hotter potential energy (equipartition:
+    about +1/2 kT(300 K) per degree of freedom from 300 to 600 K), and every evaluation is counted."""
+    from boltzflow import pipeline
+    from boltzflow.systems.builtin import builtin_system
+
+    system = builtin_system("alanine-dipeptide")
+    ov = {"data.md_frames": 2, "data.md_burnin": 300, "data.md_stride": 20, "data.max_samples": 60,
+          "data.md_temperatures": [600.0], "training.pretrain.steps": 1, "training.finetune.steps": 0,
+          "generator.blocks": 1, "generator.hidden": 16, "generator.pipeline": "internal-all"}
+    cfg = pipeline.load_run_config(None, ov)
+    s = pipeline.train(system, cfg, tmp_path / "hot", progress=False)
+    aug = s["data_augmentation"]
+    n_train = 60 - round(60 * cfg.data.holdout)
+    cold, hot = aug["temperatures"]
+    assert cold["temperature_k"] == 300.0 and hot["temperature_k"] == 600.0
+    assert cold["frames"] == hot["frames"] == 2 * n_train and aug["frames"] == 4 * n_train
+    assert aug["energy_evals"] == 2 * n_train * (300 + 2 * 20 + 1)
+    # 66 degrees of freedom, near-harmonic: 33 kT more at 600 K in equilibrium (measured 28.5 after 300 fs)
+    assert 15.0 < hot["mean_u"] - cold["mean_u"] < 45.0, aug
+    with pytest.raises(Exception, match="md_temperatures"):
+        pipeline.load_run_config(None, {"data.md_temperatures": [-1.0]})
+
+
+@needs_ref
 def test_internal_generator_trains_without_penalty_batches(tmp_path):
     """Internal coordinates have no alignment penalty: the trainer runs with penalty weight 0 (no extra
     flow batch per step, no 'penalty' metric) although the default config asks for 1."""
