@@ -74,7 +74,15 @@ def test_benchmark_quick_json(capsys):
     assert 0 < rw["kish_ess_fraction"] <= 1 and 0 < imh["accept_rate"] < 1
     assert 0 < out["reference"]["phi_positive"]["value"] < 0.1  # the minor mode is rare, and seen
     for k in ("phi_positive", "u"):
-        assert set(out["gain"][k]) == {"n_eff_per_eval_replicates", "n_eff_per_eval_in_run"}
+        assert set(out["gain"][k]) == {"n_eff_per_eval_replicates", "n_eff_per_eval_in_run", "replicates_ci95"}
         assert len(rw[k]["values"]) == 2
     assert out["methods"]["mala"]["energy_evals"] > 8 * 8  # every energy+gradient evaluation counted
     assert out["methods"]["snf"]["energy_evals"] == 100 * (2 * 2 + 1)
+
+
+def test_paired_gain_interval_brackets_a_known_variance_ratio():
+    rng = np.random.default_rng(0)
+    rw, imh = rng.normal(0, 2.0, 400), rng.normal(0, 1.0, 400)  # variance ratio 4
+    lo, hi = bench.paired_gain_interval(list(rw), list(imh))
+    assert lo < 4 < hi and hi / lo < 1.8
+    assert all(x != x for x in bench.paired_gain_interval([1.0, 2.0], [1.0, 2.0]))
