@@ -3,6 +3,7 @@
     python benchmarks/generator_quality.py --system alanine-dipeptide --route energy --json
     python benchmarks/generator_quality.py --system alanine-dipeptide --route data --seeds 0,1,2 --json
     python benchmarks/generator_quality.py --route energy --quick --json          # seconds, for the tests
+    python benchmarks/generator_quality.py --system alanine-tetrapeptide --route energy --seeds 0 --json
 
 For every seed it trains the route's recipe (``boltzflow.recipes``: "energy" = parallel tempering from
 the input structure + maximum likelihood, no reference frames; "data" = maximum likelihood on the
@@ -23,6 +24,14 @@ samples each) against the cumulative evaluations and wall time, so the cost of a
 read off; its ESS values come from small batches, which rarely see the heavy tail of the weights, so
 they overestimate the ESS of a large sample. ``curve_checkpoints``: the Kish ESS of ``--curve-samples``
 samples (default 2e4) from the checkpoints kept every ``--curve-every`` steps, the honest curve.
+
+Peptides (``alanine-tetrapeptide``, ``alanine-hexapeptide``, any system with per-residue modes,
+docs/peptides.md): the minor mode is ``any_alpha_L`` instead of ``phi_positive``, and every seed also
+gets ``"residue_populations": {"res<i>_<state>": {"label", "value", "stderr", "reference",
+"reference_stderr", "z"}}`` (alpha_R / beta_PPII / alpha_L of every residue; generator: importance
+sampling errors; reference: block errors over the shipped time-ordered reference frames; z = difference
+in combined standard errors) and ``"residue_max_abs_z"``; the report gets
+``"reference_residue_populations"``.
 """
 
 from __future__ import annotations
@@ -91,8 +100,39 @@ def checkpoint_curve(run_dir: Path, batch_curve: list[dict], n: int, every: int)
     return rows
 
 
+def reference_residue_populations(system) -> dict:
+    """Per-residue backbone-state populations of the system's shipped reference frames with block errors
+    (``{res<i>_<state>: Estimate}``, :func:`boltzflow.estimators.analysis.residue_populations`); empty for
+    systems without per-residue states."""
+    from boltzflow.estimators.analysis import residue_populations, residue_region_names
+    from boltzflow.pipeline import DataConfig, load_reference
+
+    if not residue_region_names(system.modes):
+        return {}
+    ref, _ = load_reference(system, DataConfig())
+    return residue_populations(system.modes, ref)
+
+
+def residue_comparison(system, samples, reference: dict) -> dict:
+    """``{res<i>_<state>: {"label", "value", "stderr", "reference", "reference_stderr", "z"}}``: every
+    residue's backbone-state population in the generator's weighted ``samples`` (importance-sampling
+    errors) against ``reference`` (:func:`reference_residue_populations`), z = difference in combined
+    standard errors (:func:`boltzflow.estimators.analysis.z_score`); empty without per-residue states."""
+    from boltzflow.estimators.analysis import residue_populations, z_score
+
+    labels = {f"res{r[0]}": r[1] for r in getattr(system.modes, "residues", ())}
+    out = {}
+    for name, est in residue_populations(system.modes, samples).items():
+        row = {"label": labels.get(name.split("_", 1)[0], ""), "value": est.value, "stderr": est.stderr}
+        ref = reference.get(name)
+        if ref is not None:
+            row.update(reference=ref.value, reference_stderr=ref.stderr, z=z_score(est, ref))
+        out[name] = row
+    return out
+
+
 def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_samples: int, quick: bool,
-             curve_samples: int = 20000, curve_every: int = 1000) -> dict:
+             curve_samples: int = 20000, curve_every: int = 1000, residue_reference: dict | None = None) -> dict:
     from boltzflow import pipeline
     from boltzflow.training.rundir import RunDir
 
@@ -130,6 +170,11 @@ def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_sample
         "curve": curve_of(run_dir, data_evals, data_wall),
         "run_dir": str(run_dir),
     }
+    residues = residue_comparison(system, samples, residue_reference or {})
+    if residues:  # a peptide: per-residue backbone states against the reference
+        result["residue_populations"] = residues
+        zs = [abs(r["z"]) for r in residues.values() if r.get("z") is not None and np.isfinite(r["z"])]
+        result["residue_max_abs_z"] = max(zs) if zs else None
     if curve_samples > 0:
         result["curve_checkpoints"] = checkpoint_curve(run_dir, result["curve"], curve_samples, curve_every)
     return result
@@ -161,16 +206,24 @@ def main(argv=None) -> dict:
     n = args.samples or (2000 if args.quick else 100_000)
     out = Path(args.out or ("runs/generator_quality-quick" if args.quick else "runs/generator_quality"))
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        res_ref = reference_residue_populations(system)
+    except Exception as e:  # noqa: BLE001 - a missing reference only drops the per-residue comparison
+        res_ref, res_ref_error = {}, str(e)
+    else:
+        res_ref_error = None
     results = []
     for s in seeds:
         cs = args.curve_samples if args.curve_samples is not None else (200 if args.quick else 20000)
         ce = args.curve_every or (20 if args.quick else 1000)
-        r = run_seed(system, args.route, s, out / args.system, parse_set(args.set), n, args.quick, cs, ce)
+        r = run_seed(system, args.route, s, out / args.system, parse_set(args.set), n, args.quick, cs, ce, res_ref)
         results.append(r)
         if not args.json:
             print(f"seed {s}: ESS {r['ess']:.4f} of {r['n_samples']}, {system.modes.minor} "
                   f"{r[system.modes.minor]['value']:.4f} +- {r[system.modes.minor]['stderr']:.4f}, "
                   f"{r['energy_evals']:.3g} evaluations, {r['wall_s']:.0f} s", file=sys.stderr)
+            if r.get("residue_max_abs_z") is not None:
+                print(f"  per-residue backbone states: max |z| vs reference {r['residue_max_abs_z']:.2f}", file=sys.stderr)
     ess = np.array([r["ess"] for r in results])
     ref = None
     try:
@@ -182,6 +235,9 @@ def main(argv=None) -> dict:
     report = {"system": args.system, "route": args.route, "quick": bool(args.quick), "seeds": results,
               "ess_mean": float(ess.mean()), "ess_sd": float(ess.std(ddof=1)) if len(ess) > 1 else None,
               "reference": ref}
+    if res_ref or res_ref_error:
+        report["reference_residue_populations"] = (
+            {k: {"value": v.value, "stderr": v.stderr} for k, v in res_ref.items()} if res_ref else {"error": res_ref_error})
     print(json.dumps(report, indent=None if args.json else 2, default=float))
     return report
 

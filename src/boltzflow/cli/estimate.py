@@ -92,7 +92,7 @@ def estimate_samples(samples, system=None, populations: list[str] = (), seed: in
     modes = system.modes if system is not None else None
     res = analysis.sample_estimates(samples, modes, temperature_k=samples.temperature, seed=seed,
                                     n_bootstrap=n_bootstrap)
-    mode_names = set(modes.names) if modes is not None else set()
+    mode_names = set(modes.names) | set(analysis.residue_region_names(modes)) if modes is not None else set()
     out = []
     for key, e in res.estimates.items():
         out.append(replace(e, name=f"P({key})") if key in mode_names else e)

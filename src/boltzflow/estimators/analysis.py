@@ -91,6 +91,42 @@ def region_population(samples: SampleSet, indicator, name: str, seed: int = 0, n
     return population(indicator, samples.log_weights, name=name, seed=seed, n_bootstrap=n_bootstrap)
 
 
+def residue_region_names(modes: ModeSet | None) -> list[str]:
+    """Per-residue state names ``res<i>_<state>`` of a peptide's modes
+    (:class:`boltzflow.systems.modes.PeptideModes`); empty for mode sets without per-residue states."""
+    return list(getattr(modes, "region_names", None) or [])
+
+
+def residue_populations(modes: ModeSet, samples: SampleSet, seed: int = 0, n_bootstrap: int = 500) -> dict[str, Estimate]:
+    """``{res<i>_<state>: Estimate}``: every residue's backbone-state population (alpha_R / beta_PPII /
+    alpha_L, ``modes.residue_states``) in ``samples`` with the error bar of :func:`region_population`
+    (importance sampling for weighted samples, block errors for time-ordered frames); empty without
+    per-residue states. The three states of a residue sum to 1."""
+    names = residue_region_names(modes)
+    if not names:
+        return {}
+    st = modes.residue_states(samples.positions)  # type: ignore[attr-defined]  # PeptideModes: (n, n_residues)
+    n_states = len(names) // st.shape[1]
+    out = {}
+    for k, name in enumerate(names):
+        r, j = divmod(k, n_states)
+        out[name] = region_population(samples, st[:, r] == j, name, seed=seed, n_bootstrap=n_bootstrap)
+    return out
+
+
+def z_score(a: Estimate, b: Estimate) -> float:
+    """``(a - b) / sqrt(se_a^2 + se_b^2)``: the difference of two independent estimates in combined
+    standard errors; 0 when both agree exactly with zero errors, +-inf when they differ with zero errors,
+    nan when an error bar is unknown."""
+    den = float(np.hypot(a.stderr, b.stderr))
+    diff = float(a.value - b.value)
+    if not den == den:
+        return float("nan")
+    if den == 0.0:
+        return 0.0 if diff == 0.0 else float(np.copysign(np.inf, diff))
+    return diff / den
+
+
 def mode_fractions(modes: ModeSet, positions, log_weights=None) -> dict[str, float]:
     """Weighted fraction of samples in each mode, ``{name: fraction}`` (no error bars; for tables)."""
     lab = modes.assign(positions)
@@ -170,7 +206,7 @@ def mode_summary(modes: ModeSet, samples: SampleSet, temperature_k: float | None
 @dataclass(frozen=True)
 class SampleEstimates:
     """What :func:`sample_estimates` found: ``estimates`` by name (insertion order: ``ess``, ``log_Z``, one
-    population per mode, ``dF(rest->minor)``) and ``notes``: sentences about what could not be estimated."""
+    population per mode, ``dF(rest->minor)``, then a peptide's per-residue states ``res<i>_<state>``) and ``notes``: sentences about what could not be estimated."""
 
     estimates: dict[str, Estimate]
     notes: tuple[str, ...] = ()
@@ -180,7 +216,8 @@ def sample_estimates(samples: SampleSet, modes: ModeSet | None = None, temperatu
                      seed: int = 0, n_bootstrap: int = 500) -> SampleEstimates:
     """What ``boltzflow estimate`` and :func:`boltzflow.pipeline.estimate` report for a SampleSet:
     ``"ess"`` and ``"log_Z"`` (weighted samples), one population per mode (keyed by the mode's name) and
-    ``dF(rest->minor)`` (kT) when defined. Error bars as in the module docstring."""
+    ``dF(rest->minor)`` (kT) when defined, and for a peptide every residue's backbone-state population
+    (``res<i>_<state>``, :func:`residue_populations`). Error bars as in the module docstring."""
     out: dict[str, Estimate] = {}
     notes: list[str] = []
     lw = samples.log_weights
@@ -204,6 +241,7 @@ def sample_estimates(samples: SampleSet, modes: ModeSet | None = None, temperatu
                                                     seed=seed, n_bootstrap=n_bootstrap))
         except InputError as e:  # a mode without (weighted) samples: no dF, and the result says why
             notes.append(f"no {name} ({e})")
+        out.update(residue_populations(modes, samples, seed=seed, n_bootstrap=n_bootstrap))
     return SampleEstimates(out, tuple(notes))
 
 
