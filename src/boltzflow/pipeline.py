@@ -772,7 +772,8 @@ def demo_config(quick: bool = False) -> RunConfig:
     """The demo's configuration: alanine dipeptide, the ``data`` recipe (:mod:`boltzflow.recipes`)
     sized for <= 20 minutes on 2 CPU cores: one spline flow over all-atom internal coordinates
     (improper torsions standardised, no whitening; 4 blocks x 128), maximum likelihood on the
-    shipped reference frames grown by Langevin dynamics (``data.md_frames = 20``), 4 000 steps of batch
+    shipped reference frames grown by Langevin dynamics at 300 K and 356 K (``data.md_frames = 20``,
+    ``data.md_temperatures = [356.0]``), 4 000 steps of batch
     512, then 1 000 steps of reverse KL with the path gradient (``klx_path``, batch 1 024, lr 1e-4)
     under the ESS guard (the stage ends at the checkpoint of highest Kish ESS on 20 000 samples, the
     maximum-likelihood one included), then 100 000 samples. ``quick`` is a toy-size version
