@@ -12,6 +12,7 @@ EXAMPLE = """\
   boltzflow sample runs/adp -n 1000000 --shard 3/8   # one job of a batch array (shard 3 of 8, its own seed)
   boltzflow merge runs/adp                           # then join the 8 shards into generated.npz
   boltzflow sample runs/adp -n 100000 --mcmc imh --chains 16   # also exact unweighted IMH chains: samples/imh.npz
+  boltzflow sample systems/dw4/generators/fff -n 10000   # free-form flow of a particle system (DW4, LJ13)
 """
 
 
@@ -51,6 +52,10 @@ def run(args) -> int:
     from .. import pipeline
 
     check_args(args)
+    from ..training.freeform import is_particle_run
+
+    if is_particle_run(args.run_dir):
+        return _sample_particles(args)
     shard = None
     if args.shard:
         from ..sampling.shards import parse_shard
@@ -120,3 +125,22 @@ def _mcmc_config(args):
     base = pipeline.load_run_config(RunDir(args.run_dir, create=False).config_path).sampling.mcmc
     kw = {k: v for k, v in (("method", args.mcmc), ("chains", args.chains)) if v is not None}
     return replace(base, **kw)
+
+
+def _sample_particles(args) -> int:
+    """A free-form particle run: samples with exact log q, energies and weights; Kish ESS and log Z."""
+    from ..errors import InputError
+    from ..estimators import kish_ess, log_z
+    from ..training.freeform import sample_particles
+
+    if args.mcmc or args.shard or args.export:
+        raise InputError("--mcmc, --shard and --export are for molecular generators, not free-form particle runs")
+    s = sample_particles(args.run_dir, args.n or 10000, args.seed, args.batch_size or 1000)
+    est = {"ess": kish_ess(s.log_weights), "log_z": log_z(s.log_weights)}
+    if args.json:
+        print_json({k: v.to_dict() for k, v in est.items()})
+    else:
+        print(f"{len(s)} samples -> {args.run_dir}/samples/generated.npz")
+        for v in est.values():
+            print(f"  {estimate_line(v)}")
+    return 0

@@ -22,6 +22,7 @@ EXAMPLE = """\
   boltzflow train my_system/ -o runs/x --set generator.hidden=128 --set training.optimizer.lr=5e-4
   torchrun --nproc_per_node 2 -m boltzflow train alanine-dipeptide -o runs/ddp   # data-parallel (DDP)
   torchrun --nproc_per_node 2 -m boltzflow train --resume runs/ddp                # same number of ranks
+  boltzflow train dw4 -o runs/dw4 --set generator.layers=6 --set training.steps=3000   # E(n)-free-form flow
 """
 
 
@@ -95,6 +96,11 @@ def run(args) -> int:
         cfg = pipeline.recipe_config(args.recipe) if args.recipe else pipeline.RunConfig()
         print(dump_toml(cfg, show_unset=True), end="")
         return 0
+    from ..systems.particles import PARTICLE_SYSTEMS
+    from ..training.freeform import is_particle_run
+
+    if args.system in PARTICLE_SYSTEMS or (args.resume and is_particle_run(args.resume)):
+        return _train_particles(args)
     dist = distributed_context(args)
     if args.resume:
         from ..systems import MolecularSystem
@@ -126,4 +132,35 @@ def run(args) -> int:
         print(f"trained {summary.get('system')}: {summary.get('training_steps')} steps, "
               f"{summary.get('energy_evals_training')} energy evaluations, {summary.get('skipped_steps')} skipped steps; "
               f"run directory {args.resume or args.output}")
+    return 0
+
+
+def _train_particles(args) -> int:
+    """DW4 / LJ13 / LJ55: an E(n)-free-form flow (:mod:`boltzflow.training.freeform`) on the system's
+    reference frames; the TOML has a top-level ``system`` and ``[generator] kind = "freeform"``."""
+    from ..errors import InputError
+    from ..training.freeform import load_particle_config, train_freeform
+
+    ov = parse_set(args.set)
+    for key, val in (("training.steps", args.finetune_steps), ("training.batch", args.batch),
+                     ("training.seed", args.seed)):
+        if val is not None:
+            ov[key] = val
+    if args.resume:
+        config = load_particle_config(f"{args.resume}/config.toml", ov)
+        summary = train_freeform(config, args.resume, resume=True)
+    else:
+        if not args.output:
+            raise InputError("train needs -o RUN_DIR; see `boltzflow train --help`")
+        from ..io import check_output_dir
+
+        check_output_dir(args.output, "training run", args.overwrite)
+        ov["system"] = args.system
+        config = load_particle_config(args.config, ov)
+        summary = train_freeform(config, args.output)
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"trained free-form flow on {summary.get('system')}: {summary.get('training_steps')} steps, "
+              f"{summary.get('training_wall_s')} s; run directory {args.resume or args.output}")
     return 0
