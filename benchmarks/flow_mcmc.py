@@ -3,6 +3,7 @@
     python benchmarks/flow_mcmc.py --json                       # shipped alanine-dipeptide generator
     python benchmarks/flow_mcmc.py --quick --json               # toy size (seconds), as in the tests
     python benchmarks/flow_mcmc.py --run RUN_DIR --n 100000 --replicates 20 --json
+    python benchmarks/flow_mcmc.py --pool results/a.json results/b.json --json   # gains over pooled replicates
 
 For each of ``--replicates`` independent replicates (own seeds) and each method, the population of the
 system's minor mode (alanine dipeptide: phi > 0) and the mean reduced energy <u> are estimated:
@@ -29,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,9 +55,26 @@ def paired_gain_interval(rw: list[float], imh: list[float], seed: int = 0, n_boo
         return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, a.size, (n_boot, a.size))
-    ratio = np.var(a[idx], axis=1, ddof=1) / np.var(b[idx], axis=1, ddof=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.var(a[idx], axis=1, ddof=1) / np.var(b[idx], axis=1, ddof=1)
     ratio = ratio[np.isfinite(ratio)]
     return [float(np.quantile(ratio, 0.025)), float(np.quantile(ratio, 0.975))]
+
+
+def pool(paths: list[str], seed: int = 0) -> dict:
+    """IMH / reweighting gains (variance ratio of the estimates, same evaluations) over the replicates of
+    several result files of this script (same ``--n``, different seeds), with the paired-bootstrap CI."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len({r["n"] for r in runs}) != 1:
+        raise SystemExit("--pool needs result files with the same --n")
+    out: dict[str, Any] = {"pooled": list(paths), "n": runs[0]["n"], "replicates": sum(r["replicates"] for r in runs),
+                           "gain": {}}
+    for k in (runs[0]["minor"], "u"):
+        rw = [v for r in runs for v in r["methods"]["reweighting"][k]["values"]]
+        imh = [v for r in runs for v in r["methods"]["imh"][k]["values"]]
+        out["gain"][k] = {"n_eff_per_eval_replicates": float(np.var(rw, ddof=1) / np.var(imh, ddof=1)),
+                          "replicates_ci95": paired_gain_interval(rw, imh, seed)}
+    return out
 
 
 def main(argv=None) -> dict:
@@ -81,7 +100,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="toy sizes (seconds)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    ap.add_argument("--pool", nargs="+", metavar="JSON", help="only pool the replicates of earlier result files")
     a = ap.parse_args(argv)
+    if a.pool:
+        pooled = pool(a.pool, a.seed)
+        print(json.dumps(pooled) if a.json else json.dumps(pooled, indent=2))
+        return pooled
     if a.quick:
         a.n, a.replicates, a.chains, a.burnin = 1000, 2, 4, 5
         a.latent_chains, a.latent_steps, a.latent_burnin, a.snf_n, a.snf_blocks = 8, 5, 3, 100, 2

@@ -65,9 +65,12 @@ def test_toml_config_and_python_api(run):
         pipeline.sample_mcmc(run, MCMCConfig(), n=8)
 
 
-def test_benchmark_quick_json(capsys):
+def test_benchmark_quick_json(capsys, tmp_path):
     out = bench.main(["--quick", "--json"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (tmp_path / "a.json").write_text(json.dumps(printed))
+    pooled = bench.main(["--pool", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--json"])
+    assert pooled["replicates"] == 4 and set(pooled["gain"]) == {"phi_positive", "u"}
     assert printed["methods"].keys() == {"reweighting", "imh", "mala", "snf"}
     rw, imh = out["methods"]["reweighting"], out["methods"]["imh"]
     assert rw["energy_evals"] == imh["energy_evals"] == 1000  # IMH reuses the draws
