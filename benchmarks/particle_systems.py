@@ -4,6 +4,8 @@
     python benchmarks/particle_systems.py --system dw4 --json                 # train, then evaluate
     python benchmarks/particle_systems.py --system dw4 --quick --json         # seconds (the test suite's size)
     python benchmarks/particle_systems.py --system lj13 --out runs/fff/lj13 --set steps=4000 --json
+    python benchmarks/particle_systems.py --system lj55 --step-cost --json    # CPU time per step, paper sizes
+    python benchmarks/particle_systems.py --system lj55 --step-cost --set layers=1 --set steps=2 --json
     python benchmarks/particle_systems.py --evaluate systems/dw4/generators/fff \
         --data systems/dw4/reference_test.npy --json                          # {"nll": ...} of a trained flow
 
@@ -174,6 +176,50 @@ def evaluate_run(run_dir: str, data: str, n: int = 0, n_eval: int = 0, seed: int
     return res
 
 
+def step_cost(system: str, steps: int = 3, seed: int = 0, layers: int = 0) -> dict[str, Any]:
+    """CPU and wall time of one training step at draxler2024's sizes (table 5: layers, batch,
+    reconstruction weight; our EGNN width 64), the mean over ``steps`` steps after one warm-up step,
+    and the CPU time their full training would take on this machine at that rate. ``layers > 0`` times
+    that many EGNN layers instead and scales the cost linearly to the paper's layer count (every layer
+    is the same computation; the fixed overhead is then over-counted, so the extrapolation is high).
+    Frames: the training reference where it exists, else jittered lattices (the cost does not depend
+    on the values)."""
+    import torch
+
+    from boltzflow.flows.freeform import FreeFormConfig, FreeFormFlow, fff_loss
+    from boltzflow.systems.particles import _initial
+    from boltzflow.training.freeform import load_frames, particle_shape
+
+    ps = PAPER_SETTINGS[system]
+    n, d = particle_shape(system)
+    path = ROOT / "systems" / system / "reference_train.npy"
+    g = torch.Generator().manual_seed(seed)
+    if path.is_file():
+        x_all, source = torch.as_tensor(load_frames(path, system), dtype=torch.float32), "reference_train.npy"
+    else:
+        x_all, source = _initial(system, 1024, g).float(), "jittered lattice"
+    torch.manual_seed(seed)
+    n_layers = int(layers) or int(ps["layers"])
+    flow = FreeFormFlow(n, d, FreeFormConfig(layers=n_layers, hidden=64, recon_weight=float(ps["recon_weight"])))
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+    cpu, wall = [], []
+    for i in range(steps + 1):
+        c0, w0 = time.process_time(), time.perf_counter()
+        xb = x_all[torch.randint(0, len(x_all), (int(ps["batch"]),), generator=g)]
+        opt.zero_grad()
+        fff_loss(flow.encode, flow.decode, xb, float(ps["recon_weight"]), g).loss.backward()
+        torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
+        opt.step()
+        if i:
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+    cpu_ms = 1000 * float(np.mean(cpu)) * int(ps["layers"]) / n_layers
+    return {"system": system, "paper_settings": ps, "data": source, "steps_measured": steps, "layers_timed": n_layers,
+            "step_cpu_ms": cpu_ms, "step_wall_ms": 1000 * float(np.mean(wall)) * int(ps["layers"]) / n_layers,
+            "threads": torch.get_num_threads(), "paper_training_cpu_h": cpu_ms * int(ps["steps"]) / 3.6e6,
+            "params": sum(p.numel() for p in flow.parameters())}
+
+
 def _parse_set(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
@@ -195,10 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="with --evaluate: sample file (n, particles, dim) .npy")
     p.add_argument("--n", type=int, default=0, help="with --evaluate: use the first n frames (0 = all)")
     p.add_argument("--n-eval", type=int, default=0, help="with --evaluate: also ESS/log Z from this many samples")
+    p.add_argument("--step-cost", action="store_true", help="only time training steps at the paper's sizes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    if a.evaluate:
+    if a.step_cost:
+        if not a.system:
+            p.error("--step-cost needs --system")
+        sv = _parse_set(a.set)
+        res = step_cost(a.system, int(sv.get("steps", 3)), a.seed, int(sv.get("layers", 0)))
+    elif a.evaluate:
         if not a.data:
             p.error("--evaluate needs --data X.npy")
         res = evaluate_run(a.evaluate, a.data, a.n, a.n_eval, a.seed)

@@ -11,7 +11,8 @@ schedule (draxler2024 C.2.3), into a run directory::
     RUN_DIR/summary.json     steps, wall and process CPU time (``step_cpu_ms``: CPU time per step, the
                              cost measure that does not depend on what else the machine runs), data size
 
-A killed run continues from its last checkpoint with ``resume=True`` and the same configuration; the
+A killed run continues from its last checkpoint with ``resume=True`` and the same configuration (a
+larger ``training.steps`` extends it; the one-cycle schedule then stretches over the new total); the
 minibatch stream is drawn from a ``torch.Generator`` saved in the checkpoint, so a resumed run draws
 what the uninterrupted one would have.
 """
@@ -187,7 +188,11 @@ def train_freeform(config: ParticleRunConfig, run_dir: str | Path, resume: bool 
         state = load_checkpoint(ckpt)
         flow.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        saved = dict(state["scheduler"])
+        if "_schedule_phases" in saved:  # one-cycle: the phases of the (possibly new) total number of steps
+            fresh = sched.state_dict()
+            saved.update(total_steps=fresh["total_steps"], _schedule_phases=fresh["_schedule_phases"])
+        sched.load_state_dict(saved)
         g.set_state(state["rng"])
         step, wall0, cpu0 = int(state["step"]), float(state["wall_s"]), float(state.get("cpu_s", 0.0))
         rd.truncate_metrics(step)
