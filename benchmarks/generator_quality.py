@@ -134,7 +134,7 @@ def residue_comparison(system, samples, reference: dict) -> dict:
 def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_samples: int, quick: bool,
              curve_samples: int = 20000, curve_every: int = 1000, residue_reference: dict | None = None) -> dict:
     from boltzflow import pipeline
-    from boltzflow.training.rundir import RunDir
+    from boltzflow.core.rundir import RunDir
 
     ov = dict(QUICK) if quick else {}
     ov.update(overrides)

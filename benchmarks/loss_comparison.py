@@ -145,7 +145,7 @@ def langevin_reference(system, n_frames: int, seed: int, t_sample: float, interv
     import openmm
     from openmm import unit
 
-    from boltzflow.sampling.sampleset import SampleSet
+    from boltzflow.core.sampleset import SampleSet
 
     integ = openmm.LangevinMiddleIntegrator(t_sample * unit.kelvin, 1.0 / unit.picosecond, 0.001 * unit.picoseconds)
     integ.setRandomNumberSeed(seed + 1)
@@ -191,7 +191,7 @@ def molecular_problem(system_name: str, sz: dict[str, Any], seed: int, cache_dir
     except ImportError as e:
         raise InputError(f"--system {system_name} is not yet available: it needs the molecular generator "
                          f"(boltzflow.flows.generator) and the native energy ({e}); use a toy system for now") from e
-    from boltzflow.sampling.sampleset import SampleSet
+    from boltzflow.core.sampleset import SampleSet
 
     system = builtin_system(system_name)
     ref_path = builtin_dir(system_name) / "reference_300K.npz"

@@ -90,8 +90,8 @@ def combine(runs: list[dict]) -> dict:
 
 
 def write_reference(runs: list[Path], out: Path, system) -> dict:
+    from boltzflow.core.sampleset import SampleSet
     from boltzflow.replica import extract_samples
-    from boltzflow.sampling.sampleset import SampleSet
 
     sets = [extract_samples(r) for r in runs]
     prov = {"sampler": "replica-exchange", "system": system.name, "fingerprint": system.fingerprint(),

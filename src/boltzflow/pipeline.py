@@ -1,7 +1,7 @@
 """End-to-end workflow: train a generator for a system, sample it, reweight, report.
 
 This is the Python API behind ``boltzflow train``, ``sample`` and ``demo``; every function takes
-plain objects and writes into a run directory (:class:`boltzflow.training.rundir.RunDir`)::
+plain objects and writes into a run directory (:class:`boltzflow.core.rundir.RunDir`)::
 
     from boltzflow.pipeline import RunConfig, train, sample, estimate
     from boltzflow.systems.builtin import builtin_system
@@ -306,7 +306,7 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     import torch
 
     from . import distributed
-    from .training.rundir import RunDir
+    from .core.rundir import RunDir
     from .training.trainer import Trainer
 
     dist = dist or distributed.current()
@@ -525,9 +525,9 @@ def _fit_report(gen, data, holdout, config: RunConfig, n: int = 2000) -> dict[st
 
 def load_trained(run_dir: str | Path, device: str | None = None):
     """(system, config, generator, energy) of a trained run directory."""
+    from .core.rundir import RunDir
     from .flows.generator import load_generator
     from .systems import MolecularSystem
-    from .training.rundir import RunDir
 
     rd = RunDir(run_dir, create=False)
     if not (rd.path / "generator.pt").is_file():
@@ -551,7 +551,7 @@ def export_generator(run_dir: str | Path, dest: str | Path, note: str = "") -> P
     wherever it is copied. ``note`` (markdown: how it was made) goes into DEST/README.md."""
     import shutil
 
-    from .training.rundir import RunDir
+    from .core.rundir import RunDir
 
     rd = RunDir(run_dir, create=False)
     if not (rd.path / "generator.pt").is_file():
@@ -589,9 +589,9 @@ def sample(run_dir: str | Path, n: int | None = None, batch_size: int | None = N
     import torch
 
     from . import distributed
+    from .core.rundir import RunDir
     from .sampling import SampleSet
     from .sampling.shards import shard_name, shard_seed
-    from .training.rundir import RunDir
 
     dist = dist or distributed.current()
     if shard is not None and dist.active:
@@ -658,7 +658,7 @@ def sample_mcmc(run_dir: str | Path, mcmc: MCMCConfig | None = None, n: int | No
     written to samples/METHOD.npz (IMH: chains over n fresh flow draws; mala / hmc: latent-space chains;
     snf: path-weighted samples; see :mod:`boltzflow.sampling.flow_mcmc`). Returns the SampleSet;
     ``estimate(run_dir, which=METHOD)`` gives its populations with block errors."""
-    from .training.rundir import RunDir
+    from .core.rundir import RunDir
 
     rd = RunDir(run_dir, create=False)
     system, config, gen, energy = load_trained(rd.path, device)
@@ -697,9 +697,9 @@ def merge_samples(run_dir: str | Path, remove_shards: bool = False):
     """Join a run's sample shards (samples/generated.shard-*-of-N.npz, from ``sample(shard=...)``) into
     samples/generated.npz; all N shards must be there. Returns the merged SampleSet (Python side of
     ``boltzflow merge RUN_DIR``)."""
+    from .core.rundir import RunDir
     from .sampling import SampleSet
     from .sampling.shards import merge_sample_sets, shard_files
-    from .training.rundir import RunDir
 
     rd = RunDir(run_dir, create=False)
     files = shard_files(rd.path / "samples", "generated")
@@ -742,10 +742,10 @@ def estimate(run_dir: str | Path, seed: int = 0, which: str = "generated") -> di
     (:func:`boltzflow.estimators.analysis.sample_estimates`); stored in summary.json under "estimates" and
     returned as ``{name: Estimate}``. which: samples/WHICH.npz (e.g. a flow-MCMC method's "imh": block
     errors over its chains, stored under "estimates_imh")."""
+    from .core.rundir import RunDir
     from .estimators.analysis import sample_estimates
     from .sampling import SampleSet
     from .systems import MolecularSystem
-    from .training.rundir import RunDir
 
     if which != "generated" and which not in MCMC_METHODS[1:]:
         raise InputError(f"unknown samples {which!r}: 'generated' or a flow-MCMC method ({', '.join(MCMC_METHODS[1:])})")
@@ -843,8 +843,8 @@ def demo(run_dir: str | Path = "runs/demo", quick: bool = False, device: str = "
     from dataclasses import replace
 
     from . import distributed
+    from .core.rundir import RunDir
     from .systems.builtin import builtin_system
-    from .training.rundir import RunDir
 
     t0 = time.time()
     dist = dist or distributed.current()

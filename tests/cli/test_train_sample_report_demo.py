@@ -154,7 +154,7 @@ def test_train_with_langevin_augmentation(tmp_path):
     assert np.isfinite(ll["train"]) and np.isfinite(ll["holdout"]) and ll["n_holdout"] == 20
     # the resumed run trains on the cached frames (same numbers) and finishes
     assert main(["train", "--resume", str(run), "--no-progress", "--json"]) == 0
-    from boltzflow.training.rundir import RunDir
+    from boltzflow.core.rundir import RunDir
 
     s2 = RunDir(run).read_summary()
     assert s2["training_finished"] and s2["data_augmentation"] == aug

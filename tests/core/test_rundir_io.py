@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from boltzflow.core.rundir import RunDir
 from boltzflow.io import atomic_write
-from boltzflow.training.rundir import RunDir
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

@@ -40,7 +40,7 @@ def test_bad_shapes_and_files(tmp_path):
 def test_provenance_is_versioned_and_old_keys_are_mapped(tmp_path):
     import json
 
-    from boltzflow.sampling.sampleset import PROVENANCE_VERSION
+    from boltzflow.core.sampleset import PROVENANCE_VERSION
 
     p = SampleSet(np.zeros((2, 3)), provenance={"energy_evals": 7, "wall_s": 1.5}).save(tmp_path / "new.npz")
     with np.load(p) as z:

@@ -12,8 +12,8 @@ import sys
 import torch
 
 from boltzflow import distributed
+from boltzflow.core.rundir import RunDir
 from boltzflow.flows.builders import make_flow
-from boltzflow.training.rundir import RunDir
 from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from boltzflow.config import dump_toml, load_config
+from boltzflow.core.rundir import RunDir
 from boltzflow.errors import CheckpointError, ConfigError, InputError
 from boltzflow.flows.builders import make_flow
 from boltzflow.sampling.ais import AISConfig
 from boltzflow.systems.modes import SignModes
-from boltzflow.training.rundir import RunDir
 from boltzflow.training.trainer import OptimConfig, ReplayConfig, StageConfig, TrainConfig, Trainer
 
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from boltzflow.core.rundir import RunDir
 from boltzflow.energy import Energy
 from boltzflow.flows.generator import GeneratorConfig, build_generator
 from boltzflow.sampling.ais import AISConfig
 from boltzflow.systems.builtin import builtin_system
-from boltzflow.training.rundir import RunDir
 from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
 
 

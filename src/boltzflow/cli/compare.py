@@ -12,8 +12,8 @@ from ..errors import InputError
 from .common import add_overwrite, add_verb, has_error_bar, print_json
 
 if TYPE_CHECKING:
+    from ..core.sampleset import SampleSet
     from ..estimators.analysis import SamplerResult
-    from ..sampling.sampleset import SampleSet
     from ..systems import MolecularSystem
 
 # The API is imported inside the functions: `boltzflow --help` and every other verb start without
@@ -58,10 +58,10 @@ def compare(replica: str | Path, generated: SampleSet, system: MolecularSystem, 
             seed: int = 0, plot_dir: str | Path | None = None) -> dict[str, Any]:
     """The comparison as a dict (see module docstring); writes plots into ``plot_dir`` if given. The numbers
     come from :func:`boltzflow.estimators.analysis.compare_samplers`; this function formats them."""
+    from ..core.sampleset import SampleSet
     from ..estimators import analysis
     from ..replica import state_populations
     from ..replica.exchange import storage_path
-    from ..sampling.sampleset import SampleSet
 
     if not target_stderr > 0:
         raise InputError(f"--target-stderr must be > 0, got {target_stderr}")
@@ -206,8 +206,8 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.sampleset import SampleSet
     from ..io import atomic_write_json, check_output_dir, run_kind, staged_files
-    from ..sampling.sampleset import SampleSet
     from .common import load_system
 
     system = load_system(args.system)

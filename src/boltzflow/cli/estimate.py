@@ -59,7 +59,7 @@ def register(sub) -> None:
 
 
 def _load_samples(path: str):
-    from ..sampling.sampleset import SampleSet
+    from ..core.sampleset import SampleSet
 
     return SampleSet.load(path).check_finite(f"'{path}'")
 

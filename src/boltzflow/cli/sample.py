@@ -37,9 +37,9 @@ def register(sub) -> None:
 
 def check_args(args) -> None:
     """InputError for arguments that cannot work, before anything is sampled or written."""
+    from ..core.sampleset import check_export_path
     from ..errors import InputError
     from ..io import check_output_file
-    from ..sampling.sampleset import check_export_path
 
     for option, value in (("-n", args.n), ("--batch-size", args.batch_size), ("--chains", args.chains)):
         if value is not None and value < 1:
@@ -73,21 +73,21 @@ def run(args) -> int:
         print(f"{len(s)} samples (shard {shard[0]}/{shard[1]}) -> {args.run_dir}/samples/"
               f"{shard_name('generated', *shard)}; join all {shard[1]} with `boltzflow merge {args.run_dir}`")
         if args.export:
+            from ..core.rundir import RunDir
             from ..systems import MolecularSystem
-            from ..training.rundir import RunDir
 
             s.export(args.export, MolecularSystem.load(RunDir(args.run_dir, create=False).system_dir).topology)
         return 0
     est = pipeline.estimate(args.run_dir)
     if args.export:
+        from ..core.rundir import RunDir
         from ..systems import MolecularSystem
-        from ..training.rundir import RunDir
 
         s.export(args.export, MolecularSystem.load(RunDir(args.run_dir, create=False).system_dir).topology)
     chain = None
     if mcmc is not None and mcmc.method != "none":
+        from ..core.rundir import RunDir
         from ..sampling import SampleSet
-        from ..training.rundir import RunDir
 
         prov = SampleSet.load(RunDir(args.run_dir, create=False).samples_dir / f"{mcmc.method}.npz").provenance
         chain = {"method": mcmc.method, "accept_rate": prov.get("accept_rate"), "energy_evals": prov.get("energy_evals"),
@@ -120,7 +120,7 @@ def _mcmc_config(args):
     from dataclasses import replace
 
     from .. import pipeline
-    from ..training.rundir import RunDir
+    from ..core.rundir import RunDir
 
     base = pipeline.load_run_config(RunDir(args.run_dir, create=False).config_path).sampling.mcmc
     kw = {k: v for k, v in (("method", args.mcmc), ("chains", args.chains)) if v is not None}

@@ -103,8 +103,8 @@ def run(args) -> int:
         return _train_particles(args)
     dist = distributed_context(args)
     if args.resume:
+        from ..core.rundir import RunDir
         from ..systems import MolecularSystem
-        from ..training.rundir import RunDir
 
         rd = RunDir(args.resume, create=False)
         if not rd.config_path.is_file():

@@ -31,9 +31,9 @@ import numpy as np
 
 from ..core.geometry import dihedral_of
 from ..core.protocols import ModeSet, is_molecular
+from ..core.sampleset import SampleSet
 from ..core.weights import kish_ess as _kish_count
 from ..errors import InputError
-from ..sampling.sampleset import SampleSet
 from ..systems.torsions import named_torsions
 from ..units import kt_kj_per_mol
 from .blocks import block_average
@@ -256,7 +256,7 @@ def _number(prov: Mapping[str, Any], key: str) -> float:
 @dataclass(frozen=True)
 class SamplingCost:
     """What a SampleSet cost, from its provenance (one spelling per key, see
-    :data:`boltzflow.sampling.sampleset.PROVENANCE_KEYS`); nan where not recorded.
+    :data:`boltzflow.core.sampleset.PROVENANCE_KEYS`); nan where not recorded.
 
     energy_evals: single-configuration energy evaluations of sampling; wall_s: seconds of sampling;
     training_energy_evals / training_wall_s: the same for training the generator (generators only)."""

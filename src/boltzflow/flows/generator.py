@@ -314,7 +314,7 @@ class MolecularGenerator(nn.Module):
         with ``energy`` (callable (b, n_atoms, 3) -> (b,) kT) also reduced_energy and
         log_weights = -u - log_q; for the "hnet" pipeline the weights target the hydrogen-minimised
         distribution, recorded in provenance["biased"])."""
-        from ..sampling.sampleset import SampleSet
+        from ..core.sampleset import SampleSet
 
         if n < 1 or batch_size < 1:
             raise InputError(f"n and batch_size must be >= 1, got {n} and {batch_size}")

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..core.sampleset import SampleSet
 from ..core.weights import ess_of_weights
 from ..errors import InputError
 from ..estimators.analysis import N_BLOCKS
@@ -23,7 +24,6 @@ from ..estimators.blocks import (
     subsample_indices,
 )
 from ..estimators.core import Estimate
-from ..sampling.sampleset import SampleSet
 from .exchange import CONFIG_NAME, COST_NAME, _quiet_openmmtools, storage_path
 
 

@@ -1,6 +1,6 @@
 """``build_report(run_dir)``: PNG figures plus one self-contained HTML page for a run directory.
 
-Reads what training and sampling wrote (see :mod:`boltzflow.training.rundir`): the system,
+Reads what training and sampling wrote (see :mod:`boltzflow.core.rundir`): the system,
 ``samples/generated.npz`` (flow samples with log q, u and log weights), ``samples/reference.npz``
 (reference data, with the generator's log q on it when available), ``metrics.jsonl`` and
 ``summary.json``. Optional: a replica-exchange run directory for the comparison table.
@@ -14,13 +14,13 @@ from typing import Any
 
 from ..core.geometry import dihedral_of as dihedral
 from ..core.protocols import is_molecular
+from ..core.rundir import RunDir
 from ..errors import InputError
 from ..estimators.analysis import mode_fractions, sample_ess
 from ..io import atomic_write_text, staged_files
 from ..sampling import SampleSet
 from ..systems import MolecularSystem
 from ..systems.torsions import named_torsions
-from ..training.rundir import RunDir
 from . import html as H
 from . import plots
 

@@ -1,5 +1,5 @@
 """Sampling: the SampleSet container, flow samplers, MCMC / AIS / HMC kernels."""
 
-from .sampleset import SampleSet
+from ..core.sampleset import SampleSet
 
 __all__ = ["SampleSet"]

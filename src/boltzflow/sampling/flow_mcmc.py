@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.sampleset import SampleSet
 from ..errors import InputError
 from .imh import imh_chains
 from .latent import EnergyFn, LatentMap, latent_mcmc
 from .mcmc_config import MCMCConfig
-from .sampleset import SampleSet
 from .snf import latent_snf
 
 

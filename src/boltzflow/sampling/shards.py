@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.sampleset import SampleSet
 from ..errors import InputError
-from .sampleset import SampleSet
 
 SHARD_RE = re.compile(r"^(?P<stem>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.npz$")
 

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from ..config import dump_toml, from_dict, read_config_data
+from ..core.rundir import RunDir
 from ..errors import ConfigError, InputError
 from ..flows.freeform import FreeFormConfig, FreeFormFlow, fff_loss
 from ..systems.particles import PARTICLE_SYSTEMS, particle_target
 from .checkpoints import load_checkpoint, save_checkpoint
-from .rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ def sample_particles(run_dir: str | Path, n: int = 10000, seed: int = 1, batch: 
     """Draw ``n`` samples of a trained free-form run with exact log q, reduced energies and log weights
     ``-u - log q``; writes ``RUN_DIR/samples/generated.npz`` (a SampleSet with flat positions
     ``(n, n_particles * n_spatial)``, CoM-free) and returns it."""
-    from ..sampling.sampleset import SampleSet
+    from ..core.sampleset import SampleSet
 
     if n < 1 or batch < 1:
         raise InputError("the number of samples and the batch size must be >= 1")

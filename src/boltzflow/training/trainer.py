@@ -515,7 +515,7 @@ class Trainer:
             "n_invalid": self.counters.n_invalid, "wall_s": self.counters.wall_s, "last": self.last_row,
         }
         if self.writes:
-            # the loop's own costs only under "training" (summary.json's costs: training/rundir.py)
+            # the loop's own costs only under "training" (summary.json's costs: core/rundir.py)
             top = {k: v for k, v in summary.items() if k not in ("energy_evals", "wall_s")}
             self.run_dir.update_summary(**top, training=summary)
         return summary
