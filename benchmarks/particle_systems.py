@@ -161,10 +161,15 @@ def run(system: str, quick: bool = False, overrides: dict[str, Any] | None = Non
 
 def evaluate_run(run_dir: str, data: str, n: int = 0, n_eval: int = 0, seed: int = 0) -> dict[str, Any]:
     """``{"nll": ...}`` of a trained run directory on a sample file ``(n, particles, dim)``; with
-    ``n_eval > 0`` also ESS / log Z / sampling time from that many flow samples."""
-    from boltzflow.training.freeform import load_frames, load_freeform, nll_of_frames
+    ``n_eval > 0`` also ESS / log Z / sampling time from that many flow samples. A run directory without
+    generator.pt is evaluated at its latest checkpoint (``checkpoint_step``)."""
+    from boltzflow.training.freeform import load_checkpointed, load_frames, load_freeform, nll_of_frames
 
-    flow, cfg = load_freeform(run_dir)
+    step = None
+    if (Path(run_dir) / "generator.pt").is_file() or not Path(run_dir).is_dir():
+        flow, cfg = load_freeform(run_dir)
+    else:  # a run still training (or stopped): its latest checkpoint
+        flow, cfg, step = load_checkpointed(run_dir)
     x = load_frames(data, cfg.system)
     if n:
         x = x[:n]
@@ -172,7 +177,8 @@ def evaluate_run(run_dir: str, data: str, n: int = 0, n_eval: int = 0, seed: int
         res = evaluate(flow, cfg.system, x, n_eval, 500, seed)
     else:
         res = nll_of_frames(flow, x)
-    res.update(system=cfg.system, run_dir=run_dir, data=data, paper_nll=PAPER[cfg.system]["nll"])
+    res.update(system=cfg.system, run_dir=run_dir, data=data, paper_nll=PAPER[cfg.system]["nll"],
+               checkpoint_step=step)
     return res
 
 

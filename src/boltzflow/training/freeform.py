@@ -140,6 +140,18 @@ def save_freeform(path: str | Path, flow: FreeFormFlow, config: ParticleRunConfi
     atomic_torch_save(path, {"kind": "freeform", "config_toml": dump_toml(config), "state_dict": flow.state_dict()})
 
 
+def load_checkpointed(run_dir: str | Path) -> tuple[FreeFormFlow, ParticleRunConfig, int]:
+    """(flow in eval mode, config, step) of an unfinished run: config.toml + checkpoints/latest.pt."""
+    rd = RunDir(run_dir, create=False)
+    if not (rd.config_path.is_file() and (rd.path / "checkpoints" / "latest.pt").is_file()):
+        raise InputError(f"'{rd.path}' has neither generator.pt nor a checkpoint of a free-form run")
+    config = load_particle_config(rd.config_path)
+    state = load_checkpoint(rd.latest_checkpoint)
+    flow = build_freeform(config)
+    flow.load_state_dict(state["model"])
+    return flow.eval(), config, int(state["step"])
+
+
 def load_freeform(run_dir: str | Path) -> tuple[FreeFormFlow, ParticleRunConfig]:
     """(flow in eval mode, config) from a run directory holding generator.pt (or the file itself)."""
     import tomllib
