@@ -151,9 +151,11 @@ class HydrogenConfig:
 @dataclass(frozen=True)
 class RunConfig:
     """Everything `boltzflow train` needs. device: "auto" (CUDA when available) | "cpu" | "cuda";
-    dtype: "float32" | "float64"."""
+    dtype: "float32" | "float64"; recipe: the shipped recipe the configuration started from ("" = none;
+    provenance only, set by :func:`load_run_config`)."""
 
     seed: int = 0
+    recipe: str = ""
     device: str = "auto"
     dtype: str = "float32"
     generator: Any = field(default_factory=_default_generator)
@@ -185,13 +187,16 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                     recipe: str | None = None) -> RunConfig:
-    """Defaults, updated by a named recipe (:mod:`boltzflow.recipes`: "energy", "data"), a TOML file
-    and dotted-key overrides (``{"training.finetune.steps": 10}``), in that order."""
-    data = read_config_data(path, overrides)
-    if recipe:
-        from .recipes import recipe_data
+    """Defaults, updated by a named recipe (:mod:`boltzflow.recipes`: "energy", "data", or "auto":
+    "data" when the TOML or overrides name reference frames, else "energy"; None or "none": no recipe),
+    a TOML file and dotted-key overrides (``{"training.finetune.steps": 10}``), in that order."""
+    from .recipes import recipe_data, resolve
 
-        data = merge_dicts(recipe_data(recipe), data)
+    data = read_config_data(path, overrides)
+    name = resolve(recipe, data)
+    if name:
+        data = merge_dicts(recipe_data(name), data)
+        data.setdefault("recipe", name)
     return run_config_from_dict(data)
 
 
@@ -380,7 +385,7 @@ def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, t
     data_evals = sum(int(d["energy_evals"]) for d in (aug, tempering) if d)
     data_wall = sum(float(d["wall_s"]) for d in (aug, tempering) if d)
     rd.update_summary(system=system.name, temperature_k=system.temperature, pipeline=config.generator.pipeline,
-                      training_steps=trainer.step, training_finished=finished,
+                      recipe=config.recipe, training_steps=trainer.step, training_finished=finished,
                       reference_path=str(ref_path), reference_mode_fractions=ref_modes,
                       energy_evals_training=int(trainer.counters.energy_evals) + data_evals,
                       training_wall_s=float(trainer.counters.wall_s) + data_wall,

@@ -29,7 +29,11 @@ TOY = {
     "train": ["--pretrain-steps", "4", "--finetune-steps", "2", "--batch", "16", "--no-progress", "--device", "cpu",
               "--set", "generator.blocks=1", "--set", "generator.hidden=8", "--set", "generator.h_blocks=1",
               "--set", "generator.h_hidden=8", "--set", "data.max_samples=200",
-              "--set", "training.checkpoint_every=2", "--set", "training.log_every=2"],
+              "--set", "training.checkpoint_every=2", "--set", "training.log_every=2",
+              # the default recipe is "data" here (the README names the reference): shrink its Langevin growth
+              # and its ESS guard
+              "--set", "data.md_frames=2", "--set", "data.md_burnin=5", "--set", "data.md_stride=5",
+              "--set", "training.ess_guard=64", "--set", "training.eval_batch=64"],
     "sample": ["-n", "64", "--batch-size", "32"],
 }
 
@@ -64,6 +68,10 @@ def test_readme_own_pdb_steps_on_tetrapeptide(tmp_path, monkeypatch, capsys):
     # every step left what the next one and the user need
     meta = json.loads((tmp_path / "my_peptide" / "metadata.json").read_text())
     assert meta["n_atoms"] == 42 and meta["modes"]["kind"] == "peptide"
+    # `train` without --recipe ran the default recipe, "data" here because the README names the reference
+    summary = json.loads((tmp_path / "runs" / "my_peptide" / "summary.json").read_text())
+    assert summary["recipe"] == "data" and summary["pipeline"] == "internal-all"
+    assert summary["data_augmentation"]["energy_evals"] > 0
     assert (tmp_path / "runs" / "my_peptide-pt" / "samples.npz").is_file()
     assert (tmp_path / "runs" / "my_peptide" / "samples" / "generated.npz").is_file()
     assert (tmp_path / "runs" / "my_peptide" / "report.html").is_file() or \

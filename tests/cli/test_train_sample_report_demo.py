@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 REF = REPO / "systems" / "alanine-dipeptide" / "reference_300K.npz"
 needs_ref = pytest.mark.skipif(not REF.is_file(), reason="shipped reference data missing")
 
-TINY = ["--pretrain-steps", "6", "--finetune-steps", "4", "--batch", "32", "--no-progress",
+TINY = ["--recipe", "none", "--pretrain-steps", "6", "--finetune-steps", "4", "--batch", "32", "--no-progress",
         "--set", "generator.blocks=1", "--set", "generator.hidden=16", "--set", "generator.h_blocks=1",
         "--set", "generator.h_hidden=16", "--set", "generator.pipeline=\"conditional\"",
         "--set", "generator.representation=\"internal\"", "--set", "data.max_samples=500",
@@ -27,7 +27,9 @@ def test_print_config_is_loadable_toml(capsys, tmp_path):
     text = capsys.readouterr().out
     (tmp_path / "c.toml").write_text(text)
     cfg = load_run_config(tmp_path / "c.toml")
-    assert "[training.finetune]" in text and cfg.training.finetune.loss == "l2plus"
+    # no --recipe: the default recipe, "auto", which is "energy" when no reference frames are named
+    assert "[training.finetune]" in text and cfg.training.finetune.loss == "klx_path"
+    assert cfg.recipe == "energy" and cfg.data.source == "tempering"
 
 
 def test_train_bad_input_exit_2(tmp_path, capsys):

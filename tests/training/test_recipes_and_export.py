@@ -55,17 +55,32 @@ def test_energy_recipe_trains_from_the_structure_and_export_samples_anywhere(tmp
     assert len(s) == 300 and np.isfinite(s.log_weights).all()
 
 
-def test_cli_train_recipe_energy_uses_tempering(tmp_path):
+def test_recipe_resolution():
+    from boltzflow.recipes import resolve
+
+    assert resolve("auto", {}) == "energy"  # nothing but the structure
+    assert resolve("auto", {"data": {"reference": "pt/samples.npz"}}) == "data"
+    assert resolve("auto", {"data": {"source": "reference"}}) == "data"
+    assert resolve("auto", {"data": {"source": "tempering"}}) == "energy"
+    assert resolve("none", {"data": {"reference": "x.npz"}}) is None and resolve(None) is None
+    assert resolve("data") == "data"
+    with pytest.raises(ConfigError, match="auto, none"):
+        resolve("fast")
+
+
+def test_cli_train_default_recipe_is_energy(tmp_path):
+    """`boltzflow train SYSTEM -o RUN` with no --recipe runs the energy recipe (tempering, then both stages)."""
     import json
 
     from boltzflow.cli import main
 
     sets = [f"{k}={v}" for k, v in QUICK.items()]
-    argv = ["train", "alanine-dipeptide", "--recipe", "energy", "-o", str(tmp_path / "r"), "--no-progress"]
+    argv = ["train", "alanine-dipeptide", "-o", str(tmp_path / "r"), "--no-progress"]
     for item in sets:
         argv += ["--set", item]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["recipe"] == "energy"
     assert summary["pipeline"] == "internal-all" and summary["data_tempering"]["energy_evals"] > 0
     # the recipe's two stages, both shortened by QUICK: maximum likelihood, then path-gradient fine-tuning
     assert summary["training_steps"] == QUICK["training.pretrain.steps"] + QUICK["training.finetune.steps"]

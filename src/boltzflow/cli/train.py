@@ -13,11 +13,12 @@ from .common import (
 )
 
 EXAMPLE = """\
-  boltzflow train --print-config > train.toml           # every option with its default
+  boltzflow train my_peptide/ -o runs/mine               # the default recipe: from the structure alone
+  boltzflow train my_peptide/ -o runs/mine2 --set data.reference="runs/pt/samples.npz"   # on your frames
+  boltzflow train --print-config > train.toml           # the default recipe, every option written out
   boltzflow train alanine-dipeptide --config train.toml -o runs/adp
-  boltzflow train my_peptide/ --recipe energy -o runs/mine          # from the structure alone
   boltzflow train alanine-dipeptide --recipe data -o runs/adp-data  # on the shipped reference frames
-  boltzflow train alanine-dipeptide -o runs/quick --pretrain-steps 200 --finetune-steps 500 --loss l2plus
+  boltzflow train alanine-dipeptide --recipe none -o runs/quick --pretrain-steps 200 --finetune-steps 500 --loss l2plus
   boltzflow train --resume runs/adp                      # continue a killed run
   boltzflow train my_system/ -o runs/x --set generator.hidden=128 --set training.optimizer.lr=5e-4
   torchrun --nproc_per_node 2 -m boltzflow train alanine-dipeptide -o runs/ddp   # data-parallel (DDP)
@@ -54,9 +55,12 @@ def register(sub) -> None:
     p.add_argument("system", nargs="?", help="system directory (from `boltzflow prepare`) or built-in name")
     p.add_argument("-o", "--output", help="run directory to create")
     add_overwrite(p, "RUN_DIR (a folder that holds other files or another kind of run)")
-    p.add_argument("--recipe", help="start from a shipped recipe: 'energy' (no reference data: parallel tempering "
-                   "from the input structure, maximum likelihood on its frames, then path-gradient reverse KL) or 'data' "
-                   "(the same on the reference frames grown by Langevin dynamics); --config and --set apply on top")
+    p.add_argument("--recipe", default="auto",
+                   help="the recipe the run starts from (--config and --set apply on top): 'energy' (no reference data: "
+                   "parallel tempering from the input structure, maximum likelihood on its frames, then path-gradient "
+                   "reverse KL), 'data' (the same on reference frames grown by Langevin dynamics), 'auto' (the "
+                   "default: 'data' when data.reference is given, else 'energy'), or 'none' (bare defaults, every "
+                   "stage configured by hand)")
     p.add_argument("--config", help="TOML configuration (see --print-config)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the full default configuration and exit")
@@ -93,7 +97,7 @@ def run(args) -> int:
     if args.print_config:
         from ..config import dump_toml
 
-        cfg = pipeline.recipe_config(args.recipe) if args.recipe else pipeline.RunConfig()
+        cfg = pipeline.load_run_config(args.config, overrides_from_args(args), recipe=args.recipe)
         print(dump_toml(cfg, show_unset=True), end="")
         return 0
     from ..systems.particles import PARTICLE_SYSTEMS

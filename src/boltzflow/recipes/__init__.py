@@ -9,6 +9,10 @@
 Both use the all-atom internal-coordinate generator with improper torsions as standardised
 coordinates (docs/pipelines.md, "Recipes"). A ``--config`` file and
 ``--set`` overrides apply on top of the recipe.
+
+``boltzflow train`` with no ``--recipe`` uses ``auto`` (:func:`resolve`): ``data`` when the configuration
+names reference frames (``data.reference``, or ``data.source = "reference"``), otherwise ``energy``, the
+route that needs nothing but the structure. ``none`` starts from the bare defaults of ``RunConfig``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,31 @@ def recipe_path(name: str) -> Path:
     """The TOML file of recipe ``name``; ConfigError naming the valid ones otherwise."""
     path = _DIR / f"{name}.toml"
     if not path.is_file():
-        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(names())}")
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(names() + list(SPECIAL))}")
     return path
+
+
+#: the recipe `boltzflow train` starts from when none is named
+DEFAULT = "auto"
+#: the names :func:`resolve` accepts besides the shipped recipes
+SPECIAL = ("auto", "none")
+
+
+def resolve(name: str | None, config_data: dict[str, Any] | None = None) -> str | None:
+    """The shipped recipe a run starts from, or None for the bare ``RunConfig`` defaults.
+
+    name: a shipped recipe, ``"auto"`` or ``"none"`` (None = ``"none"``). ``"auto"`` picks ``"data"``
+    when ``config_data`` (the nested dict of the user's TOML and ``--set`` overrides) names reference
+    frames (a non-empty ``data.reference`` or ``data.source = "reference"``) and ``"energy"`` otherwise:
+    a molecule with no reference frames is trained from its structure alone."""
+    if name is None or name == "none":
+        return None
+    if name == "auto":
+        data = (config_data or {}).get("data", {})
+        data = data if isinstance(data, dict) else {}
+        return "data" if data.get("reference") or data.get("source") == "reference" else "energy"
+    recipe_path(name)  # ConfigError for an unknown name
+    return name
 
 
 def recipe_data(name: str) -> dict[str, Any]:
@@ -40,4 +67,4 @@ def recipe_data(name: str) -> dict[str, Any]:
     return tomllib.loads(recipe_path(name).read_text())
 
 
-__all__ = ["names", "recipe_path", "recipe_data"]
+__all__ = ["DEFAULT", "SPECIAL", "names", "recipe_path", "recipe_data", "resolve"]
