@@ -161,7 +161,8 @@ def test_invalid_samples_are_dropped_and_counted():
 
 
 def test_registry():
-    assert set(LOSSES) == {"klz", "klx", "klx_path", "klz_df", "l2plus", "l2plus_nomask", "l2plus_nodetach", "fab", "alpha2"}
+    assert set(LOSSES) == {"klz", "klx", "klx_path", "klz_df", "l2plus", "l2plus_nomask", "l2plus_nodetach", "fab", "alpha2",
+                           "rwml"}
     assert get_loss("fab") is fab
     with pytest.raises(InputError, match="unknown loss"):
         get_loss("kl")
@@ -174,7 +175,7 @@ def gauss_kl(flow, m_p, s_p) -> float:
     return float((torch.log(s_p / s_q) + (s_q**2 + (m_q - m_p) ** 2) / (2 * s_p**2) - 0.5).sum())
 
 
-@pytest.mark.parametrize("name", ["klz", "klx", "klx_path", "klz_df", "l2plus", "l2plus_nomask", "fab", "alpha2"])
+@pytest.mark.parametrize("name", ["klz", "klx", "klx_path", "klz_df", "l2plus", "l2plus_nomask", "fab", "alpha2", "rwml"])
 def test_each_loss_moves_gaussian_flow_to_target(name):
     m_p = torch.tensor([1.0, -0.5], dtype=torch.float64)
     s_p = torch.tensor([0.6, 1.8], dtype=torch.float64)

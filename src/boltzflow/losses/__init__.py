@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..errors import InputError
 from .base import LossOutput, kish_ess
-from .core import alpha2_resampled, klx, klx_path, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask
+from .core import alpha2_resampled, klx, klx_path, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask, rwml
 from .fab import fab
 
 #: name -> loss function. "klz" needs data; all others are data-free.
@@ -28,6 +28,7 @@ LOSSES = {
     "l2plus_nodetach": l2plus_nodetach,
     "fab": fab,
     "alpha2": alpha2_resampled,
+    "rwml": rwml,
 }
 
 
@@ -39,4 +40,4 @@ def get_loss(name: str):
 
 
 __all__ = ["LOSSES", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "l2plus",
-           "l2plus_nomask", "l2plus_nodetach", "fab"]
+           "l2plus_nomask", "l2plus_nodetach", "fab", "rwml"]

@@ -39,6 +39,7 @@ from ..config import to_dict
 from ..distributed import SINGLE, DistContext
 from ..errors import CheckpointError, ConfigError, InputError
 from ..sampling.ais import AISConfig, AnnealedImportanceSampler
+from ..sampling.pool import PoolConfig, ReweightedPool
 from .checkpoints import load_checkpoint, save_checkpoint
 from .progress import format_postfix, progress_bar
 
@@ -124,6 +125,7 @@ class TrainConfig:
     ess_guard: int = 0
     ais: AISConfig = AISConfig()
     replay: ReplayConfig = ReplayConfig()
+    pool: PoolConfig = PoolConfig()
     cap: CapConfig = CapConfig()
 
     def __post_init__(self):
@@ -204,6 +206,8 @@ class Trainer:
         self.counters = _Counters()
         self.ais = AnnealedImportanceSampler(self.config.ais)
         self.buffer = None
+        #: the importance-resampled pool of reweighted maximum likelihood (finetune.loss = "rwml")
+        self.pool = ReweightedPool(self.config.pool) if self.config.finetune.loss == "rwml" else None
         if self.config.finetune.loss == "fab" and self.config.replay.enabled:
             from ..sampling.replay import PrioritisedReplayBuffer
 
@@ -257,7 +261,8 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         """What differs between ranks: their sample streams, AIS step sizes, replay buffers."""
         return {"sample_rng": self.sample_rng.get_state(), "torch_rng": torch.get_rng_state(),
-                "ais": self.ais.state_dict(), "buffer": self.buffer.state_dict() if self.buffer is not None else None}
+                "ais": self.ais.state_dict(), "buffer": self.buffer.state_dict() if self.buffer is not None else None,
+                "pool": self.pool.state_dict() if self.pool is not None else None}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs; under DDP a collective (every rank must call it), with every
@@ -276,6 +281,7 @@ class Trainer:
             "config": to_dict(self.config),
             "ais": self.ais.state_dict(),
             "buffer": self.buffer.state_dict() if self.buffer is not None else None,
+            "pool": self.pool.state_dict() if self.pool is not None else None,
             "guard": self._guard,
             "world_size": self.dist.world_size,
             "ranks": ranks,
@@ -322,6 +328,7 @@ class Trainer:
         self._guard = state.get("guard")
         if self.buffer is not None and state.get("buffer") is not None:
             self.buffer.load_state_dict(state["buffer"])
+        pool_state = state.get("pool")
         if state.get("ranks"):
             mine = state["ranks"][self.dist.rank]
             self.sample_rng.set_state(mine["sample_rng"])
@@ -329,6 +336,9 @@ class Trainer:
             self.ais.load_state_dict(mine["ais"])
             if self.buffer is not None and mine.get("buffer") is not None:
                 self.buffer.load_state_dict(mine["buffer"])
+            pool_state = mine.get("pool", pool_state)
+        if self.pool is not None:
+            self.pool.load_state_dict(pool_state, self.gen, self.energy)  # draws the same pool again
 
     def resume(self) -> int:
         """Load run_dir/checkpoints/latest.pt and drop metric rows written after it. Returns the step."""
@@ -344,7 +354,7 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
     def _loss(self, stage: str):
-        from ..losses import get_loss, klz
+        from ..losses import get_loss, klz, rwml
         from ..losses.fab import fab
 
         st = self._stage_cfg(stage)
@@ -358,6 +368,9 @@ class Trainer:
         if st.loss == "fab":
             return fab(self.gen, self.energy, hi - lo, self.ais, self.buffer, generator=self.sample_rng,
                        penalty_weight=st.penalty_weight)
+        if st.loss == "rwml":
+            return rwml(self.gen, self.energy, hi - lo, self.pool, generator=self.sample_rng,
+                        penalty_weight=st.penalty_weight)
         return get_loss(st.loss)(self.gen, self.energy, hi - lo, generator=self.sample_rng,
                                  penalty_weight=st.penalty_weight)
 

@@ -1,0 +1,151 @@
+"""An importance-resampled pool of generator samples: the training set of reweighted maximum likelihood.
+
+Every ``refresh`` optimizer steps the pool draws ``size`` configurations from the generator q with their
+reduced energies u, forms the log weights ``log w = -u - log q``, clips the largest fraction ``clip`` of
+them at their (1 - clip) quantile (Schopmans & Friederich 2025 clip the top 1e-4 the same way) and
+resamples ``resample`` frames with probability proportional to the clipped weights. The resampled frames
+are approximately Boltzmann-distributed whatever q is, so maximum likelihood on them (the loss
+``rwml``) is the forward KL to p: mass-covering, it raises q where q < p, which is where the heavy tail
+of the weights comes from. A pool costs ``size`` energy evaluations (no forces) and one sampling pass.
+
+Resume is exact without storing the frames: the pool keeps the generator parameters and the random
+state it was drawn with (a few MB) and draws the same pool again after a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Reweighted-maximum-likelihood pool (``finetune.loss = "rwml"``).
+
+    size: generator draws per refresh (energy evaluations); resample: frames resampled from them;
+    clip: fraction of the largest log weights clipped at their (1 - clip) quantile (0 = none);
+    refresh: optimizer steps between refreshes; batch_size: configurations per sampling pass."""
+
+    size: int = 1_000_000
+    resample: int = 1_000_000
+    clip: float = 1e-4
+    refresh: int = 1000
+    batch_size: int = 5000
+
+    def __post_init__(self):
+        if self.size < 1 or self.resample < 1 or self.refresh < 1 or self.batch_size < 1:
+            raise ConfigError("pool.size, pool.resample, pool.refresh and pool.batch_size must be >= 1")
+        if not 0.0 <= self.clip < 1.0:
+            raise ConfigError(f"pool.clip must be in [0, 1), got {self.clip}")
+        if self.size > 2**24:
+            raise ConfigError(f"pool.size must be <= {2**24} (torch.multinomial's limit), got {self.size}")
+
+
+def clipped_log_weights(log_w: torch.Tensor, clip: float) -> torch.Tensor:
+    """``log_w: (n,)`` with its ``k = max(1, clip * n_finite)`` largest finite values set to the next
+    largest (the (1 - clip) quantile); -inf stays -inf. clip = 0 (or fewer than 2 finite values) returns
+    log_w unchanged."""
+    ok = torch.isfinite(log_w)
+    n_ok = int(ok.sum())
+    if clip <= 0 or n_ok < 2:
+        return log_w
+    k = min(max(int(clip * n_ok), 1), n_ok - 1)
+    cut = torch.topk(log_w[ok], k + 1).values[-1]
+    return torch.where(ok, torch.minimum(log_w, cut), log_w)
+
+
+class ReweightedPool:
+    """Importance-resampled generator samples (module docstring). ``due`` says when to :meth:`refresh`;
+    :meth:`batch` draws training frames ``(n, ...)`` uniformly from the resampled pool."""
+
+    def __init__(self, config: PoolConfig | None = None):
+        self.config = config or PoolConfig()
+        self.x: torch.Tensor | None = None
+        self.uses = 0
+        #: statistics of the last refresh: kish (Kish ESS fraction of the ``size`` fresh draws, unclipped),
+        #: unique (distinct frames among the resampled), n_invalid, top_weight (largest normalised weight)
+        self.stats: dict[str, float] = {}
+        self._origin: dict[str, Any] | None = None
+
+    @property
+    def due(self) -> bool:
+        """True when the pool is empty or has served ``refresh`` batches."""
+        return self.x is None or self.uses >= self.config.refresh
+
+    def refresh(self, gen, energy: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator | None = None) -> int:
+        """Draw a new pool from ``gen`` (parameters as they are now); returns the energy evaluations (``size``)."""
+        origin = {"model": {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()},
+                  "rng": generator.get_state() if generator is not None else None}
+        self._draw(gen, energy, generator)
+        self._origin = origin
+        self.uses = 0
+        return self.config.size
+
+    def _draw(self, gen, energy, generator) -> None:
+        from ..core.weights import kish_ess
+
+        cfg = self.config
+        was_training = gen.training
+        gen.eval()
+        xs, lws = [], []
+        with torch.no_grad():
+            for s in range(0, cfg.size, cfg.batch_size):
+                x, log_q = gen.sample_and_log_prob(min(cfg.batch_size, cfg.size - s), generator=generator)
+                u = energy(x)
+                ok = torch.isfinite(u) & torch.isfinite(log_q)
+                lws.append(torch.where(ok, -u - log_q, torch.full_like(u, -torch.inf)).double())
+                xs.append(x)
+        gen.train(was_training)
+        x = torch.cat(xs)
+        log_w = torch.cat(lws)
+        ok = torch.isfinite(log_w)
+        if not ok.any():
+            raise RuntimeError("every sample of the reweighting pool has an invalid energy or density; "
+                               "train the generator by maximum likelihood first")
+        lw = clipped_log_weights(log_w, cfg.clip)
+        p = torch.softmax(lw, 0)
+        idx = torch.multinomial(p.float(), cfg.resample, replacement=True, generator=generator)
+        self.x = x[idx]
+        w = torch.softmax(log_w, 0)
+        self.stats = {"kish": float(kish_ess(log_w)) / cfg.size, "unique": float(torch.unique(idx).numel()),
+                      "n_invalid": float((~ok).sum()), "top_weight": float(w.max())}
+
+    def batch(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` frames drawn uniformly (with replacement) from the resampled pool; counts one use."""
+        if self.x is None:
+            raise RuntimeError("the pool is empty: call refresh(gen, energy) first")
+        self.uses += 1
+        idx = torch.randint(0, self.x.shape[0], (n,), generator=generator, device=self.x.device)
+        return self.x[idx]
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The parameters and random state the current pool was drawn with, its use count and statistics."""
+        return {"origin": self._origin, "uses": self.uses, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict[str, Any] | None, gen, energy) -> None:
+        """Restore a :meth:`state_dict`: the same pool is drawn again from the stored parameters and
+        random state (``gen``'s own parameters are left as they are)."""
+        if not state or state.get("origin") is None:
+            return
+        origin = state["origin"]
+        current = {k: v.detach().clone() for k, v in gen.state_dict().items()}
+        gen.load_state_dict(origin["model"])
+        g = None
+        if origin["rng"] is not None:
+            g = torch.Generator(device=next(iter(gen.parameters())).device)
+            g.set_state(origin["rng"])
+        try:
+            self._draw(gen, energy, g)
+        finally:
+            gen.load_state_dict(current)
+        self._origin = origin
+        self.uses = int(state["uses"])
+        self.stats = dict(state.get("stats", self.stats))
+
+
+__all__ = ["PoolConfig", "ReweightedPool", "clipped_log_weights"]

@@ -1,0 +1,85 @@
+"""The importance-resampled pool of reweighted maximum likelihood (sampling/pool.py), and the trainer's
+"rwml" stage: resampled frames follow p, the loss moves q to p, a resumed run draws the same pool."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "losses"))
+from loss_helpers import affine_flow  # noqa: E402
+
+from boltzflow.errors import ConfigError  # noqa: E402
+from boltzflow.sampling.pool import PoolConfig, ReweightedPool, clipped_log_weights  # noqa: E402
+
+M_P, S_P = 1.5, 0.5
+
+
+def u(x):
+    """p = N(1.5, 0.5^2) per dimension, unnormalised (kT)."""
+    return 0.5 * ((x - M_P) / S_P).pow(2).sum(-1) + 7.0
+
+
+def test_clip_caps_the_largest_log_weights():
+    lw = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0, -math.inf], dtype=torch.float64)
+    c = clipped_log_weights(lw, 0.2)  # 1 of the 5 finite values clipped at the next largest
+    assert c.tolist()[:4] == [0.0, 1.0, 2.0, 3.0] and c[4] == 3.0 and c[5] == -math.inf
+    assert torch.equal(clipped_log_weights(lw, 0.0), lw)
+    with pytest.raises(ConfigError, match="clip"):
+        PoolConfig(clip=1.0)
+
+
+def test_resampled_pool_follows_the_target():
+    """q = N(0, 1) (untrained affine flow) resampled towards N(1.5, 0.5^2): the pool's mean and std are p's."""
+    flow = affine_flow(1)
+    g = torch.Generator().manual_seed(3)
+    pool = ReweightedPool(PoolConfig(size=200_000, resample=50_000, clip=0.0, refresh=5, batch_size=50_000))
+    assert pool.due
+    assert pool.refresh(flow, u, g) == 200_000
+    x = pool.x
+    assert float(x.mean()) == pytest.approx(M_P, abs=0.02) and float(x.std()) == pytest.approx(S_P, abs=0.02)
+    # the Kish ESS of N(0,1) -> N(1.5, 0.5^2): E_q[w]^2 / E_q[w^2] in closed form
+    # int p^2/q dx = exp(b^2 / 4a - c) sqrt(pi / a) / (sqrt(2 pi) s^2), a = 1/s^2 - 1/2, b = 2m/s^2, c = m^2/s^2
+    s2 = S_P**2
+    a, b, c = 1 / s2 - 0.5, 2 * M_P / s2, M_P**2 / s2
+    e_w2 = math.exp(b * b / (4 * a) - c) * math.sqrt(math.pi / a) / (math.sqrt(2 * math.pi) * s2)
+    assert pool.stats["kish"] == pytest.approx(1 / e_w2, rel=0.1)
+    for _ in range(5):
+        assert pool.batch(8, g).shape == (8, 1)
+    assert pool.due  # served `refresh` batches
+
+
+def test_trainer_rwml_stage_learns_and_resumes_exactly(tmp_path):
+    from boltzflow.core.rundir import RunDir
+    from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
+
+    cfg = TrainConfig(pretrain=StageConfig(loss="klz", steps=0), finetune=StageConfig(loss="rwml", steps=60, batch=256),
+                      optimizer=OptimConfig(lr=0.1, warmup_steps=0),
+                      pool=PoolConfig(size=20_000, resample=20_000, refresh=20, batch_size=10_000),
+                      checkpoint_every=10, log_every=10, progress=False, eval_batch=0, seed=2)
+
+    def trainer(name):
+        torch.manual_seed(0)
+        return Trainer(affine_flow(1), u, cfg, run_dir=RunDir(tmp_path / name))
+
+    a = trainer("a")
+    out = a.run()
+    aff = a.gen.bijection.layers[0]
+    t, log_s = float(aff.t.detach()), float(aff.s.detach())
+    assert abs(t - M_P) < 0.15 and abs(log_s - math.log(S_P)) < 0.15, (t, log_s)  # from t = 0, log s = 0
+    # three pools (steps 0, 20, 40), each counted once
+    assert out["energy_evals"] == 3 * 20_000
+    rows = a.history
+    assert all(r["loss_name"] == "rwml" and 0 < r["pool_kish"] <= 1 for r in rows)
+
+    b = trainer("b")
+    b.run(max_steps=45)  # "killed" at step 45: its pool was drawn at step 40
+    c = trainer("b")
+    out_c = c.run(resume=True)
+    assert out_c["energy_evals"] == out["energy_evals"]
+    for pa, pc in zip(a.gen.parameters(), c.gen.parameters()):
+        assert torch.equal(pa, pc)
