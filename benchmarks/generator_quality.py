@@ -159,7 +159,7 @@ def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_sample
     minor = system.modes.minor
     ess = est["ess"].value / len(samples)
     result = {
-        "seed": seed, "ess": ess, "n_samples": len(samples),
+        "seed": seed, "ess": ess, "pareto_k": est["ess"].pareto_k, "n_samples": len(samples),
         minor: {"value": est[minor].value, "stderr": est[minor].stderr},
         "log_z": est["log_Z"].value, "log_z_stderr": est["log_Z"].stderr,
         "energy_evals": int(summary.get("energy_evals_training", 0)) + len(samples),

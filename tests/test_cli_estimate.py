@@ -61,7 +61,10 @@ def test_estimate_weighted_toy_samples_json(capsys, tmp_path):
     rc, out, _ = run_cli(capsys, "estimate", p, "--population", "x[0]>0", "--json")
     assert rc == 0
     res = {e["name"]: e for e in json.loads(out)}
-    assert all(set(e) == {"name", "value", "stderr", "ess"} for e in res.values())
+    tail_keys = {"pareto_k", "reliable", "stderr_method", "stderr_delta", "stderr_batch_means"}
+    assert all({"name", "value", "stderr", "ess", "pareto_k", "reliable"} <= set(e) <= {"name", "value", "stderr", "ess"}
+               | tail_keys for e in res.values())
+    assert res["log_Z"]["pareto_k"] < 0.7 and res["log_Z"]["reliable"] is True  # q wider than p: light tail
     exact = 0.5 * math.erfc(-1 / math.sqrt(2))  # P(N(1,1) > 0)
     assert abs(res["P(x[0]>0)"]["value"] - exact) < 4 * res["P(x[0]>0)"]["stderr"]
     assert abs(res["log_Z"]["value"] - math.log(2 * math.pi)) < 4 * res["log_Z"]["stderr"]
@@ -129,11 +132,13 @@ def test_compare_table_json_and_plots(butane_run, capsys, tmp_path):
     assert r["energy_evals"] == 30 * 2 * 50 and g["training_energy_evals"] == 1000
     assert sum(v["value"] for v in g["populations"].values()) == pytest.approx(1.0)
     assert res["torsion_kl_64"]["reweighted"] >= 0
+    assert r["pareto_k"] is None and isinstance(g["pareto_k"], float) and "pareto_k" in g["populations"]["trans"]
+    assert (g["tail_warning"] is None) == (g["pareto_k"] <= 0.7)
     assert (out_dir / "torsion.png").is_file() and (out_dir / "energies.png").is_file()
     assert (out_dir / "compare.json").is_file()
     rc, out, _ = run_cli(capsys, "compare", "--replica", butane_run, "--samples", gen, "--system", "butane",
                          "-o", out_dir)
-    assert rc == 0 and "replica exchange" in out and "P(trans)" in out
+    assert rc == 0 and "replica exchange" in out and "P(trans)" in out and "Pareto k of the weights" in out
     rc, _, err = run_cli(capsys, "compare", "--replica", tmp_path / "none", "--samples", gen, "--system", "butane")
     assert rc == 2 and "simulate" in err
     before = sorted(p.name for p in butane_run.iterdir())

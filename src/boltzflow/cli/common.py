@@ -58,11 +58,13 @@ def format_pm(value: float, stderr: float | None, digits: int = 4) -> str:
 
 def estimate_line(est) -> str:
     """One Estimate as a line: ``name = value +- stderr unit (n=..., ESS ...)``, saying so when
-    the samples are too few for an error bar."""
+    the samples are too few for an error bar or the weights heavy-tailed (Pareto k > 0.7)."""
     unit = f" {est.unit}" if est.unit and est.unit != "probability" else ""
     ess = f", ESS {est.ess:.0f}" if est.ess == est.ess else ""
+    k = getattr(est, "pareto_k", float("nan"))
+    tail = "" if getattr(est, "reliable", True) else f", Pareto k {k:.2f} > 0.7: the error bar may be too small"
     pm = f"+- {est.stderr:.2g}" if has_error_bar(est.stderr) else NO_ERROR_BAR
-    return f"{est.name} = {est.value:.4g} {pm}{unit} (n={est.n}{ess})"
+    return f"{est.name} = {est.value:.4g} {pm}{unit} (n={est.n}{ess}{tail})"
 
 
 def print_json(obj: Any) -> None:

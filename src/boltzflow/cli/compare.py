@@ -29,7 +29,9 @@ series; generator: self-normalised importance weights), the minor mode's conform
 Ramachandran KL(replica || generator) on a 64x64 phi/psi grid (or a 64-bin torsion histogram for
 systems without phi/psi), reduced-energy statistics, ESS, and the cost (energy evaluations, wall
 time from provenance) to reach --target-stderr on the minor-mode population, extrapolated as
-cost * (stderr / target)^2. With -o OUT_DIR the plots and compare.json go there (a new or empty folder, or
+cost * (stderr / target)^2. The generator's weights get their Pareto k: above 0.7 they are heavy-tailed,
+a warning says its error bars may be too small, and each stderr is the larger of the delta-method and
+batch-means (10 chunks) errors. With -o OUT_DIR the plots and compare.json go there (a new or empty folder, or
 an earlier comparison; --overwrite for any other); without -o nothing is written.
 """
 
@@ -102,7 +104,9 @@ def compare(replica: str | Path, generated: SampleSet, system: MolecularSystem, 
 def _side(s: SamplerResult, extra: dict[str, Any]) -> dict[str, Any]:
     """One sampler's part of compare.json (keys as documented in the module docstring)."""
     m = s.summary
+    k = m.pareto_k
     d = {"n": m.n, "ess": m.ess, "population_error": s.note,
+         "pareto_k": k if k == k and abs(k) < float("inf") else None, "tail_warning": m.tail_note or None,
          "populations": {k: v.to_dict() for k, v in m.populations.items()},
          "dF": m.dF.to_dict() if m.dF is not None else None, "dF_kj_mol": m.dF_kj_mol,
          "energy_evals": s.cost.energy_evals, "wall_s": s.cost.wall_s,
@@ -186,6 +190,11 @@ def print_table(res: dict[str, Any]) -> None:
         rows.append((label, _fmt((r.get("energy") or {}).get(key)), _fmt((g.get("energy") or {}).get(key))))
     rows.append(("n samples", str(r["n"]), str(g["n"])))
     rows.append(("ESS", _fmt(r["ess"]), f"{_fmt(g['ess'])} ({100 * g['ess_fraction']:.1f}%)"))
+    if g.get("pareto_k") is not None or r.get("pareto_k") is not None:
+        def k2(v):
+            return "-" if v is None else f"{v:.2f}"
+        rows.append(("Pareto k of the weights", k2(r.get("pareto_k")), k2(g.get("pareto_k"))
+                     + (" (> 0.7: heavy-tailed)" if g.get("tail_warning") else "")))
     rows.append(("energy evaluations", _fmt(r["energy_evals"]), _fmt(g["energy_evals"])
                  + (f" (+{_fmt(g['training_energy_evals'])} training)"
                     if g["training_energy_evals"] == g["training_energy_evals"] else "")))
@@ -203,6 +212,13 @@ def print_table(res: dict[str, Any]) -> None:
     for a, b, c in rows:
         print(f"  {a:<{w0}}  {b:<{w1}}  {c}")
     print(f"  (replica errors: {r['population_error']}; generator errors: {g['population_error']})")
+    from ..estimators.tails import slow_convergence_note
+
+    for label, side in (("replica", r), ("generator", g)):
+        if side.get("tail_warning"):
+            print(f"warning: {label} {side['tail_warning']}")
+        elif side.get("pareto_k") is not None and slow_convergence_note(side["pareto_k"]):
+            print(f"note: {label} {slow_convergence_note(side['pareto_k'])}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .common import add_verb, print_json
@@ -16,6 +17,9 @@ EXAMPLE_ESTIMATE = """\
 Prints n, Kish ESS and log Z (weighted samples: log w = -u - log q), the populations of the
 system's modes and of each --population expression (with standard errors and 95% bootstrap
 intervals), and the conformational free energy of the minor mode, dF = -kT log(P_minor/P_rest).
+Weighted samples also get the Pareto k of the weights' tail: above 0.7 the weights are heavy-tailed,
+a warning says the error bars may be too small, and each stderr is the larger of the delta-method
+and batch-means (10 chunks) errors.
 Population grammar: 'phi>0', 'psi<-100', 'phi<0 & psi>100', 'mode=phi_positive',
 'dihedral(4,6,8,14)>0', 'x[0]>0' (angles in degrees).
 """
@@ -44,7 +48,8 @@ def register(sub) -> None:
                    help="region whose population to estimate (repeatable), e.g. 'phi>0'")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples (default 500)")
-    p.add_argument("--json", action="store_true", help='print [{"name","value","stderr","ess"}, ...]')
+    p.add_argument("--json", action="store_true", help='print [{"name","value","stderr","ess"}, ...] '
+                   '(weighted samples add "pareto_k", "reliable", "stderr_method")')
 
     q = add_verb(sub, "free-energy", "free-energy difference between two thermodynamic states (EXP / BAR)",
                  EXAMPLE_FREE_ENERGY, run_free_energy)
@@ -64,24 +69,61 @@ def _load_samples(path: str):
     return SampleSet.load(path).check_finite(f"'{path}'")
 
 
+def tail_warnings(estimates) -> list[str]:
+    """The distinct one-line heavy-tail warnings of ``estimates`` (Estimates with Pareto k > 0.7), in order."""
+    out: list[str] = []
+    for e in estimates:
+        if e.tail_note and e.tail_note not in out:
+            out.append(e.tail_note)
+    return out
+
+
+def tail_notes(estimates) -> list[str]:
+    """The distinct one-line notes of ``estimates`` whose weights have 0.5 < Pareto k <= 0.7, in order."""
+    from ..estimators.tails import slow_convergence_note
+
+    out: list[str] = []
+    for e in estimates:
+        note = slow_convergence_note(e.pareto_k)
+        if note and note not in out:
+            out.append(note)
+    return out
+
+
+def _k(e) -> str:
+    k = e.pareto_k
+    if k != k:
+        return "-"
+    return ("-inf" if k == float("-inf") else f"{k:.2f}") + ("" if e.reliable else "!")
+
+
 def _table(estimates, title: str) -> None:
     print(title)
     w = max([len(e.name) for e in estimates] + [8])
-    print(f"  {'quantity':<{w}}  {'value':>11}  {'stderr':>9}  {'95% CI':>23}  {'ESS':>9}  {'n':>7}")
+    has_k = any(e.pareto_k == e.pareto_k for e in estimates)
+    kh = f"  {'Pareto k':>8}" if has_k else ""
+    print(f"  {'quantity':<{w}}  {'value':>11}  {'stderr':>9}  {'95% CI':>23}  {'ESS':>9}  {'n':>7}{kh}")
     for e in estimates:
         ci = f"[{e.ci_low:.4g}, {e.ci_high:.4g}]" if e.ci_low == e.ci_low else ""
         se = "?" if e.stderr == 0 else f"{e.stderr:.3g}" if e.stderr == e.stderr else "-"
         ess = f"{e.ess:.0f}" if e.ess == e.ess else "-"
         unit = f" {e.unit}" if e.unit in ("kT", "kJ/mol") else ""
-        print(f"  {e.name:<{w}}  {e.value:>11.5g}  {se:>9}  {ci:>23}  {ess:>9}  {e.n:>7}{unit}")
+        k = f"  {_k(e):>8}" if has_k else ""
+        print(f"  {e.name:<{w}}  {e.value:>11.5g}  {se:>9}  {ci:>23}  {ess:>9}  {e.n:>7}{k}{unit}")
     if any(e.stderr == 0 for e in estimates):
         print("  ? = too few samples for an error bar (they all agree); draw more samples")
+    if any(not e.reliable for e in estimates):
+        print("  ! = Pareto k > 0.7: stderr is the larger of the delta-method and batch-means (10 chunks) errors, "
+              "and may still be too small")
+    for note in tail_warnings(estimates):
+        print(f"warning: {note}")
+    for note in tail_notes(estimates):
+        print(f"note: {note}")
 
 
 def estimate_samples(samples, system=None, populations: list[str] = (), seed: int = 0, n_bootstrap: int = 500) -> list:
     """The estimates printed by ``boltzflow estimate``, as a list of Estimates (computed by
     :func:`boltzflow.estimators.analysis.sample_estimates` and :func:`~boltzflow.estimators.analysis.region_population`)."""
-    import sys
     from dataclasses import replace
 
     from ..estimators import analysis, parse_region, to_kj_per_mol
@@ -119,6 +161,9 @@ def run_estimate(args: argparse.Namespace) -> int:
     ests = estimate_samples(samples, system, args.population, seed=args.seed, n_bootstrap=args.bootstrap)
     if args.json:
         print_json([e.to_dict() for e in ests])
+        sys.stdout.flush()
+        for note in tail_warnings(ests):  # stdout stays JSON
+            print(f"warning: {note}", file=sys.stderr)
         return 0
     prov = samples.provenance or {}
     kind = "weighted (importance sampling)" if samples.weighted else "Boltzmann (unweighted)"
@@ -199,6 +244,9 @@ def run_free_energy(args: argparse.Namespace) -> int:
     ests = free_energy_estimates(sa, system_a, system_b, tb, sb, platform=args.platform, seed=args.seed)
     if args.json:
         print_json([e.to_dict() for e in ests])
+        sys.stdout.flush()
+        for note in tail_warnings(ests):  # stdout stays JSON
+            print(f"warning: {note}", file=sys.stderr)
         return 0
     _table(ests, f"f_B - f_A (A: {Path(args.samples).name} at {sa.temperature or system_a.temperature} K; "
                  f"B: {system_b.name} at {tb:g} K):")

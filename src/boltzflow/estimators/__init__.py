@@ -4,6 +4,7 @@
     lw = log_weights(u, log_q)                 # -u - log q
     kish_ess(lw).extra["fraction"]             # ESS / n
     population(region.indicator(x), lw)        # P(phi > 0) with stderr and bootstrap CI
+    pareto_k(lw)                               # tail of the weights: > 0.7 flags the error bars
 """
 
 from .blocks import block_average, detect_equilibration, statistical_inefficiency, subsample_indices
@@ -16,6 +17,7 @@ from .core import (
                    log_z,
                    log_z_difference,
                    normalized_weights,
+                   tail_checked,
 )
 from .free_energy import (
                    FreeEnergySurface,
@@ -31,6 +33,14 @@ from .free_energy import (
                    to_kj_per_mol,
 )
 from .regions import GRAMMAR, Region, parse_region, torsion_atoms
+from .tails import (
+                   PARETO_K_MAX,
+                   batch_means_stderr,
+                   heavy_tail_note,
+                   pareto_k,
+                   pareto_k_threshold,
+                   slow_convergence_note,
+)
 
 __all__ = [
     "Estimate", "log_weights", "normalized_weights", "kish_ess", "ess_fraction", "expectation", "log_z",
@@ -38,4 +48,6 @@ __all__ = [
     "population", "mode_populations", "conformational_free_energy", "population_free_energy",
     "free_energy_surface", "ramachandran_surface", "FreeEnergySurface", "histogram_kl", "exp_free_energy", "bar_free_energy",
     "to_kj_per_mol", "parse_region", "Region", "GRAMMAR", "torsion_atoms",
+    "pareto_k", "pareto_k_threshold", "PARETO_K_MAX", "heavy_tail_note", "slow_convergence_note", "batch_means_stderr",
+    "tail_checked",
 ]

@@ -16,6 +16,10 @@ Conventions, fixed here once:
   before).
 * **Too few effective samples.** Below :data:`MIN_ESS` effective samples an error bar is itself
   meaningless (ESS ~ 1 gives a stderr ~ 0), so results say so and no cost is extrapolated.
+* **Heavy-tailed weights.** Every estimate from importance weights carries the weights' Pareto k
+  (:func:`boltzflow.estimators.pareto_k`); above :data:`boltzflow.estimators.tails.PARETO_K_MAX` = 0.7 its error bar is flagged
+  (``Estimate.reliable`` False, the one-line :func:`heavy_tail_note`), and ``stderr`` is the larger of the
+  delta-method and the batch-means error over 10 chunks (:func:`boltzflow.estimators.core.tail_checked`).
 * **Free energy of the minor mode.** ``dF(rest->MINOR) = -log(P_minor / (1 - P_minor))`` in kT (one
   name, :func:`minor_free_energy_name`): the ratio estimator on the samples, or propagated from a
   block-error population for correlated series.
@@ -39,6 +43,7 @@ from ..units import kt_kj_per_mol
 from .blocks import block_average
 from .core import Estimate, kish_ess, log_z
 from .free_energy import conformational_free_energy, histogram_kl, population, population_free_energy
+from .tails import heavy_tail_note, pareto_k
 
 #: blocks for every block error of a correlated series (see the module docstring)
 N_BLOCKS = 10
@@ -68,6 +73,11 @@ def few_samples_note(ess: float) -> str:
 def sample_ess(samples: SampleSet) -> float:
     """Kish ESS of a SampleSet as a count: of its log weights when weighted, ``len(samples)`` when not."""
     return _kish_count(samples.log_weights) if samples.log_weights is not None else float(len(samples))
+
+
+def sample_pareto_k(samples: SampleSet) -> float:
+    """Pareto k of a SampleSet's importance weights (:func:`boltzflow.estimators.pareto_k`); nan when unweighted."""
+    return pareto_k(samples.log_weights) if samples.log_weights is not None else float("nan")
 
 
 def is_time_ordered(samples: SampleSet) -> bool:
@@ -140,7 +150,8 @@ class ModeSummary:
 
     populations: ``{mode name: Estimate}`` (probability); dF: ``dF(rest->minor)`` in kT (None when a mode
     is empty; ``dF_note`` says why); ess: effective samples behind the minor mode's population (count);
-    n: samples; error_method: how the population errors were obtained; temperature_k: K."""
+    n: samples; error_method: how the population errors were obtained; temperature_k: K; pareto_k: of
+    the importance weights (nan for unweighted samples; above 0.7 the error bars are flagged)."""
 
     populations: dict[str, Estimate]
     minor: str
@@ -150,11 +161,17 @@ class ModeSummary:
     error_method: str
     temperature_k: float | None = None
     dF_note: str = ""
+    pareto_k: float = float("nan")
 
     @property
     def reliable(self) -> bool:
         """Enough effective samples (>= :data:`MIN_ESS`) for the error bars to mean something."""
         return not too_few_effective_samples(self.ess)
+
+    @property
+    def tail_note(self) -> str:
+        """The heavy-tail warning (:func:`heavy_tail_note`) when the weights' Pareto k > 0.7, else empty."""
+        return heavy_tail_note(self.pareto_k)
 
     @property
     def dF_kj_mol(self) -> float | None:
@@ -199,17 +216,28 @@ def mode_summary(modes: ModeSet, samples: SampleSet, temperature_k: float | None
     except InputError as e:  # a mode without (weighted) samples: dF undefined, the result says why
         dF, note = None, str(e)
     ess = float(pops[minor].ess) if pops[minor].ess == pops[minor].ess else float(len(samples))
+    k = pops[minor].pareto_k if populations is None and lw is not None and not block else float("nan")
+    if heavy_tail_note(k) and error_method is None:
+        method = ("self-normalised importance sampling (Pareto k > 0.7: the larger of the delta method and "
+                  "batch means over 10 chunks)")
     return ModeSummary(pops, minor, dF, ess, int(pops[minor].n) if populations is not None else len(samples),
-                       method, temperature_k, note)
+                       method, temperature_k, note, k)
 
 
 @dataclass(frozen=True)
 class SampleEstimates:
     """What :func:`sample_estimates` found: ``estimates`` by name (insertion order: ``ess``, ``log_Z``, one
-    population per mode, ``dF(rest->minor)``, then a peptide's per-residue states ``res<i>_<state>``) and ``notes``: sentences about what could not be estimated."""
+    population per mode, ``dF(rest->minor)``, then a peptide's per-residue states ``res<i>_<state>``) and ``notes``: sentences about what could not be estimated.
+    pareto_k: of the importance weights (nan for unweighted samples)."""
 
     estimates: dict[str, Estimate]
     notes: tuple[str, ...] = ()
+    pareto_k: float = float("nan")
+
+    @property
+    def warning(self) -> str:
+        """The one-line heavy-tail warning (:func:`heavy_tail_note`) when Pareto k > 0.7, else empty."""
+        return heavy_tail_note(self.pareto_k)
 
 
 def sample_estimates(samples: SampleSet, modes: ModeSet | None = None, temperature_k: float | None = None,
@@ -217,7 +245,8 @@ def sample_estimates(samples: SampleSet, modes: ModeSet | None = None, temperatu
     """What ``boltzflow estimate`` and :func:`boltzflow.pipeline.estimate` report for a SampleSet:
     ``"ess"`` and ``"log_Z"`` (weighted samples), one population per mode (keyed by the mode's name) and
     ``dF(rest->minor)`` (kT) when defined, and for a peptide every residue's backbone-state population
-    (``res<i>_<state>``, :func:`residue_populations`). Error bars as in the module docstring."""
+    (``res<i>_<state>``, :func:`residue_populations`). Error bars as in the module docstring; every
+    estimate from the weights carries their Pareto k, and so does the result (``pareto_k``)."""
     out: dict[str, Estimate] = {}
     notes: list[str] = []
     lw = samples.log_weights
@@ -242,7 +271,8 @@ def sample_estimates(samples: SampleSet, modes: ModeSet | None = None, temperatu
         except InputError as e:  # a mode without (weighted) samples: no dF, and the result says why
             notes.append(f"no {name} ({e})")
         out.update(residue_populations(modes, samples, seed=seed, n_bootstrap=n_bootstrap))
-    return SampleEstimates(out, tuple(notes))
+    k = out["ess"].pareto_k if "ess" in out else float("nan")
+    return SampleEstimates(out, tuple(notes), k)
 
 
 # ---- cost ---------------------------------------------------------------------------------------
@@ -364,7 +394,8 @@ class SamplerResult:
 
     @property
     def note(self) -> str:
-        """``error_method`` plus the few-samples warning when it applies."""
+        """``error_method`` plus the few-samples warning when it applies (the heavy-tail warning is
+        ``summary.tail_note``)."""
         extra = few_samples_note(self.summary.ess)
         return self.summary.error_method + (f"; {extra}" if extra else "")
 

@@ -2,7 +2,8 @@
 between thermodynamic states (EXP from one sample set, BAR from two; pymbar).
 
 All free energies are reduced (kT) unless the name ends in ``_kj_mol``; kT at the sample
-temperature converts (``to_kj_per_mol``).
+temperature converts (``to_kj_per_mol``). Estimates from importance weights carry the weights' Pareto k
+and, above 0.7, the larger of the delta-method and batch-means errors (:func:`.core.tail_checked`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from ..errors import InputError
 from ..systems.modes import dihedral
 from ..units import kt_kj_per_mol
 from .blocks import _quiet_pymbar
-from .core import Estimate, _bootstrap_ci, _finite_lw, _rng, _vec, normalized_weights
+from .core import Z95, Estimate, _bootstrap_ci, _finite_lw, _rng, _vec, normalized_weights, tail_checked
 from .regions import torsion_atoms
+from .tails import pareto_k, spread_stderr
 
-Z95 = 1.959963984540054
+#: extra keys holding standard errors, scaled with ``stderr`` when an estimate is transformed
+_SE_KEYS = ("stderr_delta", "stderr_batch_means")
+
+
+def _scaled_errors(extra: dict, factor: float) -> dict:
+    return {k: (v * factor if k in _SE_KEYS and isinstance(v, float) else v) for k, v in extra.items()}
 
 
 def to_kj_per_mol(est: Estimate, temperature_k: float) -> Estimate:
@@ -28,7 +35,7 @@ def to_kj_per_mol(est: Estimate, temperature_k: float) -> Estimate:
         raise InputError(f"estimate {est.name!r} is in {est.unit or 'no unit'}, not kT; cannot convert")
     kt = kt_kj_per_mol(temperature_k)
     return replace(est, name=est.name + "_kj_mol", value=est.value * kt, stderr=est.stderr * kt,
-                   ci_low=est.ci_low * kt, ci_high=est.ci_high * kt, unit="kJ/mol")
+                   ci_low=est.ci_low * kt, ci_high=est.ci_high * kt, unit="kJ/mol", extra=_scaled_errors(est.extra, kt))
 
 
 def _weights(n: int, lw) -> np.ndarray:
@@ -45,7 +52,8 @@ def population(indicator, lw=None, name: str = "population", n_bootstrap: int = 
     """P(region) = sum w_i 1[x_i in region] from an indicator (n,) bool and optional log weights (n,).
 
     stderr: delta method sqrt(sum w^2 (1 - P)^2 ...) for weighted samples, binomial sqrt(P(1-P)/n) for
-    unweighted (independent) samples; CI: seeded bootstrap. Correlated series: use ``blocks.block_average``."""
+    unweighted (independent) samples; CI: seeded bootstrap. Correlated series: use ``blocks.block_average``.
+    Weighted: pareto_k of the weights; k > 0.7: the larger of the delta-method and batch-means errors."""
     a = np.asarray(indicator, dtype=np.float64).reshape(-1)
     if a.size == 0:
         raise InputError("no samples: a population needs at least one sample")
@@ -54,10 +62,14 @@ def population(indicator, lw=None, name: str = "population", n_bootstrap: int = 
     se = float(np.sqrt(np.sum(w * w * (a - p) ** 2)))
     if lw is None and a.size > 1:
         se = float(np.sqrt(max(p * (1 - p), 0.0) / (a.size - 1)))
-    lo, hi = _bootstrap_ci(lambda i: float(np.sum(w[i] * a[i]) / np.sum(w[i])) if w[i].sum() > 0 else np.nan,
-                           a.size, n_bootstrap, level, seed)
-    return Estimate(name, p, se, ess_of_weights(w), lo, hi, int(a.size), unit="probability",
-                    method="snis" if lw is not None else "binomial")
+
+    def stat(i):
+        return float(np.sum(w[i] * a[i]) / np.sum(w[i])) if w[i].sum() > 0 else np.nan
+
+    lo, hi = _bootstrap_ci(stat, a.size, n_bootstrap, level, seed)
+    est = Estimate(name, p, se, ess_of_weights(w), lo, hi, int(a.size), unit="probability",
+                   method="snis" if lw is not None else "binomial")
+    return est if lw is None else tail_checked(est, lw, stat, bounds=(0.0, 1.0))
 
 
 def mode_populations(modes, x, lw=None, seed: int = 0, n_bootstrap: int = 300) -> dict[str, Estimate]:
@@ -73,7 +85,10 @@ def conformational_free_energy(in_a, in_b, lw=None, name: str = "dF", temperatur
     """dF(A -> B) = -log(P_B / P_A) in kT from indicators ``in_a``, ``in_b`` (n,) and log weights.
 
     stderr by the delta method on the ratio estimator (z_i = w_i (b_i - r a_i)); CI by seeded bootstrap.
-    With ``temperature_k`` the kJ/mol value is in ``extra['value_kj_mol']``."""
+    With ``temperature_k`` the kJ/mol value is in ``extra['value_kj_mol']``. Weighted: pareto_k of the
+    weights; k > 0.7: the larger of the delta-method error and the batch-means error of the ratio
+    r = P_B / P_A over chunks, propagated as se(r) / r like the delta method (chunks without weight in
+    B give r = 0 and count)."""
     a = np.asarray(in_a, dtype=np.float64).reshape(-1)
     b = np.asarray(in_b, dtype=np.float64).reshape(-1)
     if a.shape != b.shape or a.size == 0:
@@ -97,15 +112,23 @@ def conformational_free_energy(in_a, in_b, lw=None, name: str = "dF", temperatur
 
     lo, hi = _bootstrap_ci(stat, a.size, n_bootstrap, level, seed)
     extra = {"P_A": pa, "P_B": pb}
+    ess = ess_of_weights(w)
+    est = Estimate(name, value, se, ess, lo, hi, int(a.size), unit="kT", method="ratio+delta", extra=extra)
+    if lw is not None:
+        def chunk(i):  # dF linearised around the full estimate: -log r_b ~ value - (r_b - r) / r
+            sa, sb = np.sum(w[i] * a[i]), np.sum(w[i] * b[i])
+            return value - (sb / sa - r) / r if sa > 0 else np.nan
+
+        est = tail_checked(est, lw, chunk)
     if temperature_k is not None:
         kt = kt_kj_per_mol(temperature_k)
-        extra.update(value_kj_mol=value * kt, stderr_kj_mol=se * kt)
-    ess = ess_of_weights(w)
-    return Estimate(name, value, se, ess, lo, hi, int(a.size), unit="kT", method="ratio+delta", extra=extra)
+        est.extra.update(value_kj_mol=value * kt, stderr_kj_mol=est.stderr * kt)
+    return est
 
 
 def population_free_energy(p: Estimate, name: str = "dF") -> Estimate:
-    """dF = -log(P / (1 - P)) in kT (region vs its complement) from a population Estimate; error propagated."""
+    """dF = -log(P / (1 - P)) in kT (region vs its complement) from a population Estimate; error propagated
+    (and the population's Pareto k and error method kept)."""
     v = p.value
     if not 0 < v < 1:
         raise InputError(f"population {p.name} = {v} must be strictly between 0 and 1 for a free energy")
@@ -114,8 +137,12 @@ def population_free_energy(p: Estimate, name: str = "dF") -> Estimate:
     def f(q):
         return -np.log(q / (1 - q)) if 0 < q < 1 else np.nan
 
+    extra = {"population": v, **_scaled_errors({k: x for k, x in p.extra.items() if k in _SE_KEYS
+                                                or k in ("stderr_method", "n_batches", "pareto_k_threshold")},
+                                               1.0 / (v * (1 - v)))}
     return Estimate(name, float(f(v)), float(se), p.ess, float(f(p.ci_high)), float(f(p.ci_low)), p.n, unit="kT",
-                    method="from population", extra={"population": v})
+                    method="from population" + (f" ({p.method})" if not p.reliable else ""), extra=extra,
+                    pareto_k=p.pareto_k)
 
 
 @dataclass(frozen=True)
@@ -179,7 +206,11 @@ def exp_free_energy(delta_u, lw=None, name: str = "dF_exp", n_bootstrap: int = 5
                     seed: int | np.random.Generator = 0) -> Estimate:
     """EXP (Zwanzig): dF_BC = -log E_B[exp(-(u_C - u_B))] in kT from ``delta_u`` = u_C - u_B (n,) on samples
     of state B (unweighted: pymbar.other_estimators.exp) or on weighted samples whose log weights ``lw``
-    point at B (felardos2023 eq. 8): dF = -(logsumexp(lw - du) - logsumexp(lw))."""
+    point at B (felardos2023 eq. 8): dF = -(logsumexp(lw - du) - logsumexp(lw)).
+
+    pareto_k: of the combined weights w exp(-du) (the exponential average is itself importance sampling),
+    and of w when weighted, the larger; k > 0.7: the larger of the pymbar / delta-method error and
+    batch means (:func:`.core.tail_checked`)."""
     du = _vec(delta_u, "delta_u")
     if not np.all(np.isfinite(du)):
         raise InputError("delta_u has non-finite entries (invalid energies); remove those samples first")
@@ -205,8 +236,14 @@ def exp_free_energy(delta_u, lw=None, name: str = "dF_exp", n_bootstrap: int = 5
     ew = w * np.exp(-(du - np.min(du)))
     ess = ess_of_weights(ew)  # ESS of the combined (target C) weights
     lo, hi = _bootstrap_ci(lambda i: _exp_weighted(du[i], lwv[i]), n, n_bootstrap, level, seed)
-    return Estimate(name, value, se, ess, lo, hi, n, unit="kT", method="EXP",
-                    extra={"ess_target_fraction": ess / n})
+    est = Estimate(name, value, se, ess, lo, hi, n, unit="kT", method="EXP", extra={"ess_target_fraction": ess / n})
+    ks = [pareto_k(lwv - du)] + ([pareto_k(lwv)] if lw is not None else [])
+    k = max(ks) if all(x == x for x in ks) else float("nan")
+
+    def stat(i):
+        return _exp_weighted(du[i], lwv[i]) if np.any(np.isfinite(lwv[i])) else np.nan
+
+    return tail_checked(est, lwv, stat, delta="delta method" if lw is not None else "pymbar", k=k)
 
 
 def _exp_weighted(du: np.ndarray, lw: np.ndarray) -> float:
@@ -221,20 +258,45 @@ def bar_free_energy(w_f, w_r, lw_f=None, lw_r=None, name: str = "dF_bar",
     and reverse work ``w_r`` = u_B - u_C on samples of C.
 
     Weighted sample sets (generators, ``lw_f``/``lw_r`` log weights towards B resp. C) are first turned
-    into Boltzmann samples by seeded multinomial resampling to their Kish ESS (rounded)."""
+    into Boltzmann samples by seeded multinomial resampling to their Kish ESS (rounded). pareto_k: the
+    larger of the two sets' weights (nan when neither is weighted); k > 0.7: the larger of pymbar's error
+    and batch means (BAR on 10 pairs of disjoint chunks, each resampled as above)."""
     _quiet_pymbar()
     from pymbar import other_estimators
 
-    wf, wr = _vec(w_f, "w_f"), _vec(w_r, "w_r")
+    wf0, wr0 = _vec(w_f, "w_f"), _vec(w_r, "w_r")
     rng = _rng(seed)
-    wf, wr = _resample(wf, lw_f, rng), _resample(wr, lw_r, rng)
+    wf, wr = _resample(wf0, lw_f, rng), _resample(wr0, lw_r, rng)
     if not (np.all(np.isfinite(wf)) and np.all(np.isfinite(wr))):
         raise InputError("work values contain non-finite entries (invalid energies); remove those samples first")
     r = other_estimators.bar(wf, wr, compute_uncertainty=True)
     value, se = float(r["Delta_f"]), float(r["dDelta_f"])
-    return Estimate(name, value, se, float(min(wf.size, wr.size)), value - Z95 * se, value + Z95 * se,
-                    int(wf.size + wr.size), unit="kT", method="BAR", extra={"n_forward": int(wf.size),
-                                                                            "n_reverse": int(wr.size)})
+    est = Estimate(name, value, se, float(min(wf.size, wr.size)), value - Z95 * se, value + Z95 * se,
+                   int(wf.size + wr.size), unit="kT", method="BAR", extra={"n_forward": int(wf.size),
+                                                                           "n_reverse": int(wr.size)})
+    lws = [np.asarray(x, dtype=np.float64).reshape(-1) for x in (lw_f, lw_r) if x is not None]
+    if not lws:
+        return est
+    ks = [pareto_k(x) for x in lws]
+    k = max(ks) if all(x == x for x in ks) else float("nan")
+
+    def batches(n_batches: int) -> float:  # BAR on chunk b of the forward and chunk b of the reverse set
+        from pymbar.utils import BoundsError, ConvergenceError
+
+        def chunk(i: np.ndarray, j: np.ndarray) -> float:
+            if i.size < 2 or j.size < 2:
+                return np.nan
+            try:
+                f = _resample(wf0[i], None if lw_f is None else np.asarray(lw_f)[i], rng)
+                g = _resample(wr0[j], None if lw_r is None else np.asarray(lw_r)[j], rng)
+                return float(other_estimators.bar(f, g, compute_uncertainty=False)["Delta_f"])
+            except (InputError, ArithmeticError, ValueError, BoundsError, ConvergenceError):
+                return np.nan  # a chunk without weight or without overlap: left out
+
+        return spread_stderr([chunk(i, j) for i, j in zip(np.array_split(np.arange(wf0.size), n_batches),
+                                                          np.array_split(np.arange(wr0.size), n_batches))])
+
+    return tail_checked(est, np.concatenate(lws), delta="pymbar", k=k, batches=batches)
 
 
 def _resample(values: np.ndarray, lw, rng: np.random.Generator) -> np.ndarray:
