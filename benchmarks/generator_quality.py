@@ -52,6 +52,7 @@ QUICK = {
     "tempering.ladders": 4, "tempering.replicas": 3, "tempering.t_max": 600.0, "tempering.burnin_rounds": 2,
     "tempering.frames": 25, "tempering.steps_per_swap": 10,
     "data.md_frames": 2, "data.md_burnin": 10, "data.md_stride": 5, "data.max_samples": 500,
+    "training.pool.size": 2000, "training.pool.resample": 2000, "training.pool.refresh": 10,
 }
 
 

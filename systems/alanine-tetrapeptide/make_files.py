@@ -5,7 +5,7 @@ Run from anywhere:  python systems/alanine-tetrapeptide/make_files.py
    builds (boltzflow.systems.sequence: PeptideBuilder + pdbfixer, extended backbone, minimised
    with charmm36_2024.xml in vacuum), written with Amber-style ACE/NME caps.
 2. alanine-tetrapeptide.psf/.prm/.rtf: PSF + CHARMM parameter/topology files written from the
-   PDB route's OpenMM System (tools/charmm_params.py, write_charmm_files).
+   PDB route's OpenMM System (tools/charmm_params.py, write_charmm_files); both by tools/peptide_files.py.
 """
 
 from __future__ import annotations
@@ -14,24 +14,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAME = HERE.name
-SEQUENCE = "ACE-ALA-ALA-ALA-NME"
-SEGID = "ALA4"
+sys.path.insert(0, str(HERE.parents[1] / "tools"))  # build tooling, not in the package
 
-
-def main() -> None:
-    sys.path.insert(0, str(HERE.parents[1] / "src"))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))  # build tooling, not in the package
-    from charmm_params import write_charmm_files
-    from boltzflow.systems.pdb import from_pdb
-    from boltzflow.systems.sequence import sequence_pdb_text
-
-    out = HERE / f"{NAME}.pdb"
-    out.write_text(sequence_pdb_text(SEQUENCE))
-    ms = from_pdb(out, add_hydrogens=False)
-    write_charmm_files(ms.topology, HERE / NAME, segid=SEGID)
-    print("wrote", *(p.name for p in sorted(HERE.glob(f"{NAME}.*"))))
-
+from peptide_files import write_peptide_files  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    print("wrote", *(p.name for p in write_peptide_files(HERE, "ACE-ALA-ALA-ALA-NME", segid="ALA4")))
