@@ -39,6 +39,15 @@ temperatures differ) and, at equal temperatures, dF in kJ/mol. Samples of A may 
 """
 
 
+
+def _print_json(ests) -> int:
+    """The estimates as JSON on stdout, their heavy-tail warnings on stderr (stdout stays JSON); exit code 0."""
+    print_json([e.to_dict() for e in ests])
+    sys.stdout.flush()
+    for note in tail_warnings(ests):
+        print(f"warning: {note}", file=sys.stderr)
+    return 0
+
 def register(sub) -> None:
     p = add_verb(sub, "estimate", "reweighted estimates from a SampleSet: ESS, log Z, populations, dF",
                  EXAMPLE_ESTIMATE, run_estimate)
@@ -160,11 +169,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     system = load_system(args.system) if args.system else None
     ests = estimate_samples(samples, system, args.population, seed=args.seed, n_bootstrap=args.bootstrap)
     if args.json:
-        print_json([e.to_dict() for e in ests])
-        sys.stdout.flush()
-        for note in tail_warnings(ests):  # stdout stays JSON
-            print(f"warning: {note}", file=sys.stderr)
-        return 0
+        return _print_json(ests)
     prov = samples.provenance or {}
     kind = "weighted (importance sampling)" if samples.weighted else "Boltzmann (unweighted)"
     print(f"{args.samples}: {len(samples)} samples, {kind}, T = {samples.temperature} K, sampler "
@@ -243,11 +248,7 @@ def run_free_energy(args: argparse.Namespace) -> int:
     sb = _load_samples(args.samples_b) if args.samples_b else None
     ests = free_energy_estimates(sa, system_a, system_b, tb, sb, platform=args.platform, seed=args.seed)
     if args.json:
-        print_json([e.to_dict() for e in ests])
-        sys.stdout.flush()
-        for note in tail_warnings(ests):  # stdout stays JSON
-            print(f"warning: {note}", file=sys.stderr)
-        return 0
+        return _print_json(ests)
     _table(ests, f"f_B - f_A (A: {Path(args.samples).name} at {sa.temperature or system_a.temperature} K; "
                  f"B: {system_b.name} at {tb:g} K):")
     return 0
