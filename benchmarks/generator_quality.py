@@ -9,7 +9,7 @@ For every seed it trains the route's recipe (``boltzflow.recipes``: "energy" = p
 the input structure + maximum likelihood, no reference frames; "data" = maximum likelihood on the
 shipped reference frames grown by Langevin dynamics) in ``--out/ROUTE-seedS`` (resumable: a killed
 benchmark continues where it stopped, a finished run is reused), draws ``--samples`` samples
-(default 1e5), and prints::
+(default 1e6), and prints::
 
     {"system", "route", "seeds": [{"seed", "ess", "n_samples", "phi_positive": {"value", "stderr"},
       "log_z", "energy_evals", "wall_s", "curve": [{"step", "energy_evals", "wall_s", "ess"}, ...]}, ...],
@@ -24,6 +24,10 @@ samples each) against the cumulative evaluations and wall time, so the cost of a
 read off; its ESS values come from small batches, which rarely see the heavy tail of the weights, so
 they overestimate the ESS of a large sample. ``curve_checkpoints``: the Kish ESS of ``--curve-samples``
 samples (default 2e4) from the checkpoints kept every ``--curve-every`` steps, the honest curve.
+``pool_curve`` (reweighted maximum likelihood only): the Kish ESS of every pool of ``training.pool.size``
+fresh draws (1e6 in the recipe) against cost. ``ess_chunks``: median / min / max of the Kish ESS over the
+final samples cut into 1e5-sample blocks; ``pareto_k``: the weights' tail index (> 0.7: error bars
+unreliable, docs/pipelines.md).
 
 Peptides (``alanine-tetrapeptide``, ``alanine-hexapeptide``, any system with per-residue modes,
 docs/peptides.md): the minor mode is ``any_alpha_L`` instead of ``phi_positive``, and every seed also
@@ -54,6 +58,38 @@ QUICK = {
     "data.md_frames": 2, "data.md_burnin": 10, "data.md_stride": 5, "data.max_samples": 500,
     "training.pool.size": 2000, "training.pool.resample": 2000, "training.pool.refresh": 10,
 }
+
+
+def pool_curve_of(run_dir: Path, data_evals: int, data_wall: float) -> list[dict]:
+    """Kish ESS of every reweighted-maximum-likelihood pool (``finetune.loss = "rwml"``: ``training.pool.size``
+    fresh draws of the generator at each refresh, far more than the logging batches) against cumulative
+    cost; empty for other losses. The first metric row after a refresh carries the new pool's numbers."""
+    rows: list[dict] = []
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return rows
+    last = None
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        key = (r.get("pool_kish"), r.get("pool_unique"))
+        if r.get("pool_kish") is None or key == last:
+            continue
+        last = key
+        rows.append({"step": int(r["step"]), "energy_evals": int(r.get("energy_evals", 0)) + data_evals,
+                     "wall_s": float(r.get("wall_s", 0.0)) + data_wall, "ess": float(r["pool_kish"])})
+    return rows
+
+
+def chunk_kish(log_w: np.ndarray, chunk: int = 100_000) -> dict:
+    """Kish ESS fractions of consecutive ``chunk``-sample blocks of ``log_w`` (median, min, max): how
+    much a 1e5-sample ESS depends on which draws hold the largest weights. Empty below two chunks."""
+    from boltzflow.core.weights import kish_ess
+
+    k = len(log_w) // chunk
+    if k < 2:
+        return {}
+    vals = [float(kish_ess(np.asarray(log_w[i * chunk:(i + 1) * chunk]))) / chunk for i in range(k)]
+    return {"chunk": chunk, "n_chunks": k, "median": float(np.median(vals)), "min": min(vals), "max": max(vals)}
 
 
 def curve_of(run_dir: Path, data_evals: int, data_wall: float) -> list[dict]:
@@ -171,6 +207,12 @@ def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_sample
         "curve": curve_of(run_dir, data_evals, data_wall),
         "run_dir": str(run_dir),
     }
+    pool_curve = pool_curve_of(run_dir, data_evals, data_wall)
+    if pool_curve:
+        result["pool_curve"] = pool_curve
+    chunks = chunk_kish(np.asarray(samples.log_weights, dtype=np.float64))
+    if chunks:
+        result["ess_chunks"] = chunks
     residues = residue_comparison(system, samples, residue_reference or {})
     if residues:  # a peptide: per-residue backbone states against the reference
         result["residue_populations"] = residues
@@ -187,7 +229,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--system", default="alanine-dipeptide", help="built-in system name (needs declared modes)")
     ap.add_argument("--route", choices=["energy", "data"], required=True)
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--samples", type=int, default=None, help="final samples per seed (default 1e5; --quick 2000)")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="final samples per seed (default 1e6: the Kish ESS of 1e5 samples of one generator ranged "
+                    "0.04-0.73, so the JSON also gives the median and range over 1e5 chunks; --quick 2000)")
     ap.add_argument("--out", default=None, help="run directories (default runs/generator_quality[-quick])")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     ap.add_argument("--quick", action="store_true", help="toy sizes (seconds), same JSON")
@@ -204,7 +248,7 @@ def main(argv=None) -> dict:
     if system.modes is None:
         raise SystemExit(f"system {args.system!r} declares no modes; the benchmark reports the minor-mode population")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    n = args.samples or (2000 if args.quick else 100_000)
+    n = args.samples or (2000 if args.quick else 1_000_000)
     out = Path(args.out or ("runs/generator_quality-quick" if args.quick else "runs/generator_quality"))
     out.mkdir(parents=True, exist_ok=True)
     try:

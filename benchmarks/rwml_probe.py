@@ -26,6 +26,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--pool", type=int, default=1_000_000, help="generator draws per round")
     ap.add_argument("--resample", type=int, default=1_000_000, help="resampled frames per round")
     ap.add_argument("--clip", type=float, default=1e-4, help="fraction of largest log weights clipped")
+    ap.add_argument("--power", type=float, default=1.0,
+                    help="resample in proportion to w**power: 1 = towards p (forward KL), 2 = towards p^2/q (FAB's alpha = 2)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1000, help="maximum-likelihood steps per round")
     ap.add_argument("--batch", type=int, default=1024)
@@ -68,11 +70,12 @@ def main(argv=None) -> dict:
             break
         # clip the largest log weights at the (1 - clip) quantile, resample
         cut = np.quantile(lw_ok, 1 - a.clip)
-        p = np.exp(np.minimum(lw_ok, cut) - cut)
+        p = np.exp(a.power * (np.minimum(lw_ok, cut) - cut))
         p /= p.sum()
         idx = torch.as_tensor(np.flatnonzero(ok)[np.random.default_rng(a.seed + r).choice(len(p), a.resample, p=p)])
         data = x[idx].to(next(gen.parameters()).dtype)
         row["resample_unique"] = int(torch.unique(idx).numel())
+        row["resample_ess"] = float(1.0 / (p * p).sum())
         del xs, x
         gen.train()
         opt = torch.optim.Adam(gen.parameters(), lr=a.lr)

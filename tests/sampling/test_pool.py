@@ -53,6 +53,19 @@ def test_resampled_pool_follows_the_target():
     assert pool.due  # served `refresh` batches
 
 
+def test_power_two_resamples_towards_p_squared_over_q():
+    """power = 2: frames follow p^2 / q. For q = N(0, 1), p = N(m, s^2): p^2/q is Gaussian with precision
+    2/s^2 - 1 and mean (2m/s^2) / (2/s^2 - 1)."""
+    flow = affine_flow(1)
+    g = torch.Generator().manual_seed(5)
+    pool = ReweightedPool(PoolConfig(size=400_000, resample=100_000, clip=0.0, power=2.0, batch_size=100_000))
+    pool.refresh(flow, u, g)
+    prec = 2 / S_P**2 - 1
+    assert float(pool.x.mean()) == pytest.approx((2 * M_P / S_P**2) / prec, abs=0.02)
+    assert float(pool.x.std()) == pytest.approx(prec**-0.5, abs=0.02)
+    assert 0 < pool.stats["resample_ess"] < 400_000
+
+
 def test_trainer_rwml_stage_learns_and_resumes_exactly(tmp_path):
     from boltzflow.core.rundir import RunDir
     from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer

@@ -28,19 +28,25 @@ class PoolConfig:
 
     size: generator draws per refresh (energy evaluations); resample: frames resampled from them;
     clip: fraction of the largest log weights clipped at their (1 - clip) quantile (0 = none);
-    refresh: optimizer steps between refreshes; batch_size: configurations per sampling pass."""
+    refresh: optimizer steps between refreshes; batch_size: configurations per sampling pass;
+    power: resample in proportion to ``w ** power``: 1 targets p (forward KL), 2 targets p^2 / q (the
+    alpha = 2 divergence of FAB, which weighs the under-covered regions more); every power has q = p as
+    its fixed point."""
 
     size: int = 1_000_000
     resample: int = 1_000_000
     clip: float = 1e-4
     refresh: int = 1000
     batch_size: int = 5000
+    power: float = 1.0
 
     def __post_init__(self):
         if self.size < 1 or self.resample < 1 or self.refresh < 1 or self.batch_size < 1:
             raise ConfigError("pool.size, pool.resample, pool.refresh and pool.batch_size must be >= 1")
         if not 0.0 <= self.clip < 1.0:
             raise ConfigError(f"pool.clip must be in [0, 1), got {self.clip}")
+        if not self.power > 0:
+            raise ConfigError(f"pool.power must be > 0, got {self.power}")
         if self.size > 2**24:
             raise ConfigError(f"pool.size must be <= {2**24} (torch.multinomial's limit), got {self.size}")
 
@@ -67,7 +73,8 @@ class ReweightedPool:
         self.x: torch.Tensor | None = None
         self.uses = 0
         #: statistics of the last refresh: kish (Kish ESS fraction of the ``size`` fresh draws, unclipped),
-        #: unique (distinct frames among the resampled), n_invalid, top_weight (largest normalised weight)
+        #: unique (distinct frames among the resampled), n_invalid, top_weight (largest normalised weight),
+        #: resample_ess (effective size of the resampling distribution, 1 / sum p_i^2)
         self.stats: dict[str, float] = {}
         self._origin: dict[str, Any] | None = None
 
@@ -107,12 +114,13 @@ class ReweightedPool:
             raise RuntimeError("every sample of the reweighting pool has an invalid energy or density; "
                                "train the generator by maximum likelihood first")
         lw = clipped_log_weights(log_w, cfg.clip)
-        p = torch.softmax(lw, 0)
+        p = torch.softmax(cfg.power * lw, 0)
         idx = torch.multinomial(p.float(), cfg.resample, replacement=True, generator=generator)
         self.x = x[idx]
         w = torch.softmax(log_w, 0)
         self.stats = {"kish": float(kish_ess(log_w)) / cfg.size, "unique": float(torch.unique(idx).numel()),
-                      "n_invalid": float((~ok).sum()), "top_weight": float(w.max())}
+                      "n_invalid": float((~ok).sum()), "top_weight": float(w.max()),
+                      "resample_ess": float(1.0 / (p.double() ** 2).sum())}
 
     def batch(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` frames drawn uniformly (with replacement) from the resampled pool; counts one use."""
