@@ -8,25 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from boltzflow import distributed
-from boltzflow.core.rundir import RunDir
-from boltzflow.flows.builders import make_flow
-from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from double_well_2d import data, dw_energy  # noqa: E402
 
-
-def dw_energy(x: torch.Tensor) -> torch.Tensor:
-    """2D double well (kT), minor mode x0 > 0."""
-    x0 = x[:, 0]
-    return x0**4 / 4 - 3 * x0**2 + 0.5 * x0 + 0.5 * x[:, 1] ** 2
-
-
-def data(n: int = 1024) -> torch.Tensor:
-    g = torch.Generator().manual_seed(5)
-    sign = torch.where(torch.rand(n, generator=g) < 0.1, 1.0, -1.0)
-    return torch.stack([sign * 2.4 + 0.4 * torch.randn(n, generator=g), torch.randn(n, generator=g)], 1)
+from boltzflow import distributed  # noqa: E402
+from boltzflow.core.rundir import RunDir  # noqa: E402
+from boltzflow.flows.builders import make_flow  # noqa: E402
+from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer  # noqa: E402
 
 
 def config(loss: str = "l2plus", pretrain: int = 12, finetune: int = 6) -> TrainConfig:
@@ -39,7 +31,7 @@ def config(loss: str = "l2plus", pretrain: int = 12, finetune: int = 6) -> Train
 def train(run_dir, max_steps=None, resume=False, loss="l2plus", dist=None) -> tuple[Trainer, dict]:
     torch.manual_seed(0)
     gen = make_flow(2, "realnvp", blocks=1, hidden=16, seed=0)
-    trainer = Trainer(gen, dw_energy, config(loss), RunDir(run_dir), data(), dist=dist)
+    trainer = Trainer(gen, dw_energy, config(loss), RunDir(run_dir), data(1024), dist=dist)
     return trainer, trainer.run(resume=resume, max_steps=max_steps)
 
 

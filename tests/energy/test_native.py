@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from parity import assert_native_matches_openmm, rel_err
 
 from boltzflow.energy import Energy, EnergyCap
 from boltzflow.energy.native import NativeEnergy, unsupported_forces
@@ -22,8 +23,7 @@ def _perturbed(ms, n: int, scale: float, seed: int) -> torch.Tensor:
     return torch.tensor(ms.positions[None] + rng.normal(scale=scale, size=(n,) + ms.positions.shape))
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+_rel = rel_err
 
 
 @pytest.fixture(scope="module", params=[("alanine-dipeptide", "pdb"), ("alanine-dipeptide", "psf"), ("butane", "pdb"), ("butane", "psf")],
@@ -37,29 +37,12 @@ def shipped(request):
 
 @pytest.mark.parametrize("solvent", ["vacuum", "obc2"])
 def test_shipped_systems_match_openmm_per_term_total_and_forces(shipped, solvent):
-    from boltzflow.energy.openmm_bridge import OpenMMEnergy
-
     torch.set_num_threads(1)
     ms = shipped[solvent]
     assert unsupported_forces(ms.system) == []
-    native = NativeEnergy(ms)
     x = _perturbed(ms, N_CONF, 0.01, seed=1)
-    with OpenMMEnergy(ms, platform="Reference") as bridge:
-        tb = bridge.terms(x)
-        xb = x.clone().requires_grad_(True)
-        ub = bridge(xb)
-        (gb,) = torch.autograd.grad(ub.sum(), xb)
-    tn = native.terms(x)
-    assert set(tn) == set(tb) == set(native.term_names)
-    for k in tb:
-        assert _rel(tn[k], tb[k]) <= 1e-6, k
-    xn = x.clone().requires_grad_(True)
-    un = native(xn)
-    (gn,) = torch.autograd.grad(un.sum(), xn)
-    assert float(((un - ub).abs() / ub.abs()).max().detach()) <= 1e-6
-    # forces: per conformation, error relative to the largest force component
-    err = (gn - gb).flatten(1).abs().max(1).values / gb.flatten(1).abs().max(1).values
-    assert float(err.max()) <= 1e-6
+    tn = assert_native_matches_openmm(ms, x, 1e-6, label=(solvent,))
+    assert set(tn) == set(NativeEnergy(ms).term_names)
 
 
 def test_float32_agreement_documented(shipped):
@@ -336,7 +319,6 @@ def _user_peptide_pdb(path, mutate: str | None, strip_caps: bool) -> str:
 @pytest.mark.parametrize("kind", ["capped-his", "zwitterion-ser"])
 def test_user_built_peptides_match_openmm(tmp_path, kind):
     """Capped histidine (ACE-HIS-NME: non-alanine, histidine) and a zwitterionic serine, both solvents."""
-    from boltzflow.energy.openmm_bridge import OpenMMEnergy
     from boltzflow.systems.pdb import from_pdb
 
     torch.set_num_threads(1)
@@ -346,19 +328,7 @@ def test_user_built_peptides_match_openmm(tmp_path, kind):
         ms = from_pdb(pdb, solvent)
         assert unsupported_forces(ms.system) == []
         x = _perturbed(ms, N_CONF, 0.01, seed=9)
-        with OpenMMEnergy(ms, platform="Reference") as bridge:
-            tb = bridge.terms(x)
-            xb = x.clone().requires_grad_(True)
-            (gb,) = torch.autograd.grad(bridge(xb).sum(), xb)
-        native = NativeEnergy(ms)
-        tn = native.terms(x)
-        assert set(tn) == set(tb)
-        for k in tb:
-            assert _rel(tn[k], tb[k]) <= 1e-6, (kind, solvent, k)
-        xn = x.clone().requires_grad_(True)
-        (gn,) = torch.autograd.grad(native(xn).sum(), xn)
-        err = (gn - gb).flatten(1).abs().max(1).values / gb.flatten(1).abs().max(1).values
-        assert float(err.max()) <= 1e-6
+        assert_native_matches_openmm(ms, x, 1e-6, label=(kind, solvent))
 
 
 @pytest.mark.slow

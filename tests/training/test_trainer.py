@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from double_well_2d import data, dw_energy
 
 from boltzflow.config import dump_toml, load_config
 from boltzflow.core.rundir import RunDir
@@ -14,18 +15,6 @@ from boltzflow.flows.builders import make_flow
 from boltzflow.sampling.ais import AISConfig
 from boltzflow.systems.modes import SignModes
 from boltzflow.training.trainer import OptimConfig, ReplayConfig, StageConfig, TrainConfig, Trainer
-
-
-def dw_energy(x: torch.Tensor) -> torch.Tensor:
-    """2D double well, minor mode x0 > 0."""
-    x0 = x[:, 0]
-    return x0**4 / 4 - 3 * x0**2 + 0.5 * x0 + 0.5 * x[:, 1] ** 2
-
-
-def data(n: int = 512) -> torch.Tensor:
-    g = torch.Generator().manual_seed(5)
-    sign = torch.where(torch.rand(n, generator=g) < 0.1, 1.0, -1.0)
-    return torch.stack([sign * 2.4 + 0.4 * torch.randn(n, generator=g), torch.randn(n, generator=g)], 1)
 
 
 def flow(seed: int = 0):
