@@ -97,6 +97,47 @@ def test_tetrapeptide_from_sequence(tetra):
     assert tetra.metadata["builder"] == "sequence" and tetra.metadata["sequence"] == TETRA
 
 
+def _cap_omegas_charmm(ms) -> dict[str, float]:
+    """Cap amide torsions (degrees) of a prepared system (CHARMM names: ACE = CAY-CY-N-CA of the first
+    residue, NME = CA-C-NT-CAT of the last)."""
+    from boltzflow.core.geometry import dihedral_of
+
+    res = list(ms.topology.residues())
+
+    def idx(r, name):
+        return next(a.index for a in r.atoms() if a.name == name)
+
+    out = {}
+    names = {a.name for a in ms.topology.atoms()}
+    if "CAY" in names:
+        r = res[0]
+        out["ACE"] = float(np.degrees(dihedral_of(ms.positions, [idx(r, "CAY"), idx(r, "CY"), idx(r, "N"), idx(r, "CA")])[0]))
+    if "CAT" in names:
+        r = res[-1]
+        out["NME"] = float(np.degrees(dihedral_of(ms.positions, [idx(r, "CA"), idx(r, "C"), idx(r, "NT"), idx(r, "CAT")])[0]))
+    return out
+
+
+def test_caps_are_trans(tetra):
+    """pdbfixer places ACE cis (omega ~ 2 degrees); the builder turns every cap amide trans, which the
+    simulations at <= 700 K could never do themselves (the isomers are ~20 kcal/mol apart)."""
+    om = _cap_omegas_charmm(tetra)
+    assert set(om) == {"ACE", "NME"} and all(abs(v) > 150.0 for v in om.values()), om
+
+
+def test_dipeptide_from_sequence_builds_trans():
+    """One residue between two caps: pdbfixer cannot place caps on a one-residue chain, so NME is built
+    from a glycine; alanine dipeptide then has the shipped system's atoms and trans caps."""
+    from boltzflow.systems.builtin import builtin_system
+
+    ms = from_sequence("ACE-ALA-NME")
+    assert ms.n_atoms == 22 and sorted(_order(ms)) == sorted(_order(builtin_system("alanine-dipeptide")))
+    om = _cap_omegas_charmm(ms)
+    assert all(abs(v) > 150.0 for v in om.values()), om
+    with pytest.raises(InputError, match="ACE-ALA-NME"):
+        from_sequence("ACE-ALA")  # one residue without NME: a clear error, not pdbfixer's ZeroDivisionError
+
+
 def test_native_energy_equals_openmm_on_tetrapeptide(tetra):
     import torch
 

@@ -16,7 +16,10 @@ How the structure is made (no geometry is written by boltzflow itself):
    chain from ideal internal coordinates with every backbone (phi, psi) = ``backbone`` (default
    extended, (-150, 150) degrees) and side chains in their standard rotamers.
 2. ``pdbfixer`` adds the ACE / NME caps (its residue templates), the C-terminal OXT of an uncapped
-   chain, and every hydrogen (pH 7).
+   chain, and every hydrogen (pH 7). It places ACE as a cis amide; :func:`trans_caps` turns every cap
+   amide trans (a 180-degree turn of the cap about its C-N bond), since sampling at <= 700 K never
+   crosses the ~20 kcal/mol amide barrier. A single residue gets its NME cap from PeptideBuilder (a
+   glycine whose CA becomes the methyl carbon): pdbfixer cannot cap a one-residue chain.
 3. :func:`boltzflow.systems.pdb.from_pdb` builds the CHARMM36m System from that PDB (caps converted
    to CHARMM patches; atom order = the PDB's: per residue the caps' / amino acid's atoms in
    pdbfixer's order, see ``topology.pdb`` of a prepared system).
@@ -171,7 +174,22 @@ def _build_topology(seq: ParsedSequence, backbone: tuple[float, float]):
                          "run scripts/setup.sh or pip install PeptideBuilder pdbfixer") from e
     phi, psi = (float(a) for a in backbone)
     n = len(seq.residues)
-    structure = PeptideBuilder.make_structure(seq.one_letter, [phi] * (n - 1), [psi] * (n - 1))
+    # pdbfixer cannot place a cap on a one-residue chain (division by zero in its placement): there the
+    # NME cap is built by PeptideBuilder as a glycine whose CA becomes NME's methyl carbon
+    nme_from_gly = n == 1 and seq.c_cap == "NME"
+    letters = seq.one_letter + ("G" if nme_from_gly else "")
+    k = len(letters)
+    structure = PeptideBuilder.make_structure(letters, [phi] * (k - 1), [psi] * (k - 1))
+    if nme_from_gly:
+        gly = list(structure[0]["A"])[-1]
+        for name in ("C", "O", "OXT"):
+            if name in gly:
+                gly.detach_child(name)
+        ca = gly["CA"]
+        gly.detach_child("CA")
+        ca.id, ca.name, ca.fullname = "C", "C", " C  "
+        gly.add(ca)
+        gly.resname = "NME"
     buf = io.StringIO()
     writer = PDBIO()
     writer.set_structure(structure)
@@ -185,17 +203,85 @@ def _build_topology(seq: ParsedSequence, backbone: tuple[float, float]):
     missing = {}
     if seq.n_cap:
         missing[(0, 0)] = [seq.n_cap]
-    if seq.c_cap:
+    if seq.c_cap and not nme_from_gly:
         missing[(0, n)] = [seq.c_cap]
     fixer.missingResidues = missing
     fixer.findMissingAtoms()
-    fixer.addMissingAtoms(seed=0)
+    try:
+        fixer.addMissingAtoms(seed=0)
+    except ZeroDivisionError as e:
+        raise InputError(f"pdbfixer could not place the caps or terminal atoms of {seq} (a single residue "
+                         "needs an NME cap here: write e.g. ACE-ALA-NME)") from e
     fixer.addMissingHydrogens(7.0)
     got = [r.name for r in fixer.topology.residues()]
     want = ([seq.n_cap] if seq.n_cap else []) + list(seq.residues) + ([seq.c_cap] if seq.c_cap else [])
     if [("HIS" if g in ("HID", "HIE", "HIP") else g) for g in got] != want:  # pragma: no cover - library change
         raise InputError(f"building {seq} gave residues {'-'.join(got)}; please report this")
-    return fixer.topology, fixer.positions
+    return fixer.topology, trans_caps(fixer.topology, fixer.positions)
+
+
+#: (cap residue, atoms that define the amide torsion on the cap side, the cap's atoms that rotate)
+_CAP_AMIDES = {"ACE": ("CH3", "C"), "NME": ("C", "N")}
+
+
+def cap_omegas(topology, positions) -> dict[str, float]:
+    """The amide torsions (degrees) of the ACE and NME caps of a peptide: ACE CH3-C-N-CA(first residue),
+    NME CA(last residue)-C-N-C(methyl); trans is 180, cis 0. positions: (n_atoms, 3) any length unit."""
+    from ..core.geometry import dihedral_of
+
+    x = np.asarray(getattr(positions, "_value", positions), dtype=np.float64)
+    res = list(topology.residues())
+    out = {}
+    for i, r in enumerate(res):
+        names = {a.name: a.index for a in r.atoms()}
+        if r.name == "ACE" and i + 1 < len(res):
+            nxt = {a.name: a.index for a in res[i + 1].atoms()}
+            quad = [names["CH3"], names["C"], nxt["N"], nxt["CA"]]
+        elif r.name == "NME" and i > 0:
+            prv = {a.name: a.index for a in res[i - 1].atoms()}
+            quad = [prv["CA"], prv["C"], names["N"], names["C"]]
+        else:
+            continue
+        out[r.name] = float(np.degrees(dihedral_of(x, quad)[0]))
+    return out
+
+
+def trans_caps(topology, positions):
+    """Positions with every cis cap amide (ACE or NME, ``cap_omegas`` within 90 degrees of 0) turned trans:
+    the cap's atoms off the C-N bond rotated by 180 degrees about it (bond lengths and angles kept).
+    pdbfixer places an ACE cap cis (omega ~ 2 degrees), and the cis and trans amide are ~20 kcal/mol
+    apart: sampling at <= 700 K never isomerises it, so a cis cap would stay cis in every simulation.
+    Returns an OpenMM Quantity in nm."""
+    import openmm.unit as u
+
+    x = np.array(getattr(positions, "value_in_unit", lambda unit: positions)(u.nanometer), dtype=np.float64)
+    res = list(topology.residues())
+    for name, omega in cap_omegas(topology, x).items():
+        if abs(omega) >= 90.0:
+            continue
+        cap = next(r for r in res if r.name == name)
+        atoms = {a.name: a.index for a in cap.atoms()}
+        if name == "ACE":  # axis C(ACE) -> N(first residue); every ACE atom but C rotates
+            first = res[res.index(cap) + 1]
+            a0, a1 = atoms["C"], next(a.index for a in first.atoms() if a.name == "N")
+            moving = [i for n, i in atoms.items() if n != "C"]
+        else:  # axis N(NME) -> C(last residue); every NME atom but N rotates
+            last = res[res.index(cap) - 1]
+            a0, a1 = atoms["N"], next(a.index for a in last.atoms() if a.name == "C")
+            moving = [i for n, i in atoms.items() if n != "N"]
+        k = x[a1] - x[a0]
+        k /= np.linalg.norm(k)
+        v = x[moving] - x[a0]
+        # rotation by pi about k (Rodrigues): v -> 2 (v . k) k - v
+        x[moving] = x[a0] + 2.0 * (v @ k)[:, None] * k[None] - v
+    return u.Quantity([openmm_vec(p) for p in x], u.nanometer)
+
+
+def openmm_vec(p):
+    """One position as an ``openmm.Vec3`` (nm values)."""
+    import openmm
+
+    return openmm.Vec3(float(p[0]), float(p[1]), float(p[2]))
 
 
 def _minimized(topology, positions, solvent: str, force_field: tuple[str, ...]):
