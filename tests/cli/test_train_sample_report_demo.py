@@ -28,7 +28,7 @@ def test_print_config_is_loadable_toml(capsys, tmp_path):
     (tmp_path / "c.toml").write_text(text)
     cfg = load_run_config(tmp_path / "c.toml")
     # no --recipe: the default recipe, "auto", which is "energy" when no reference frames are named
-    assert "[training.finetune]" in text and cfg.training.finetune.loss == "klx_path"
+    assert "[training.finetune]" in text and cfg.training.finetune.loss == "rwml"
     assert cfg.recipe == "energy" and cfg.data.source == "tempering"
 
 
