@@ -71,7 +71,9 @@ def test_shards_merge_into_one_process_estimates(run, tmp_path):
     est_one = pipeline.estimate(run)
     assert est_merged.keys() == est_one.keys()
     for k in est_one:
-        assert est_merged[k].to_full_dict() == est_one[k].to_full_dict(), k
+        # as JSON text: NaN fields (e.g. a batch-means error of a state no chunk visits) compare equal
+        assert json.dumps(est_merged[k].to_full_dict(), sort_keys=True, default=str) == \
+            json.dumps(est_one[k].to_full_dict(), sort_keys=True, default=str), k
 
 
 @needs_ref
