@@ -58,8 +58,8 @@ def register(sub) -> None:
     add_overwrite(p, "RUN_DIR (a folder that holds other files or another kind of run)")
     p.add_argument("--recipe", default="auto",
                    help="the recipe the run starts from (--config and --set apply on top): 'energy' (no reference data: "
-                   "parallel tempering from the input structure, maximum likelihood on its frames, then path-gradient "
-                   "reverse KL), 'data' (the same on reference frames grown by Langevin dynamics), 'auto' (the "
+                   "parallel tempering from the input structure, maximum likelihood on its frames, then reweighted "
+                   "maximum likelihood on importance-resampled pools of the generator's own samples), 'data' (the same on reference frames grown by Langevin dynamics), 'auto' (the "
                    "default: 'data' when data.reference is given, else 'energy'), or 'none' (bare defaults, every "
                    "stage configured by hand)")
     p.add_argument("--config", help="TOML configuration (see --print-config)")
