@@ -18,6 +18,7 @@ from double_well_2d import data, dw_energy  # noqa: E402
 from boltzflow import distributed  # noqa: E402
 from boltzflow.core.rundir import RunDir  # noqa: E402
 from boltzflow.flows.builders import make_flow  # noqa: E402
+from boltzflow.sampling.pool import PoolConfig  # noqa: E402
 from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer  # noqa: E402
 
 
@@ -25,7 +26,8 @@ def config(loss: str = "l2plus", pretrain: int = 12, finetune: int = 6) -> Train
     return TrainConfig(pretrain=StageConfig(loss="klz", steps=pretrain, batch=128),
                        finetune=StageConfig(loss=loss, steps=finetune, batch=128),
                        optimizer=OptimConfig(lr=3e-3), log_every=1, checkpoint_every=4, progress=False,
-                       eval_batch=64, seed=11, ess_guard=256 if finetune else 0)
+                       eval_batch=64, seed=11, ess_guard=256 if finetune else 0,
+                       pool=PoolConfig(size=4096, resample=4096, refresh=3, batch_size=2048))
 
 
 def train(run_dir, max_steps=None, resume=False, loss="l2plus", dist=None) -> tuple[Trainer, dict]:

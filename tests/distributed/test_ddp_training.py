@@ -117,3 +117,21 @@ def test_ranks_with_other_versions_are_a_one_line_error():
 
     with pytest.raises(InputError, match=r"rank 1 runs other versions than rank 0 \(torch .* vs 0.0.1\)"):
         distributed.check_same_versions(TwoRanks())
+
+
+def test_two_ranks_rwml_pools_are_sharded_and_resume_exactly(tmp_path):
+    """Reweighted maximum likelihood under 2 ranks: each rank draws half of the pool (the evaluations add up
+    to one pool per refresh), and a run stopped and resumed (each rank redraws its own pool) ends
+    bitwise like the uninterrupted one."""
+    proc = torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path / "run"), str(tmp_path / "out.json"),
+                    "--loss", "rwml", "--stop-at", "14")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    full, resumed = out["full"], out["resumed"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in full["rows"])
+    # 6 fine-tuning steps (12-17), refresh every 3: pools at steps 12 and 15, 4096 draws each over both ranks
+    pools = 2 * 4096
+    guard = 256 * 3  # before fine-tuning, at step 16 (a checkpoint) and at the stage end
+    logging = 64 * 12  # the pre-training rows' evaluation batches (fine-tuning rows reuse no samples)
+    assert full["energy_evals"] >= pools and full["energy_evals"] <= pools + guard + logging + 64 * 6
+    assert resumed["params"] == full["params"]

@@ -206,8 +206,14 @@ class Trainer:
         self.counters = _Counters()
         self.ais = AnnealedImportanceSampler(self.config.ais)
         self.buffer = None
-        #: the importance-resampled pool of reweighted maximum likelihood (finetune.loss = "rwml")
-        self.pool = ReweightedPool(self.config.pool) if self.config.finetune.loss == "rwml" else None
+        #: the importance-resampled pool of reweighted maximum likelihood (finetune.loss = "rwml"); under DDP
+        #: every rank draws its share of pool.size and pool.resample with its own stream
+        self.pool = None
+        if self.config.finetune.loss == "rwml":
+            from dataclasses import replace as _replace
+
+            pc, world = self.config.pool, self.dist.world_size
+            self.pool = ReweightedPool(_replace(pc, size=-(-pc.size // world), resample=-(-pc.resample // world)))
         if self.config.finetune.loss == "fab" and self.config.replay.enabled:
             from ..sampling.replay import PrioritisedReplayBuffer
 
