@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -210,10 +210,8 @@ class Trainer:
         #: every rank draws its share of pool.size and pool.resample with its own stream
         self.pool = None
         if self.config.finetune.loss == "rwml":
-            from dataclasses import replace as _replace
-
             pc, world = self.config.pool, self.dist.world_size
-            self.pool = ReweightedPool(_replace(pc, size=-(-pc.size // world), resample=-(-pc.resample // world)))
+            self.pool = ReweightedPool(replace(pc, size=-(-pc.size // world), resample=-(-pc.resample // world)))
         if self.config.finetune.loss == "fab" and self.config.replay.enabled:
             from ..sampling.replay import PrioritisedReplayBuffer
 
