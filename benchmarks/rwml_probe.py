@@ -20,6 +20,9 @@ import torch
 
 def main(argv=None) -> dict:
     from boltzflow import pipeline
+    from boltzflow.core.weights import kish_ess
+    from boltzflow.losses.core import rwml
+    from boltzflow.sampling.pool import PoolConfig, ReweightedPool
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -42,48 +45,26 @@ def main(argv=None) -> dict:
     evals = 0
     rows = []
 
-    def kish(lw: np.ndarray) -> float:
-        w = np.exp(lw - lw.max())
-        return float(w.sum() ** 2 / (len(w) * (w * w).sum()))
-
+    pool = ReweightedPool(PoolConfig(size=a.pool, resample=a.resample, clip=a.clip, refresh=a.steps,
+                                     batch_size=5000, power=a.power))
     for r in range(a.rounds + 1):
-        gen.eval()
-        xs, lws = [], []
-        with torch.no_grad():
-            for c in range(0, a.pool, 100_000):
-                s = gen.sample(min(100_000, a.pool - c), energy=energy, batch_size=5000, generator=g)
-                xs.append(torch.as_tensor(s.positions))
-                lws.append(np.asarray(s.log_weights, dtype=np.float64))
-        evals += a.pool
-        lw = np.concatenate(lws)
-        x = torch.cat(xs)
-        ok = np.isfinite(lw)
-        lw_ok = lw[ok]
-        chunks = [kish(c[np.isfinite(c)]) for c in lws]
-        w = np.exp(lw_ok - lw_ok.max())
-        row = {"round": r, "pool_kish": kish(lw_ok), "pool_kish_chunks_median": float(np.median(chunks)),
-               "pool_kish_chunks_min": float(np.min(chunks)), "top_w_share": float(w.max() / w.sum()),
-               "n_invalid": int((~ok).sum()), "energy_evals": evals, "wall_s": time.time() - t0}
+        evals += pool.refresh(gen, energy, generator=g)
+        lw = pool.log_weights
+        chunks = [float(kish_ess(c)) / len(c) for c in lw.split(100_000)]
+        row = {"round": r, "pool_kish": pool.stats["kish"], "pool_kish_chunks_median": float(np.median(chunks)),
+               "pool_kish_chunks_min": float(np.min(chunks)), "top_w_share": pool.stats["top_weight"],
+               "n_invalid": int(pool.stats["n_invalid"]), "energy_evals": evals, "wall_s": time.time() - t0}
         if r == a.rounds:
             rows.append(row)
             print(json.dumps(row), flush=True)
             break
-        # clip the largest log weights at the (1 - clip) quantile, resample
-        cut = np.quantile(lw_ok, 1 - a.clip)
-        p = np.exp(a.power * (np.minimum(lw_ok, cut) - cut))
-        p /= p.sum()
-        idx = torch.as_tensor(np.flatnonzero(ok)[np.random.default_rng(a.seed + r).choice(len(p), a.resample, p=p)])
-        data = x[idx].to(next(gen.parameters()).dtype)
-        row["resample_unique"] = int(torch.unique(idx).numel())
-        row["resample_ess"] = float(1.0 / (p * p).sum())
-        del xs, x
+        row["resample_unique"] = int(pool.stats["unique"])
+        row["resample_ess"] = pool.stats["resample_ess"]
         gen.train()
         opt = torch.optim.Adam(gen.parameters(), lr=a.lr)
         nll = []
-        for step in range(a.steps):
-            b = torch.randint(0, len(data), (a.batch,), generator=g)
-            loss = -gen.log_prob(data[b])
-            loss = loss[torch.isfinite(loss)].mean()
+        while not pool.due:
+            loss = rwml(gen, energy, a.batch, pool, generator=g).loss
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(gen.parameters(), 100.0)

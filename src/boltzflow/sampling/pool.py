@@ -71,6 +71,8 @@ class ReweightedPool:
     def __init__(self, config: PoolConfig | None = None):
         self.config = config or PoolConfig()
         self.x: torch.Tensor | None = None
+        #: unclipped log weights ``(size,)`` of the last refresh's fresh draws (-inf where invalid)
+        self.log_weights: torch.Tensor | None = None
         self.uses = 0
         #: statistics of the last refresh: kish (Kish ESS fraction of the ``size`` fresh draws, unclipped),
         #: unique (distinct frames among the resampled), n_invalid, top_weight (largest normalised weight),
@@ -117,6 +119,7 @@ class ReweightedPool:
         p = torch.softmax(cfg.power * lw, 0)
         idx = torch.multinomial(p.float(), cfg.resample, replacement=True, generator=generator)
         self.x = x[idx]
+        self.log_weights = log_w
         w = torch.softmax(log_w, 0)
         self.stats = {"kish": float(kish_ess(log_w)) / cfg.size, "unique": float(torch.unique(idx).numel()),
                       "n_invalid": float((~ok).sum()), "top_weight": float(w.max()),
