@@ -82,7 +82,7 @@ def test_cli_train_default_recipe_is_energy(tmp_path):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["recipe"] == "energy"
     assert summary["pipeline"] == "internal-all" and summary["data_tempering"]["energy_evals"] > 0
-    # the recipe's two stages, both shortened by QUICK: maximum likelihood, then path-gradient fine-tuning
+    # the recipe's two stages, both shortened by QUICK: maximum likelihood, then reweighted maximum likelihood
     assert summary["training_steps"] == QUICK["training.pretrain.steps"] + QUICK["training.finetune.steps"]
     guard = summary["ess_guard"]  # checked before fine-tuning and at its checkpoints (every 20 steps)
     assert [h["step"] for h in guard["history"]] == [40, 60] and guard["best_step"] in (40, 60)
