@@ -223,6 +223,10 @@ def shutdown() -> None:
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
+        # every rank arrives before any tears down: a rank destroying its gloo pairs while another still
+        # talks to it aborted the process ("terminate called without an active exception", exit -6) on a
+        # loaded machine
+        td.barrier()
         td.destroy_process_group()
 
 
