@@ -130,12 +130,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", action="store_true", help="print the JSON only")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rd = RunDir(a.run, create=False)
+    from boltzflow.errors import InputError
+
+    try:
+        rd = RunDir(a.run, create=False)
+    except InputError as e:
+        ap.exit(2, f"error: {e}\n")
     system = MolecularSystem.load(rd.system_dir)
     path = Path(a.samples) if a.samples else rd.path / "samples" / "generated.npz"
+    if not path.is_file():
+        ap.exit(2, f"error: no samples at '{path}': run `boltzflow sample {a.run}` first or pass --samples\n")
     s = SampleSet.load(path)
     if s.log_weights is None:
-        raise SystemExit(f"{path} has no log weights: sample it with `boltzflow sample` first")
+        ap.exit(2, f"error: '{path}' has no log weights: sample it with `boltzflow sample` first\n")
     out = {"run": str(a.run), "samples": str(path), **anatomy(system, s.positions[: a.n], s.log_weights[: a.n])}
     if a.json:
         print(json.dumps(out))
