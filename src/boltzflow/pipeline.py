@@ -550,13 +550,19 @@ def load_trained(run_dir: str | Path, device: str | None = None):
 EXPORTED = ("config.toml", "generator.pt", "summary.json", "metrics.jsonl", "environment.json", "log.txt", "system")
 
 
-def export_generator(run_dir: str | Path, dest: str | Path, note: str = "") -> Path:
+def export_generator(run_dir: str | Path, dest: str | Path, note: str = "", weights_dtype: str | None = None) -> Path:
     """Copy a trained run's self-contained part (:data:`EXPORTED`: config, weights, system, summary, training
     log and metrics; a few MB) to ``dest``, a new directory: ``boltzflow sample DEST -n N`` works on it
-    wherever it is copied. ``note`` (markdown: how it was made) goes into DEST/README.md."""
+    wherever it is copied. ``note`` (markdown: how it was made) goes into DEST/README.md.
+    ``weights_dtype="float16"`` stores the flow's parameters rounded to half precision (half the size; a
+    slightly different generator, so measure the exported one's ESS, e.g. with ``boltzflow sample DEST``)."""
     import shutil
 
     from .core.rundir import RunDir
+    from .flows.checkpoint import WEIGHT_DTYPES
+
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise InputError(f"weights_dtype {weights_dtype!r} unknown; choose one of {WEIGHT_DTYPES}")
 
     rd = RunDir(run_dir, create=False)
     if not (rd.path / "generator.pt").is_file():
@@ -571,6 +577,13 @@ def export_generator(run_dir: str | Path, dest: str | Path, note: str = "") -> P
             shutil.copytree(src, dest / name)
         elif src.is_file():
             shutil.copy2(src, dest / name)
+    if weights_dtype is not None:
+        from .flows.generator import load_generator, save_generator
+        from .systems import MolecularSystem
+
+        gen = load_generator(rd.path / "generator.pt", MolecularSystem.load(rd.system_dir))
+        save_generator(dest / "generator.pt", gen, weights_dtype=weights_dtype)
+        RunDir(dest, create=False).update_summary(exported_weights_dtype=weights_dtype)
     if note:
         (dest / "README.md").write_text(note)
     return dest

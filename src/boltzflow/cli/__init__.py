@@ -23,6 +23,7 @@ VERB_MODULES = (
     "train",
     "sample",
     "merge",
+    "export",
     "estimate",
     "compare",
     "report",

@@ -23,6 +23,8 @@ from ..io import atomic_torch_save
 
 FORMAT = "boltzflow-model"
 VERSION = 1
+#: storage types of :func:`save_model`'s ``weights_dtype`` (None: the model's own)
+WEIGHT_DTYPES = (None, "float16", "bfloat16")
 
 
 def _build_flow(config: dict, **build_kwargs) -> Any:
@@ -57,10 +59,14 @@ def save_model(
     config: dict,
     fingerprint: str | None = None,
     extra: dict | None = None,
+    weights_dtype: str | None = None,
 ) -> Path:
     """Atomically write ``model.state_dict()`` with ``kind``, ``config`` and ``fingerprint``.
 
     ``extra``: optional plain-data metadata (e.g. training step), returned by :func:`read_model_info`.
+    ``weights_dtype``: "float16" or "bfloat16" stores the trainable parameters rounded to that type (half
+    the file; buffers such as coordinate statistics stay exact). The model is loaded back in its own
+    dtype with the rounded values, so it is a slightly different flow: measure its ESS, not the original's.
     """
     if kind not in _BUILDERS:
         raise InputError(f"no builder registered for kind {kind!r} (known: {registered_kinds()}); "
@@ -69,11 +75,20 @@ def save_model(
         raise InputError(f"config must be a dict, got {type(config).__name__}")
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise InputError("fingerprint must be a string or None")
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise InputError(f"weights_dtype {weights_dtype!r} unknown; choose one of {WEIGHT_DTYPES}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
     dtype = str(floats[0]).replace("torch.", "") if floats else None
+    if weights_dtype is not None:
+        import torch
+
+        params = {name for name, _ in model.named_parameters()}
+        state = {k: (v.to(getattr(torch, weights_dtype)) if k in params and v.is_floating_point() else v)
+                 for k, v in state.items()}
     payload = {"format": FORMAT, "version": VERSION, "kind": kind, "config": dict(config),
-               "fingerprint": fingerprint, "extra": dict(extra or {}), "dtype": dtype, "state_dict": state}
+               "fingerprint": fingerprint, "extra": dict(extra or {}), "dtype": dtype,
+               "weights_dtype": weights_dtype, "state_dict": state}
     return atomic_torch_save(path, payload)
 
 
@@ -99,7 +114,8 @@ def _read(path: str | os.PathLike) -> dict:
 def read_model_info(path: str | os.PathLike) -> dict:
     """``{"kind", "config", "fingerprint", "extra"}`` of a checkpoint, without building the model."""
     p = _read(path)
-    return {"kind": p["kind"], "config": p["config"], "fingerprint": p["fingerprint"], "extra": p.get("extra", {})}
+    return {"kind": p["kind"], "config": p["config"], "fingerprint": p["fingerprint"], "extra": p.get("extra", {}),
+            "dtype": p.get("dtype"), "weights_dtype": p.get("weights_dtype")}
 
 
 def load_model(path: str | os.PathLike, expected_fingerprint: str | None = None, **build_kwargs) -> Any:

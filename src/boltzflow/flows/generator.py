@@ -363,13 +363,16 @@ def register() -> None:
     register_builder("molecular", _build_molecular, overwrite=True)
 
 
-def save_generator(path: str | Path, gen: MolecularGenerator, extra: dict | None = None) -> Path:
-    """Atomically save weights, config and the system fingerprint."""
+def save_generator(path: str | Path, gen: MolecularGenerator, extra: dict | None = None,
+                   weights_dtype: str | None = None) -> Path:
+    """Atomically save weights, config and the system fingerprint. weights_dtype: "float16" stores the
+    parameters rounded (half the file; see :func:`~boltzflow.flows.checkpoint.save_model`)."""
     from ..config import to_dict
     from .checkpoint import save_model
 
     register()
-    return save_model(path, gen, "molecular", to_dict(gen.config), fingerprint=gen.system.fingerprint(), extra=extra)
+    return save_model(path, gen, "molecular", to_dict(gen.config), fingerprint=gen.system.fingerprint(), extra=extra,
+                      weights_dtype=weights_dtype)
 
 
 def load_generator(path: str | Path, system) -> MolecularGenerator:
