@@ -142,6 +142,23 @@ def test_input_errors(tmp_path):
         Trainer(flow(), dw_energy, cfg(seed=3), run, data()).run(resume=True)
 
 
+def test_finetune_options_are_open_until_finetuning_starts(tmp_path):
+    """A checkpoint at the end of pre-training resumes under a longer fine-tuning stage, exactly as a fresh
+    run with that stage; once fine-tuning has begun, changing it is refused."""
+    short, long = cfg("klx"), cfg("klx", finetune=StageConfig(loss="klx", steps=14, batch=64))
+    ref = flow(0)
+    Trainer(ref, dw_energy, long, RunDir(tmp_path / "ref"), data()).run()
+    run = RunDir(tmp_path / "run")
+    Trainer(flow(0), dw_energy, short, run, data()).run(max_steps=6)  # stops at the end of pre-training
+    assert torch.load(run.latest_checkpoint, weights_only=True)["step"] == 6
+    gen = flow(5)
+    assert Trainer(gen, dw_energy, long, run, data()).run(resume=True)["step"] == 20
+    for a, b in zip(params(ref), params(gen)):
+        assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="differs in: finetune"):  # now at step 20, inside fine-tuning
+        Trainer(flow(0), dw_energy, short, run, data()).run(resume=True)
+
+
 def test_energy_cap_is_applied_to_the_target():
     from boltzflow.training.trainer import CapConfig
 

@@ -150,6 +150,10 @@ class TrainConfig:
 
 #: config keys that may differ between a checkpoint and the resuming run
 _RESUME_FREE_KEYS = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch")
+#: options that act only once fine-tuning has begun: a checkpoint written at or before the end of
+#: pre-training resumes under other values of them (e.g. a longer fine-tuning stage from the same
+#: maximum-likelihood generator)
+_FINETUNE_KEYS = ("finetune", "ess_guard", "ais", "replay", "pool")
 
 
 @dataclass
@@ -302,8 +306,11 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (CheckpointError when it belongs to another configuration)."""
-        mine = {k: v for k, v in to_dict(self.config).items() if k not in _RESUME_FREE_KEYS}
-        theirs = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE_KEYS}
+        free = _RESUME_FREE_KEYS
+        if int(state["step"]) <= int(state["config"].get("pretrain", {}).get("steps", 0)):
+            free = free + _FINETUNE_KEYS  # fine-tuning has not started: its options are still open
+        mine = {k: v for k, v in to_dict(self.config).items() if k not in free}
+        theirs = {k: v for k, v in state["config"].items() if k not in free}
         defaults = to_dict(TrainConfig())
         for k in set(mine) - set(theirs):  # options added after the checkpoint was written: their default
             theirs[k] = defaults.get(k)
