@@ -273,6 +273,11 @@ CASES = [
     ("merge-files-without-o", ["merge", "{w}/toy.npz"], "-o"),
     ("merge-onto-existing-file", ["merge", "{w}/toy.npz", "-o", "{w}/toy.npz"], "--overwrite"),
     ("sample-shard-out-of-range", ["sample", "{w}/run", "-n", "4", "--shard", "2/2"], "i/N"),
+    # export
+    ("export-no-run", ["export", "{w}/nowhere", "{w}/dest"], "nowhere"),
+    ("export-replica-run", ["export", "{w}/pt", "{w}/dest"], "generator.pt"),
+    ("export-missing-note", ["export", "{w}/run", "{w}/dest", "--note", "{w}/nope.md"], "--note"),
+    ("export-bad-dtype", ["export", "{w}/run", "{w}/dest", "--weights-dtype", "int8"], "int8"),
     # the command line itself
     ("unknown-verb", ["transmogrify"], "transmogrify"),
     ("unknown-option", ["estimate", "{w}/toy.npz", "--frobnicate"], "--frobnicate"),
