@@ -96,3 +96,30 @@ def test_trainer_rwml_stage_learns_and_resumes_exactly(tmp_path):
     assert out_c["energy_evals"] == out["energy_evals"]
     for pa, pc in zip(a.gen.parameters(), c.gen.parameters()):
         assert torch.equal(pa, pc)
+
+
+def test_rwml_data_fraction_mixes_the_training_frames_into_the_target():
+    """pool.data_fraction = 0.5 with frames from N(-1.5, 0.5^2): maximum likelihood on an equal mixture of
+    p = N(1.5, 0.5^2) and the frames, so the affine flow's mean lands between them (1.5 without frames)."""
+    from boltzflow.errors import InputError
+    from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
+
+    def cfg(frac):
+        return TrainConfig(pretrain=StageConfig(loss="klz", steps=0),
+                           finetune=StageConfig(loss="rwml", steps=60, batch=256),
+                           optimizer=OptimConfig(lr=0.1, warmup_steps=0),
+                           pool=PoolConfig(size=20_000, resample=20_000, refresh=20, batch_size=10_000,
+                                           data_fraction=frac),
+                           log_every=10, progress=False, eval_batch=0, seed=2)
+
+    frames = -M_P + S_P * torch.randn(4000, 1, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    tr = Trainer(affine_flow(1), u, cfg(0.5), data=frames)
+    tr.run()
+    t = float(tr.gen.bijection.layers[0].t.detach())
+    assert abs(t) < 0.4, t
+    torch.manual_seed(0)
+    with pytest.raises(InputError, match="data_fraction"):
+        Trainer(affine_flow(1), u, cfg(0.5)).run()
+    with pytest.raises(ConfigError, match="data_fraction"):
+        PoolConfig(data_fraction=1.0)

@@ -186,7 +186,7 @@ def alpha2_resampled(gen, energy: EnergyFn, n: int, *, generator: torch.Generato
 
 
 def rwml(gen, energy: EnergyFn, n: int, pool: ReweightedPool | None = None, *, generator: torch.Generator | None = None,
-         penalty_weight: float = 0.0, pool_factor: int = 4) -> LossOutput:
+         penalty_weight: float = 0.0, pool_factor: int = 4, anchor: torch.Tensor | None = None) -> LossOutput:
     """Reweighted maximum likelihood: ``mean(-log p_G(x))`` over ``n`` frames of an importance-resampled
     pool of the generator's own samples (:class:`~boltzflow.sampling.pool.ReweightedPool`), i.e. the
     forward KL to the Boltzmann distribution estimated with the generator as proposal (the last stage of
@@ -197,11 +197,15 @@ def rwml(gen, energy: EnergyFn, n: int, pool: ReweightedPool | None = None, *, g
     make the estimate far less noisy than the per-batch self-normalised version (``klz_df``): the pool
     is drawn once per ``pool.config.refresh`` steps (refreshed here when ``pool.due``; its ``size`` energy
     evaluations, no forces, are counted then). Without ``pool``, a one-shot pool of ``pool_factor * n``
-    draws is resampled to ``n`` frames (unclipped) on every call."""
+    draws is resampled to ``n`` frames (unclipped) on every call. ``anchor``: frames ``(k, ...)`` appended
+    to the ``n`` pool frames, so the batch's maximum likelihood covers them too (``pool.data_fraction``)."""
     if pool is None:
         pool = ReweightedPool(PoolConfig(size=int(pool_factor) * n, resample=n, clip=0.0, refresh=1,
                                          batch_size=max(int(pool_factor) * n, 1)))
     evals = pool.refresh(gen, energy, generator) if pool.due else 0
-    out = klz(gen, pool.batch(n, generator), generator=generator, penalty_weight=penalty_weight)
+    x = pool.batch(n, generator)
+    if anchor is not None and anchor.shape[0] > 0:
+        x = torch.cat([x, anchor.to(x.dtype)], dim=0)
+    out = klz(gen, x, generator=generator, penalty_weight=penalty_weight)
     out.metrics.update({f"pool_{k}": v for k, v in pool.stats.items()})
     return LossOutput(loss=out.loss, metrics=out.metrics, samples=None, log_w=None, energy_evals=evals)

@@ -31,7 +31,10 @@ class PoolConfig:
     refresh: optimizer steps between refreshes; batch_size: configurations per sampling pass;
     power: resample in proportion to ``w ** power``: 1 targets p (forward KL), 2 targets p^2 / q (the
     alpha = 2 divergence of FAB, which weighs the under-covered regions more); every power has q = p as
-    its fixed point."""
+    its fixed point. data_fraction: share of every rwml batch taken from the training frames instead of
+    the pool (maximum likelihood on them as well: they anchor regions that q under-weights so much that a
+    pool rarely holds a draw there; the frames' own distribution, e.g. 300 K + 356 K tempering frames,
+    is mixed into the target in that proportion)."""
 
     size: int = 1_000_000
     resample: int = 1_000_000
@@ -39,12 +42,15 @@ class PoolConfig:
     refresh: int = 1000
     batch_size: int = 5000
     power: float = 1.0
+    data_fraction: float = 0.0
 
     def __post_init__(self):
         if self.size < 1 or self.resample < 1 or self.refresh < 1 or self.batch_size < 1:
             raise ConfigError("pool.size, pool.resample, pool.refresh and pool.batch_size must be >= 1")
         if not 0.0 <= self.clip < 1.0:
             raise ConfigError(f"pool.clip must be in [0, 1), got {self.clip}")
+        if not 0.0 <= self.data_fraction < 1.0:
+            raise ConfigError(f"pool.data_fraction must be in [0, 1), got {self.data_fraction}")
         if not self.power > 0:
             raise ConfigError(f"pool.power must be > 0, got {self.power}")
         if self.size > 2**24:

@@ -380,8 +380,18 @@ class Trainer:
             return fab(self.gen, self.energy, hi - lo, self.ais, self.buffer, generator=self.sample_rng,
                        penalty_weight=st.penalty_weight)
         if st.loss == "rwml":
-            return rwml(self.gen, self.energy, hi - lo, self.pool, generator=self.sample_rng,
-                        penalty_weight=st.penalty_weight)
+            anchor = None
+            k = int(round(self.config.pool.data_fraction * st.batch))
+            if k > 0:
+                if self.data is None:
+                    raise InputError("pool.data_fraction > 0 needs training frames (data=...); set it to 0")
+                # like pre-training: the global indices from the shared stream, then this rank's shard
+                idx = torch.randint(0, self.data.shape[0], (k,), generator=self.rng, device=self.device)
+                klo, khi = self.dist.shard(k)
+                anchor = self.data[idx[klo:khi]]
+            n_pool = (hi - lo) - (0 if anchor is None else anchor.shape[0])
+            return rwml(self.gen, self.energy, n_pool, self.pool, generator=self.sample_rng,
+                        penalty_weight=st.penalty_weight, anchor=anchor)
         return get_loss(st.loss)(self.gen, self.energy, hi - lo, generator=self.sample_rng,
                                  penalty_weight=st.penalty_weight)
 
