@@ -14,6 +14,8 @@ the deficit a perfect generator of the marginal alone would remove. Printed:
 * ``kish_if_state_exact``: the Kish ESS if the weights inside one state were all equal to their mean
   there (what learning that state perfectly would give), per state;
 * ``torsions``: the largest chi2 of single-torsion marginals (36 bins) among all bonded torsions;
+* ``largest``: the ``top`` largest weights (mean 1) with their share of sum w^2, state and the modes'
+  torsion (degrees) where the system declares one, and their index in the sample set;
 * ``linear_r2``: the fraction of Var(w) explained by a least-squares fit of w on the standardised bond
   lengths, bond angles and torsion sines/cosines (fit on one half, scored on the other).
 
@@ -99,6 +101,14 @@ def anatomy(system, positions: np.ndarray, log_weights: np.ndarray, top: int = 5
                             "w2_share": float(np.sum(wm * wm) / np.sum(w * w)),
                             "kish_if_state_exact": float(1.0 / np.mean(flat * flat))}
         out["states"] = states
+    # the largest weights one by one: a handful of draws in a region q misses sets a large sample's ESS
+    big = np.argsort(w)[::-1][:top]
+    atoms = getattr(modes, "atoms", None)
+    angle = np.degrees(dihedral_of(x[big], tuple(atoms))) if atoms is not None else None
+    out["largest"] = [{"index": int(np.flatnonzero(ok)[i]), "w": float(w[i]), "w2_share": float(w[i] ** 2 / np.sum(w * w)),
+                       **({"state": modes.names[int(lab[i])]} if modes is not None else {}),
+                       **({"mode_coordinate_deg": float(angle[j])} if angle is not None else {})}
+                      for j, i in enumerate(big)]
     adj = bond_graph(system.topology)
     names = [a.name for a in system.topology.atoms()]
     tors = []

@@ -44,3 +44,20 @@ def test_state_split_and_linear_fit(dipeptide):
     out = anatomy(system, x, np.log(w))
     assert out["linear_r2"] > 0.99
     assert out["chi2"] == pytest.approx(np.var(w / w.mean()), rel=1e-9)
+
+
+def test_largest_weights_are_listed_with_their_state(dipeptide):
+    system, x = dipeptide
+    lw = np.zeros(len(x))
+    lw[[7, 11]] = [np.log(50.0), np.log(30.0)]  # two draws q under-weights 50- and 30-fold
+    lw[3] = -np.inf  # an invalid draw: skipped, indices still refer to the input
+    out = anatomy(system, x, lw)
+    first, second = out["largest"][:2]
+    assert (first["index"], second["index"]) == (7, 11)
+    n = len(x) - 1
+    mean = (n - 2 + 80.0) / n
+    assert first["w"] == pytest.approx(50.0 / mean)
+    assert first["w2_share"] == pytest.approx(2500.0 / (n - 2 + 2500.0 + 900.0))
+    assert first["state"] == system.modes.names[int(system.modes.assign(x[7:8])[0])]
+    for row in out["largest"]:  # the dipeptide's states are the sign of phi, the listed torsion
+        assert (row["mode_coordinate_deg"] > 0) == (row["state"] == "phi_positive")
