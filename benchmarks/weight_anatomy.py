@@ -105,7 +105,8 @@ def anatomy(system, positions: np.ndarray, log_weights: np.ndarray, top: int = 5
     big = np.argsort(w)[::-1][:top]
     atoms = getattr(modes, "atoms", None)
     angle = np.degrees(dihedral_of(x[big], tuple(atoms))) if atoms is not None else None
-    out["largest"] = [{"index": int(np.flatnonzero(ok)[i]), "w": float(w[i]), "w2_share": float(w[i] ** 2 / np.sum(w * w)),
+    kept = np.flatnonzero(ok)  # positions in the input of the finite-weight draws
+    out["largest"] = [{"index": int(kept[i]), "w": float(w[i]), "w2_share": float(w[i] ** 2 / np.sum(w * w)),
                        **({"state": modes.names[int(lab[i])]} if modes is not None else {}),
                        **({"mode_coordinate_deg": float(angle[j])} if angle is not None else {})}
                       for j, i in enumerate(big)]

@@ -112,7 +112,8 @@ def _read(path: str | os.PathLike) -> dict:
 
 
 def read_model_info(path: str | os.PathLike) -> dict:
-    """``{"kind", "config", "fingerprint", "extra"}`` of a checkpoint, without building the model."""
+    """``{"kind", "config", "fingerprint", "extra", "dtype", "weights_dtype"}`` of a checkpoint, without
+    building the model (``dtype``: the model's; ``weights_dtype``: the parameters' storage type, None = same)."""
     p = _read(path)
     return {"kind": p["kind"], "config": p["config"], "fingerprint": p["fingerprint"], "extra": p.get("extra", {}),
             "dtype": p.get("dtype"), "weights_dtype": p.get("weights_dtype")}
