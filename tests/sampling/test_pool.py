@@ -123,3 +123,43 @@ def test_rwml_data_fraction_mixes_the_training_frames_into_the_target():
         Trainer(affine_flow(1), u, cfg(0.5)).run()
     with pytest.raises(ConfigError, match="data_fraction"):
         PoolConfig(data_fraction=1.0)
+
+
+def test_clip_final_unclips_the_second_half_and_resumes_exactly(tmp_path):
+    """pool.clip_final: the pools of the stage's first half are drawn with ``clip``, those of the second
+    half with ``clip_final``; a run killed in the second half draws its pool again with that clip."""
+    from boltzflow.core.rundir import RunDir
+    from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
+
+    cfg = TrainConfig(pretrain=StageConfig(loss="klz", steps=0), finetune=StageConfig(loss="rwml", steps=60, batch=256),
+                      optimizer=OptimConfig(lr=0.1, warmup_steps=0),
+                      pool=PoolConfig(size=20_000, resample=20_000, refresh=20, batch_size=10_000, clip=0.01,
+                                      clip_final=0.0),
+                      checkpoint_every=10, log_every=10, progress=False, eval_batch=0, seed=2)
+    clips = []
+    draw = ReweightedPool._draw
+
+    def spy(self, gen, energy, generator):
+        clips.append(self.clip)
+        return draw(self, gen, energy, generator)
+
+    def trainer(name):
+        torch.manual_seed(0)
+        return Trainer(affine_flow(1), u, cfg, run_dir=RunDir(tmp_path / name))
+
+    ReweightedPool._draw = spy
+    try:
+        a = trainer("a")
+        a.run()
+        assert clips == [0.01, 0.01, 0.0]  # pools at steps 0 and 20 clipped, step 40 (>= 30) not
+        trainer("b").run(max_steps=45)
+        clips.clear()
+        c = trainer("b")
+        c.run(resume=True)
+        assert clips == [0.0]  # the step-40 pool drawn again, unclipped
+    finally:
+        ReweightedPool._draw = draw
+    for pa, pc in zip(a.gen.parameters(), c.gen.parameters()):
+        assert torch.equal(pa, pc)
+    with pytest.raises(ConfigError, match="clip_final"):
+        PoolConfig(clip_final=1.0)

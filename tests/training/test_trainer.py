@@ -199,3 +199,25 @@ def test_ess_guard_keeps_the_best_state_through_a_destructive_finetune(tmp_path)
     tr2 = Trainer(gen2, dw_energy, TrainConfig(**{**c.__dict__, "ess_guard": 0}), run_dir=None, data=data(2048))
     tr2.run()
     assert _kish(gen2) < before - 0.05
+
+
+def test_checkpoint_from_before_a_new_nested_option_resumes(tmp_path):
+    """A checkpoint written before an option existed inside a section (here pool.data_fraction and
+    pool.power) resumes under that option's default, and is refused under another value."""
+    from dataclasses import replace
+
+    from boltzflow.sampling.pool import PoolConfig
+
+    c = cfg("klx", finetune=StageConfig(loss="klx", steps=4, batch=32))
+    run = RunDir(tmp_path / "run")
+    Trainer(flow(0), dw_energy, c, run, data()).run(max_steps=8)
+    state = torch.load(run.latest_checkpoint, weights_only=False)
+    for key in ("data_fraction", "power"):
+        del state["config"]["pool"][key]
+    torch.save(state, run.latest_checkpoint)
+    assert Trainer(flow(0), dw_energy, c, run, data()).run(resume=True)["step"] == 10
+    run = RunDir(tmp_path / "run2")
+    Trainer(flow(0), dw_energy, c, run, data()).run(max_steps=8)
+    other = replace(c, pool=PoolConfig(clip_final=0.0))
+    with pytest.raises(CheckpointError, match="differs in: pool"):
+        Trainer(flow(0), dw_energy, other, run, data()).run(resume=True)

@@ -34,7 +34,9 @@ class PoolConfig:
     its fixed point. data_fraction: share of every rwml batch taken from the training frames instead of
     the pool (maximum likelihood on them as well: they anchor regions that q under-weights so much that a
     pool rarely holds a draw there; the frames' own distribution, e.g. 300 K + 356 K tempering frames,
-    is mixed into the target in that proportion)."""
+    is mixed into the target in that proportion). clip_final: the clip of the pools drawn in the second
+    half of the rwml stage (None: ``clip`` throughout); late in training the weights' heavy tail is what
+    limits a large sample's ESS, and the clip hides exactly the draws that make it (0 = unclipped)."""
 
     size: int = 1_000_000
     resample: int = 1_000_000
@@ -43,12 +45,15 @@ class PoolConfig:
     batch_size: int = 5000
     power: float = 1.0
     data_fraction: float = 0.0
+    clip_final: float | None = None
 
     def __post_init__(self):
         if self.size < 1 or self.resample < 1 or self.refresh < 1 or self.batch_size < 1:
             raise ConfigError("pool.size, pool.resample, pool.refresh and pool.batch_size must be >= 1")
         if not 0.0 <= self.clip < 1.0:
             raise ConfigError(f"pool.clip must be in [0, 1), got {self.clip}")
+        if self.clip_final is not None and not 0.0 <= self.clip_final < 1.0:
+            raise ConfigError(f"pool.clip_final must be in [0, 1) (or unset), got {self.clip_final}")
         if not 0.0 <= self.data_fraction < 1.0:
             raise ConfigError(f"pool.data_fraction must be in [0, 1), got {self.data_fraction}")
         if not self.power > 0:
@@ -80,6 +85,8 @@ class ReweightedPool:
         #: unclipped log weights ``(size,)`` of the last refresh's fresh draws (-inf where invalid)
         self.log_weights: torch.Tensor | None = None
         self.uses = 0
+        #: the clip the next :meth:`refresh` applies (``config.clip`` unless the trainer sets it)
+        self.clip = float(self.config.clip)
         #: statistics of the last refresh: kish (Kish ESS fraction of the ``size`` fresh draws, unclipped),
         #: unique (distinct frames among the resampled), n_invalid, top_weight (largest normalised weight),
         #: resample_ess (effective size of the resampling distribution, 1 / sum p_i^2)
@@ -94,7 +101,8 @@ class ReweightedPool:
     def refresh(self, gen, energy: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator | None = None) -> int:
         """Draw a new pool from ``gen`` (parameters as they are now); returns the energy evaluations (``size``)."""
         origin = {"model": {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()},
-                  "rng": generator.get_state() if generator is not None else None}
+                  "rng": generator.get_state() if generator is not None else None,
+                  "clip": self.clip}
         self._draw(gen, energy, generator)
         self._origin = origin
         self.uses = 0
@@ -121,7 +129,7 @@ class ReweightedPool:
         if not ok.any():
             raise RuntimeError("every sample of the reweighting pool has an invalid energy or density; "
                                "train the generator by maximum likelihood first")
-        lw = clipped_log_weights(log_w, cfg.clip)
+        lw = clipped_log_weights(log_w, self.clip)
         p = torch.softmax(cfg.power * lw, 0)
         idx = torch.multinomial(p.float(), cfg.resample, replacement=True, generator=generator)
         self.x = x[idx]
@@ -150,6 +158,7 @@ class ReweightedPool:
         if not state or state.get("origin") is None:
             return
         origin = state["origin"]
+        self.clip = float(origin.get("clip", self.config.clip))
         current = {k: v.detach().clone() for k, v in gen.state_dict().items()}
         gen.load_state_dict(origin["model"])
         g = None

@@ -156,6 +156,18 @@ _RESUME_FREE_KEYS = ("progress", "log_every", "checkpoint_every", "keep_checkpoi
 _FINETUNE_KEYS = ("finetune", "ess_guard", "ais", "replay", "pool")
 
 
+def _fill_defaults(theirs: dict[str, Any], defaults: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    """A checkpoint's config dict with the options added after it was written (in ``keys`` or inside
+    its sections) set to their defaults, so an old checkpoint compares equal to a default config."""
+    out = dict(theirs)
+    for k in keys:
+        if k not in out:
+            out[k] = defaults.get(k)
+        elif isinstance(out[k], dict) and isinstance(defaults.get(k), dict):
+            out[k] = _fill_defaults(out[k], defaults[k], set(defaults[k]))
+    return out
+
+
 @dataclass
 class _Counters:
     skipped_steps: int = 0
@@ -311,9 +323,7 @@ class Trainer:
             free = free + _FINETUNE_KEYS  # fine-tuning has not started: its options are still open
         mine = {k: v for k, v in to_dict(self.config).items() if k not in free}
         theirs = {k: v for k, v in state["config"].items() if k not in free}
-        defaults = to_dict(TrainConfig())
-        for k in set(mine) - set(theirs):  # options added after the checkpoint was written: their default
-            theirs[k] = defaults.get(k)
+        theirs = _fill_defaults(theirs, to_dict(TrainConfig()), set(mine))
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise CheckpointError(f"checkpoint was written with a different configuration (differs in: "
@@ -380,6 +390,10 @@ class Trainer:
             return fab(self.gen, self.energy, hi - lo, self.ais, self.buffer, generator=self.sample_rng,
                        penalty_weight=st.penalty_weight)
         if st.loss == "rwml":
+            pc = self.config.pool
+            if self.pool is not None and pc.clip_final is not None:  # the stage's second half: clip_final
+                late = self.step - self.config.pretrain.steps >= self.config.finetune.steps // 2
+                self.pool.clip = float(pc.clip_final if late else pc.clip)
             anchor = None
             k = int(round(self.config.pool.data_fraction * st.batch))
             if k > 0:
