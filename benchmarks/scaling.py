@@ -143,7 +143,10 @@ def measure_sampling(n: int, opts, run: Path) -> dict:
 
 def measure_replica(n: int, opts, tmp: Path, mpiexec: str) -> dict:
     out = tmp / f"re-{n}"
-    _run([mpiexec, "-n", str(n), sys.executable, "-m", "boltzflow", "simulate", "alanine-dipeptide",
+    # -bind-to core (MPICH's hydra and Open MPI both take it): one core per rank, the 1-rank baseline too.
+    # Unbound, a lone rank on an idle machine runs ~7x slower: OpenMM's CPU platform hands every force
+    # evaluation to a worker thread, and waking it on another (idle) core costs ~0.1 ms on a VM.
+    _run([mpiexec, "-bind-to", "core", "-n", str(n), sys.executable, "-m", "boltzflow", "simulate", "alanine-dipeptide",
           "--replicas", str(opts.replicas), "--iterations", str(opts.iterations), "--steps-per-iteration",
           str(opts.re_steps), "--threads", "1", "--checkpoint-interval", str(opts.iterations), "--no-progress",
           "-o", str(out)], opts.timeout)

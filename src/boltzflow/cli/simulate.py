@@ -40,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--timestep-fs", type=float, default=1.0, help="fs (default 1.0; systems are unconstrained)")
     p.add_argument("--collision-rate", type=float, default=1.0, help="Langevin friction, 1/ps (default 1)")
     p.add_argument("--platform", default="CPU", help="OpenMM platform: CPU, CUDA, OpenCL, Reference or auto")
-    p.add_argument("--threads", type=int, default=1, help="CPU platform threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="CPU platform threads (default 1). On an otherwise idle multi-core machine pin a 1-thread run to one core (`taskset -c 0 boltzflow simulate ...`; under MPI `mpiexec -bind-to core`): OpenMM hands every force evaluation to a worker thread, and waking it on an idle core made alanine dipeptide ~7x slower per step on a 2-vCPU VM (docs/scaling.md)")
     p.add_argument("--checkpoint-interval", type=int, default=10, help="iterations between checkpoints (default 10)")
     p.add_argument("--online-analysis", action="store_true", help="openmmtools online MBAR (slow; off by default)")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory")
