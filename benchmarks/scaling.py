@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,9 @@ def train_worker(args: argparse.Namespace) -> None:
         from dataclasses import replace
 
         cfg = replace(cfg, device="cpu", data=replace(cfg.data, md_frames=0, max_samples=5000))
+        if args.flow:
+            blocks, hidden = (int(v) for v in args.flow.lower().split("x"))
+            cfg = replace(cfg, generator=replace(cfg.generator, blocks=blocks, hidden=hidden))
         ref, _ = pipeline.load_reference(system, cfg.data)
         gen, energy = pipeline.build(system, cfg, ref.positions)
         total = args.warmup + args.steps
@@ -106,10 +110,11 @@ def train_worker(args: argparse.Namespace) -> None:
 def measure_training(n: int, opts, tmp: Path, loss: str) -> dict:
     out = tmp / f"train-{loss}-{n}.json"
     _torchrun(n, [__file__, "--worker", "train", "--out", str(out), "--steps", str(opts.steps), "--warmup",
-                  str(opts.warmup), "--batch", str(opts.batch), "--loss", loss] + (["--quick"] if opts.quick else []),
+                  str(opts.warmup), "--batch", str(opts.batch), "--loss", loss] + (["--quick"] if opts.quick else [])
+              + (["--flow", opts.flow] if opts.flow else []),
               opts.timeout)
     r = json.loads(out.read_text())
-    return {"part": "train", "loss": loss, "ranks": n, "batch": r["batch"], "steps": r["steps"],
+    return {"part": "train", "loss": loss, "ranks": n, "batch": r["batch"], "flow": opts.flow or "demo", "steps": r["steps"],
             "seconds": r["seconds"], "rate": r["steps"] / r["seconds"], "unit": "steps/s"}
 
 
@@ -158,9 +163,9 @@ def measure_replica(n: int, opts, tmp: Path, mpiexec: str) -> dict:
 
 def efficiency(rows: list[dict]) -> None:
     """Add ``speedup`` and ``efficiency`` (rate(N) / (N rate(1))) to rows with a 1-rank baseline."""
-    base = {(r["part"], r.get("loss")): r["rate"] for r in rows if r["ranks"] == 1}
+    base = {(r["part"], r.get("loss"), r.get("flow")): r["rate"] for r in rows if r["ranks"] == 1}
     for r in rows:
-        b = base.get((r["part"], r.get("loss")))
+        b = base.get((r["part"], r.get("loss"), r.get("flow")))
         if b:
             r["speedup"] = r["rate"] / b
             r["efficiency"] = r["rate"] / (r["ranks"] * b)
@@ -174,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"which of {', '.join(PARTS)} (default all)")
     ap.add_argument("--losses", default="klz,l2plus", help="training losses to time (default klz,l2plus)")
     ap.add_argument("--batch", type=int, default=1024, help="global training batch (default 1024)")
+    ap.add_argument("--flow", default="", metavar="BLOCKSxHIDDEN",
+                    help="training flow size, e.g. 8x256 (the energy recipe's); default: the demo's flow")
     ap.add_argument("--steps", type=int, default=40, help="timed training steps (default 40)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed training steps first (default 5)")
     ap.add_argument("--samples", type=int, default=100_000, help="samples drawn (default 100000)")
@@ -186,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--loss", default="klz", help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
+    if opts.flow and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", opts.flow.lower()):
+        ap.error(f"--flow takes BLOCKSxHIDDEN, e.g. 8x256; got {opts.flow!r}")
     if opts.worker == "train":
         train_worker(opts)
         return {}
