@@ -6,7 +6,9 @@
 // so the backward pass in torch is two broadcast multiplies. The derivatives with respect to the
 // bin quantities (x_k, w_k, y_k, h_k, d_k, d_k+1) come from forward-mode dual numbers (exact, no
 // hand-derived algebra for the inverse's quadratic root); the chain rule through softmax, cumsum and
-// softplus to the parameters is written out below. All arithmetic is in double.
+// softplus to the parameters is written out below. All arithmetic is in double. The bin's input knot
+// enters only through (input - knot) and its output knot only additively, so their derivatives follow
+// from the input's (the negative) and from 1 / 0: 5 tangents carry what 7 would.
 //
 // Layout: x (n,), params (n, P) row-major: K width logits, K height logits, then the derivative
 // logits (K - 1 interior knots for kind 0 = spline on [-bound, bound] with identity tails and unit
@@ -19,7 +21,7 @@
 
 namespace {
 
-constexpr int NT = 7;  // tangents: x, x_k, w_k, y_k, h_k, d_k, d_k+1
+constexpr int NT = 5;  // tangents: x, w_k, h_k, d_k, d_k+1 (x_k and y_k follow from x, see the header)
 
 // Forward-mode dual number with N tangents (N = 0: plain arithmetic, for calls without gradients).
 template <int N>
@@ -200,9 +202,10 @@ void spline_one(const T* xin_p, const T* p, int K, int kind, double bound, int i
   const double dk_v = slope(k, &lk, &gk);
   const double dk1_v = slope(k + 1, &lk1, &gk1);
   using D = Dual<N>;
-  D X = clamped ? cst<N>(xc) : var<N>(xc, 0);
-  D XK = var<N>(cw[k], 1), WK = var<N>(cw[k + 1] - cw[k], 2), YK = var<N>(ch[k], 3), HK = var<N>(ch[k + 1] - ch[k], 4);
-  D DK = var<N>(dk_v, 5), DK1 = var<N>(dk1_v, 6);
+  // X is a variable even when clamped: its tangent gives the input knot's (negated); dy/dx is zeroed below
+  D X = var<N>(xc, 0);
+  D XK = cst<N>(cw[k]), WK = var<N>(cw[k + 1] - cw[k], 1), YK = cst<N>(ch[k]), HK = var<N>(ch[k + 1] - ch[k], 2);
+  D DK = var<N>(dk_v, 3), DK1 = var<N>(dk1_v, 4);
   D s = HK / WK;
   D xi, out;
   if (!inverse) {
@@ -239,11 +242,23 @@ void spline_one(const T* xin_p, const T* p, int K, int kind, double bound, int i
     *dldx = T(0);
     return;
   } else {
-    *dydx = T(y.g[0]);
-    *dldx = T(ld.g[0]);
+    *dydx = T(clamped ? 0.0 : y.g[0]);
+    *dldx = T(clamped ? 0.0 : ld.g[0]);
     // chain rule to the parameters, for both outputs
     for (int o = 0; o < 2; ++o) {
-      const D& f = o == 0 ? y : ld;
+      const D& fd = o == 0 ? y : ld;
+      // the 7 bin-quantity derivatives (x, x_k, w_k, y_k, h_k, d_k, d_k+1) from the 5 tangents: the input
+      // knot (x_k forward, y_k inverse) enters as (x - knot); the output knot (y_k forward, x_k inverse)
+      // adds to y and not to log|dy/dx|
+      struct { double g[7]; } f;
+      const double out_knot = o == 0 ? 1.0 : 0.0;
+      f.g[0] = fd.g[0];
+      f.g[1] = inverse ? out_knot : -fd.g[0];
+      f.g[2] = fd.g[1];
+      f.g[3] = inverse ? -fd.g[0] : out_knot;
+      f.g[4] = fd.g[2];
+      f.g[5] = fd.g[3];
+      f.g[6] = fd.g[4];
       T* j = o == 0 ? jy : jl;
       for (int pass = 0; pass < 2; ++pass) {
         const double* sm = pass == 0 ? sw : sh;
