@@ -163,3 +163,40 @@ def test_clip_final_unclips_the_second_half_and_resumes_exactly(tmp_path):
         assert torch.equal(pa, pc)
     with pytest.raises(ConfigError, match="clip_final"):
         PoolConfig(clip_final=1.0)
+
+
+def test_resume_on_a_refresh_step_does_not_draw_the_used_up_pool_again(tmp_path):
+    """Killed at step 40 (a checkpoint and a refresh step: the step-20 pool has served its 20 batches),
+    the resumed run draws only the step-40 pool, and ends bitwise where the uninterrupted run ends."""
+    from boltzflow.core.rundir import RunDir
+    from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
+
+    cfg = TrainConfig(pretrain=StageConfig(loss="klz", steps=0), finetune=StageConfig(loss="rwml", steps=60, batch=256),
+                      optimizer=OptimConfig(lr=0.1, warmup_steps=0),
+                      pool=PoolConfig(size=20_000, resample=20_000, refresh=20, batch_size=10_000),
+                      checkpoint_every=10, log_every=10, progress=False, eval_batch=0, seed=2)
+
+    def trainer(name):
+        torch.manual_seed(0)
+        return Trainer(affine_flow(1), u, cfg, run_dir=RunDir(tmp_path / name))
+
+    a = trainer("a")
+    out = a.run()
+    trainer("b").run(max_steps=40)
+    draws = []
+    draw = ReweightedPool._draw
+
+    def spy(self, gen, energy, generator):
+        draws.append(1)
+        return draw(self, gen, energy, generator)
+
+    ReweightedPool._draw = spy
+    try:
+        c = trainer("b")
+        out_c = c.run(resume=True)
+    finally:
+        ReweightedPool._draw = draw
+    assert len(draws) == 1  # the step-40 pool only
+    assert out_c["energy_evals"] == out["energy_evals"]
+    for pa, pc in zip(a.gen.parameters(), c.gen.parameters()):
+        assert torch.equal(pa, pc)

@@ -159,6 +159,13 @@ class ReweightedPool:
             return
         origin = state["origin"]
         self.clip = float(origin.get("clip", self.config.clip))
+        if int(state["uses"]) >= self.config.refresh:
+            # used up (checkpoints often fall on a refresh step): the next step draws a new pool anyway, from
+            # the trainer's own stream, so drawing this one again would only cost its `size` evaluations
+            self.x, self.log_weights, self._origin = None, None, origin
+            self.uses = int(state["uses"])
+            self.stats = dict(state.get("stats", self.stats))
+            return
         current = {k: v.detach().clone() for k, v in gen.state_dict().items()}
         gen.load_state_dict(origin["model"])
         g = None
