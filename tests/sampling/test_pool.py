@@ -66,18 +66,23 @@ def test_power_two_resamples_towards_p_squared_over_q():
     assert 0 < pool.stats["resample_ess"] < 400_000
 
 
-def test_trainer_rwml_stage_learns_and_resumes_exactly(tmp_path):
+def _rwml_trainer(run_dir, **pool_kw):
+    """A 60-step rwml stage on the 1-D affine flow (pools of 2e4 every 20 steps, checkpoints every 10),
+    the same initial flow every time."""
     from boltzflow.core.rundir import RunDir
     from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
 
+    pool = dict(size=20_000, resample=20_000, refresh=20, batch_size=10_000) | pool_kw
     cfg = TrainConfig(pretrain=StageConfig(loss="klz", steps=0), finetune=StageConfig(loss="rwml", steps=60, batch=256),
-                      optimizer=OptimConfig(lr=0.1, warmup_steps=0),
-                      pool=PoolConfig(size=20_000, resample=20_000, refresh=20, batch_size=10_000),
+                      optimizer=OptimConfig(lr=0.1, warmup_steps=0), pool=PoolConfig(**pool),
                       checkpoint_every=10, log_every=10, progress=False, eval_batch=0, seed=2)
+    torch.manual_seed(0)
+    return Trainer(affine_flow(1), u, cfg, run_dir=RunDir(run_dir))
 
+
+def test_trainer_rwml_stage_learns_and_resumes_exactly(tmp_path):
     def trainer(name):
-        torch.manual_seed(0)
-        return Trainer(affine_flow(1), u, cfg, run_dir=RunDir(tmp_path / name))
+        return _rwml_trainer(tmp_path / name)
 
     a = trainer("a")
     out = a.run()
@@ -128,14 +133,6 @@ def test_rwml_data_fraction_mixes_the_training_frames_into_the_target():
 def test_clip_final_unclips_the_second_half_and_resumes_exactly(tmp_path):
     """pool.clip_final: the pools of the stage's first half are drawn with ``clip``, those of the second
     half with ``clip_final``; a run killed in the second half draws its pool again with that clip."""
-    from boltzflow.core.rundir import RunDir
-    from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
-
-    cfg = TrainConfig(pretrain=StageConfig(loss="klz", steps=0), finetune=StageConfig(loss="rwml", steps=60, batch=256),
-                      optimizer=OptimConfig(lr=0.1, warmup_steps=0),
-                      pool=PoolConfig(size=20_000, resample=20_000, refresh=20, batch_size=10_000, clip=0.01,
-                                      clip_final=0.0),
-                      checkpoint_every=10, log_every=10, progress=False, eval_batch=0, seed=2)
     clips = []
     draw = ReweightedPool._draw
 
@@ -144,8 +141,7 @@ def test_clip_final_unclips_the_second_half_and_resumes_exactly(tmp_path):
         return draw(self, gen, energy, generator)
 
     def trainer(name):
-        torch.manual_seed(0)
-        return Trainer(affine_flow(1), u, cfg, run_dir=RunDir(tmp_path / name))
+        return _rwml_trainer(tmp_path / name, clip=0.01, clip_final=0.0)
 
     ReweightedPool._draw = spy
     try:
@@ -168,17 +164,8 @@ def test_clip_final_unclips_the_second_half_and_resumes_exactly(tmp_path):
 def test_resume_on_a_refresh_step_does_not_draw_the_used_up_pool_again(tmp_path):
     """Killed at step 40 (a checkpoint and a refresh step: the step-20 pool has served its 20 batches),
     the resumed run draws only the step-40 pool, and ends bitwise where the uninterrupted run ends."""
-    from boltzflow.core.rundir import RunDir
-    from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
-
-    cfg = TrainConfig(pretrain=StageConfig(loss="klz", steps=0), finetune=StageConfig(loss="rwml", steps=60, batch=256),
-                      optimizer=OptimConfig(lr=0.1, warmup_steps=0),
-                      pool=PoolConfig(size=20_000, resample=20_000, refresh=20, batch_size=10_000),
-                      checkpoint_every=10, log_every=10, progress=False, eval_batch=0, seed=2)
-
     def trainer(name):
-        torch.manual_seed(0)
-        return Trainer(affine_flow(1), u, cfg, run_dir=RunDir(tmp_path / name))
+        return _rwml_trainer(tmp_path / name)
 
     a = trainer("a")
     out = a.run()
