@@ -395,7 +395,7 @@ class Trainer:
                 late = self.step - self.config.pretrain.steps >= self.config.finetune.steps // 2
                 self.pool.clip = float(pc.clip_final if late else pc.clip)
             anchor = None
-            k = int(round(self.config.pool.data_fraction * st.batch))
+            k = int(round(pc.data_fraction * st.batch))
             if k > 0:
                 if self.data is None:
                     raise InputError("pool.data_fraction > 0 needs training frames (data=...); set it to 0")
