@@ -21,6 +21,7 @@ import torch
 def main(argv=None) -> dict:
     from boltzflow import pipeline
     from boltzflow.core.weights import kish_ess
+    from boltzflow.estimators.tails import pareto_k
     from boltzflow.losses.core import rwml
     from boltzflow.sampling.pool import PoolConfig, ReweightedPool
 
@@ -31,6 +32,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--clip", type=float, default=1e-4, help="fraction of largest log weights clipped")
     ap.add_argument("--power", type=float, default=1.0,
                     help="resample in proportion to w**power: 1 = towards p (forward KL), 2 = towards p^2/q (FAB's alpha = 2)")
+    ap.add_argument("--move-fraction", type=float, default=0.0,
+                    help="share of the resampled frames moved by HMC in internal coordinates (resample-move)")
+    ap.add_argument("--move-steps", type=int, default=5, help="HMC transitions per moved frame")
+    ap.add_argument("--move-leapfrog", type=int, default=5, help="leapfrog steps per HMC transition")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=1000, help="maximum-likelihood steps per round")
     ap.add_argument("--batch", type=int, default=1024)
@@ -45,13 +50,20 @@ def main(argv=None) -> dict:
     evals = 0
     rows = []
 
+    mover = None
+    if a.move_fraction > 0:
+        from boltzflow.flows.latent import internal_map
+
+        mover = internal_map(gen)
     pool = ReweightedPool(PoolConfig(size=a.pool, resample=a.resample, clip=a.clip, refresh=a.steps,
-                                     batch_size=5000, power=a.power))
+                                     batch_size=5000, power=a.power, move_fraction=a.move_fraction,
+                                     move_steps=a.move_steps, move_leapfrog=a.move_leapfrog), mover=mover)
     for r in range(a.rounds + 1):
         evals += pool.refresh(gen, energy, generator=g)
         lw = pool.log_weights
         chunks = [float(kish_ess(c)) / len(c) for c in lw.split(100_000)]
         row = {"round": r, "pool_kish": pool.stats["kish"], "pool_kish_chunks_median": float(np.median(chunks)),
+               "pareto_k": float(pareto_k(lw.numpy())),
                "pool_kish_chunks_min": float(np.min(chunks)), "top_w_share": pool.stats["top_weight"],
                "n_invalid": int(pool.stats["n_invalid"]), "energy_evals": evals, "wall_s": time.time() - t0}
         if r == a.rounds:
@@ -60,6 +72,8 @@ def main(argv=None) -> dict:
             break
         row["resample_unique"] = int(pool.stats["unique"])
         row["resample_ess"] = pool.stats["resample_ess"]
+        if "move_accept" in pool.stats:
+            row["move_accept"], row["move_step"] = pool.stats["move_accept"], pool.stats["move_step"]
         gen.train()
         opt = torch.optim.Adam(gen.parameters(), lr=a.lr)
         nll = []

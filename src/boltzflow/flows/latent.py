@@ -11,9 +11,12 @@ dims; its log q is the heavy-atom density, so its targets are biased like its we
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..sampling.latent import wrap_periodic
 from .base import BaseDistribution, Flow, MixedBase
 
@@ -100,6 +103,35 @@ class GeneratorLatent:
         return wrap_periodic(z, self.circular.to(z.device))
 
 
+class InternalMap:
+    """:class:`~boltzflow.sampling.moves.CoordinateMap` of an "internal-all" generator: the coordinates its
+    flow models (standardised bonds and angles, torsions in radians; ``circular`` marks the periodic
+    torsions). ``pull(x)`` -> q: (n, dim); ``push(q)`` -> (x: (n, n_atoms, 3) nm centred like the generator's
+    samples, log|det dx/dq|: (n,)), so ``log q(x) = log q_flow(q) - log|det dx/dq|``."""
+
+    def __init__(self, gen: nn.Module):
+        if getattr(getattr(gen, "config", None), "pipeline", None) != "internal-all":
+            raise InputError("moves in internal coordinates need a generator with pipeline = 'internal-all'")
+        self.gen = gen
+        self.ic: Any = gen.all_ic
+        self.dim = int(self.ic.dim)
+        circular = torch.zeros(self.dim, dtype=torch.bool)
+        circular[list(self.ic.circular)] = True
+        self.circular = circular
+
+    def pull(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ic.inverse(x)[0]
+
+    def push(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, ld = self.ic(q)
+        return x - x[:, self.gen.heavy].mean(dim=1, keepdim=True), ld
+
+
+def internal_map(gen: nn.Module) -> InternalMap:
+    """The internal-coordinate view of an "internal-all" molecular generator (InputError for other pipelines)."""
+    return InternalMap(gen)
+
+
 def latent_map(model: nn.Module) -> FlowLatent | GeneratorLatent:
     """The latent-space view of a :class:`Flow` or a molecular generator (anything with ``config.pipeline``)."""
     if isinstance(model, Flow):
@@ -109,4 +141,4 @@ def latent_map(model: nn.Module) -> FlowLatent | GeneratorLatent:
     raise TypeError(f"no latent-space view of {type(model).__name__}; expected a Flow or a MolecularGenerator")
 
 
-__all__ = ["FlowLatent", "GeneratorLatent", "latent_map"]
+__all__ = ["FlowLatent", "GeneratorLatent", "InternalMap", "internal_map", "latent_map"]

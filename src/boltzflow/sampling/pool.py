@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
+from .moves import CoordinateMap
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,13 @@ class PoolConfig:
     pool rarely holds a draw there; the frames' own distribution, e.g. 300 K + 356 K tempering frames,
     is mixed into the target in that proportion). clip_final: the clip of the pools drawn in the second
     half of the rwml stage (None: ``clip`` throughout); late in training the weights' heavy tail is what
-    limits a large sample's ESS, and the clip hides exactly the draws that make it (0 = unclipped)."""
+    limits a large sample's ESS, and the clip hides exactly the draws that make it (0 = unclipped).
+    move_fraction: share of the resampled frames rejuvenated by ``move_steps`` HMC transitions of
+    ``move_leapfrog`` leapfrog steps in the generator's internal coordinates (resample-move,
+    :mod:`boltzflow.sampling.moves`; 0 = none): the many copies of a heavy draw spread over the region
+    around it. move_step_size: the first pool's leapfrog step (standardised units; adapted towards
+    acceptance 0.65 and carried from pool to pool). Moves cost ``move_leapfrog + 1`` energy-and-force
+    evaluations per frame and transition, counted with the pool's."""
 
     size: int = 1_000_000
     resample: int = 1_000_000
@@ -46,6 +53,10 @@ class PoolConfig:
     power: float = 1.0
     data_fraction: float = 0.0
     clip_final: float | None = None
+    move_fraction: float = 0.0
+    move_steps: int = 10
+    move_leapfrog: int = 5
+    move_step_size: float = 0.05
 
     def __post_init__(self):
         if self.size < 1 or self.resample < 1 or self.refresh < 1 or self.batch_size < 1:
@@ -56,6 +67,10 @@ class PoolConfig:
             raise ConfigError(f"pool.clip_final must be in [0, 1) (or unset), got {self.clip_final}")
         if not 0.0 <= self.data_fraction < 1.0:
             raise ConfigError(f"pool.data_fraction must be in [0, 1), got {self.data_fraction}")
+        if not 0.0 <= self.move_fraction <= 1.0:
+            raise ConfigError(f"pool.move_fraction must be in [0, 1], got {self.move_fraction}")
+        if self.move_steps < 1 or self.move_leapfrog < 1 or not self.move_step_size > 0:
+            raise ConfigError("pool.move_steps and pool.move_leapfrog must be >= 1 and pool.move_step_size > 0")
         if not self.power > 0:
             raise ConfigError(f"pool.power must be > 0, got {self.power}")
         if self.size > 2**24:
@@ -79,8 +94,17 @@ class ReweightedPool:
     """Importance-resampled generator samples (module docstring). ``due`` says when to :meth:`refresh`;
     :meth:`batch` draws training frames ``(n, ...)`` uniformly from the resampled pool."""
 
-    def __init__(self, config: PoolConfig | None = None):
+    def __init__(self, config: PoolConfig | None = None, mover: CoordinateMap | None = None):
         self.config = config or PoolConfig()
+        if self.config.move_fraction > 0 and mover is None:
+            raise InputError("pool.move_fraction > 0 needs the generator's internal coordinates (mover=...); "
+                             "use a generator with pipeline = 'internal-all' or set pool.move_fraction = 0")
+        #: the coordinates HMC moves run in (``move_fraction > 0``)
+        self.mover = mover
+        #: leapfrog step of the next pool's moves (adapted during each refresh)
+        self.move_step = float(self.config.move_step_size)
+        #: energy evaluations of the last refresh's moves
+        self.move_evals = 0
         self.x: torch.Tensor | None = None
         #: unclipped log weights ``(size,)`` of the last refresh's fresh draws (-inf where invalid)
         self.log_weights: torch.Tensor | None = None
@@ -102,11 +126,11 @@ class ReweightedPool:
         """Draw a new pool from ``gen`` (parameters as they are now); returns the energy evaluations (``size``)."""
         origin = {"model": {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()},
                   "rng": generator.get_state() if generator is not None else None,
-                  "clip": self.clip}
+                  "clip": self.clip, "move_step": self.move_step}
         self._draw(gen, energy, generator)
         self._origin = origin
         self.uses = 0
-        return self.config.size
+        return self.config.size + self.move_evals
 
     def _draw(self, gen, energy, generator) -> None:
         from ..core.weights import kish_ess
@@ -138,6 +162,17 @@ class ReweightedPool:
         self.stats = {"kish": float(kish_ess(log_w)) / cfg.size, "unique": float(torch.unique(idx).numel()),
                       "n_invalid": float((~ok).sum()), "top_weight": float(w.max()),
                       "resample_ess": float(1.0 / (p.double() ** 2).sum())}
+        self.move_evals = 0
+        m = int(round(cfg.move_fraction * cfg.resample))
+        if m > 0 and self.mover is not None:
+            from .moves import hmc_move
+
+            sel = torch.randperm(cfg.resample, generator=generator, device=self.x.device)[:m]
+            res = hmc_move(self.x[sel], self.mover, energy, cfg.move_steps, self.move_step, cfg.move_leapfrog,
+                           batch_size=cfg.batch_size, generator=generator)
+            self.x[sel] = res.x
+            self.move_step, self.move_evals = res.step_size, res.energy_evals
+            self.stats.update({"move_accept": res.accept_rate, "move_step": res.step_size})
 
     def batch(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` frames drawn uniformly (with replacement) from the resampled pool; counts one use."""
@@ -159,12 +194,14 @@ class ReweightedPool:
             return
         origin = state["origin"]
         self.clip = float(origin.get("clip", self.config.clip))
+        self.move_step = float(origin.get("move_step", self.config.move_step_size))
         if int(state["uses"]) >= self.config.refresh:
             # used up (checkpoints often fall on a refresh step): the next step draws a new pool anyway, from
             # the trainer's own stream, so drawing this one again would only cost its `size` evaluations
             self.x, self.log_weights, self._origin = None, None, origin
             self.uses = int(state["uses"])
             self.stats = dict(state.get("stats", self.stats))
+            self.move_step = float(self.stats.get("move_step", self.move_step))
             return
         current = {k: v.detach().clone() for k, v in gen.state_dict().items()}
         gen.load_state_dict(origin["model"])

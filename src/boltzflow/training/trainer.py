@@ -227,7 +227,13 @@ class Trainer:
         self.pool = None
         if self.config.finetune.loss == "rwml":
             pc, world = self.config.pool, self.dist.world_size
-            self.pool = ReweightedPool(replace(pc, size=-(-pc.size // world), resample=-(-pc.resample // world)))
+            mover = None
+            if pc.move_fraction > 0:
+                from ..flows.latent import internal_map
+
+                mover = internal_map(self.gen)
+            self.pool = ReweightedPool(replace(pc, size=-(-pc.size // world), resample=-(-pc.resample // world)),
+                                       mover=mover)
         if self.config.finetune.loss == "fab" and self.config.replay.enabled:
             from ..sampling.replay import PrioritisedReplayBuffer
 
