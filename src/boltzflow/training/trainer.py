@@ -38,6 +38,7 @@ import torch
 from ..config import to_dict
 from ..distributed import SINGLE, DistContext
 from ..errors import CheckpointError, ConfigError, InputError
+from ..flows.nn import conditioner_precision
 from ..sampling.ais import AISConfig, AnnealedImportanceSampler
 from ..sampling.pool import PoolConfig, ReweightedPool
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -127,9 +128,17 @@ class TrainConfig:
     replay: ReplayConfig = ReplayConfig()
     pool: PoolConfig = PoolConfig()
     cap: CapConfig = CapConfig()
+    #: precision of the flow's conditioner networks in training steps (and the pools drawn inside them):
+    #: "float32" or "bfloat16" (autocast; ~25 % faster steps of the 8 x 256 flow on an AMX CPU core; the
+    #: ESS guard and every reweighted sample stay float32; flows.nn.conditioner_precision)
+    conditioner_dtype: str = "float32"
 
     def __post_init__(self):
+        from ..flows.nn import CONDITIONER_DTYPES
         from ..losses import LOSSES
+
+        if self.conditioner_dtype not in CONDITIONER_DTYPES:
+            raise ConfigError(f"conditioner_dtype must be one of {', '.join(CONDITIONER_DTYPES)}, got {self.conditioner_dtype!r}")
 
         if self.pretrain.loss != "klz":
             raise ConfigError(f"pretrain.loss must be 'klz' (maximum likelihood on data), got {self.pretrain.loss!r}")
@@ -149,7 +158,7 @@ class TrainConfig:
 
 
 #: config keys that may differ between a checkpoint and the resuming run
-_RESUME_FREE_KEYS = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch")
+_RESUME_FREE_KEYS = ("progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch", "conditioner_dtype")
 #: options that act only once fine-tuning has begun: a checkpoint written at or before the end of
 #: pre-training resumes under other values of them (e.g. a longer fine-tuning stage from the same
 #: maximum-likelihood generator)
@@ -421,13 +430,16 @@ class Trainer:
         if self._opt_stage != stage:
             self._setup_stage(stage)
         self.optimizer.zero_grad(set_to_none=True)
+        with conditioner_precision(self.gen, self.config.conditioner_dtype):
+            if self._ddp is None:
+                out = self._loss(stage)
+            else:
+                backward_loss, out = self._ddp(stage)  # DDP's forward: the loss on this rank's shard
         if self._ddp is None:
-            out = self._loss(stage)
             ok = bool(torch.isfinite(out.loss)) and out.loss.requires_grad
             self.counters.energy_evals += int(out.energy_evals)
             self.counters.n_invalid += int(out.metrics.get("n_invalid", 0))
         else:
-            backward_loss, out = self._ddp(stage)  # DDP's forward: the loss on this rank's shard
             mine_ok = bool(torch.isfinite(out.loss)) and out.loss.requires_grad
             bad, evals, invalid = self.dist.all_reduce_sum([0.0 if mine_ok else 1.0, out.energy_evals,
                                                             out.metrics.get("n_invalid", 0)])
