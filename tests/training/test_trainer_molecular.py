@@ -45,3 +45,38 @@ def test_molecular_training_runs_every_loss(butane, tmp_path, loss):
     assert pre[-1]["nll"] < pre[0]["nll"]
     assert s["skipped_steps"] == 0
     assert run.latest_checkpoint.is_file()
+
+
+def test_rwml_with_resample_move_counts_the_moves_and_resumes(butane, tmp_path):
+    """An rwml stage whose pool moves its frames by HMC in the generator's internal coordinates: the moves'
+    energy-and-force evaluations are counted, and a killed run resumes to the same parameters."""
+    from boltzflow.sampling.pool import PoolConfig
+
+    system, data, energy = butane
+
+    def make():
+        torch.manual_seed(0)
+        return build_generator(system, GeneratorConfig(pipeline="internal-all", representation="internal", blocks=1,
+                                                        hidden=16), data)
+
+    pool = PoolConfig(size=256, resample=128, clip=0.0, refresh=2, batch_size=128, power=2.0, move_fraction=1.0,
+                      move_steps=2, move_leapfrog=2, move_step_size=0.05)
+    cfg = TrainConfig(pretrain=StageConfig("klz", 4, 32), finetune=StageConfig("rwml", 4, 32), log_every=1,
+                      optimizer=OptimConfig(lr=5e-3, schedule="constant"), checkpoint_every=6, progress=False,
+                      eval_batch=16, pool=pool)
+    run = RunDir(tmp_path / "a")
+    s = Trainer(make(), energy, cfg, run, data).run()
+    rows = [r for r in run.read_metrics() if r["stage"] == "finetune"]
+    assert 0 < rows[-1]["pool_move_accept"] <= 1 and rows[-1]["pool_move_step"] > 0
+    # two pools of 256 draws, each moving 128 frames by 2 transitions of 2 leapfrog steps (1 + 2 + 2
+    # evaluations per frame), plus the 16 samples evaluated at each of the 8 logged steps
+    assert s["energy_evals"] == 2 * (256 + 128 * 5) + 8 * 16
+    # resume from the step-6 checkpoint (mid-stage, a pool in use): same final parameters
+    gen_b = make()
+    run_b = RunDir(tmp_path / "b")
+    Trainer(gen_b, energy, cfg, run_b, data).run(max_steps=6)
+    gen_c = make()
+    Trainer(gen_c, energy, cfg, run_b, data).run(resume=True)
+    gen_a = make()
+    Trainer(gen_a, energy, cfg, RunDir(tmp_path / "c"), data).run()
+    assert all(torch.equal(p, q) for p, q in zip(gen_a.parameters(), gen_c.parameters()))
