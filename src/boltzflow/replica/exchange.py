@@ -55,6 +55,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -220,8 +221,17 @@ def _mpi_comm():
 
 def mpi_comm():
     """The MPI communicator of an ``mpirun``-launched run (mpi4py's COMM_WORLD, as openmmtools uses it),
-    or None when the process runs serially (no MPI launcher, or mpi4py not installed)."""
-    return _mpi_comm()
+    or None when the process runs serially (no MPI launcher, or mpi4py not installed).
+
+    Under MPI it also switches HDF5's file locking off for this process (unless the user set
+    ``HDF5_USE_FILE_LOCKING``): on resume openmmtools reads the storage on every rank and then reopens it
+    for appending on rank 0 without waiting for the others, so a rank still reading hits rank 0's write
+    lock ("NetCDF: HDF error"; seen on a loaded machine). Rank 0 alone writes, and only after every rank
+    has taken part in the first iteration, so the lock protects nothing here."""
+    comm = _mpi_comm()
+    if comm is not None:
+        os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+    return comm
 
 
 def check_mpi_launch(n_replicas: int, comm=None) -> None:
