@@ -130,35 +130,40 @@ def test_rwml_data_fraction_mixes_the_training_frames_into_the_target():
         PoolConfig(data_fraction=1.0)
 
 
-def test_clip_final_unclips_the_second_half_and_resumes_exactly(tmp_path):
-    """pool.clip_final: the pools of the stage's first half are drawn with ``clip``, those of the second
-    half with ``clip_final``; a run killed in the second half draws its pool again with that clip."""
-    clips = []
+def test_final_options_act_on_the_second_half_and_resume_exactly(tmp_path):
+    """pool.*_final: the pools of the stage's first half are drawn with ``clip``, ``power`` and ``resample``,
+    those of the second half with ``clip_final``, ``power_final`` and ``resample_final``; a run killed in the
+    second half draws its pool again with those."""
+    seen = []
     draw = ReweightedPool._draw
 
     def spy(self, gen, energy, generator):
-        clips.append(self.clip)
-        return draw(self, gen, energy, generator)
+        seen.append((self.clip, self.settings()))
+        out = draw(self, gen, energy, generator)
+        assert self.x.shape[0] == self.settings()[1]
+        return out
 
     def trainer(name):
-        return _rwml_trainer(tmp_path / name, clip=0.01, clip_final=0.0)
+        return _rwml_trainer(tmp_path / name, clip=0.01, clip_final=0.0, power_final=2.0, resample_final=5000)
 
+    early, late = (0.01, (1.0, 20_000, 0.0)), (0.0, (2.0, 5000, 0.0))
     ReweightedPool._draw = spy
     try:
         a = trainer("a")
         a.run()
-        assert clips == [0.01, 0.01, 0.0]  # pools at steps 0 and 20 clipped, step 40 (>= 30) not
+        assert seen == [early, early, late]  # pools at steps 0 and 20 as configured, step 40 (>= 30) late
         trainer("b").run(max_steps=45)
-        clips.clear()
+        seen.clear()
         c = trainer("b")
         c.run(resume=True)
-        assert clips == [0.0]  # the step-40 pool drawn again, unclipped
+        assert seen == [late]  # the step-40 pool drawn again with the second-half options
     finally:
         ReweightedPool._draw = draw
     for pa, pc in zip(a.gen.parameters(), c.gen.parameters()):
         assert torch.equal(pa, pc)
-    with pytest.raises(ConfigError, match="clip_final"):
-        PoolConfig(clip_final=1.0)
+    for bad in (dict(clip_final=1.0), dict(power_final=0.0), dict(resample_final=0), dict(move_fraction_final=2.0)):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            PoolConfig(**bad)
 
 
 def test_resume_on_a_refresh_step_does_not_draw_the_used_up_pool_again(tmp_path):

@@ -218,6 +218,24 @@ def test_checkpoint_from_before_a_new_nested_option_resumes(tmp_path):
     assert Trainer(flow(0), dw_energy, c, run, data()).run(resume=True)["step"] == 10
     run = RunDir(tmp_path / "run2")
     Trainer(flow(0), dw_energy, c, run, data()).run(max_steps=8)
-    other = replace(c, pool=PoolConfig(clip_final=0.0))
+    other = replace(c, pool=PoolConfig(power=2.0))
     with pytest.raises(CheckpointError, match="differs in: pool"):
         Trainer(flow(0), dw_energy, other, run, data()).run(resume=True)
+
+
+def test_second_half_pool_options_are_open_until_the_half(tmp_path):
+    """pool.*_final act only from the fine-tuning stage's half on: a checkpoint at or before it resumes under
+    other values of them, one after it is refused."""
+    from dataclasses import replace
+
+    from boltzflow.sampling.pool import PoolConfig
+
+    c = cfg("klx", finetune=StageConfig(loss="klx", steps=4, batch=32))  # 6 + 4 steps: the half is step 8
+    late = replace(c, pool=PoolConfig(power_final=2.0, clip_final=0.0, resample_final=10))
+    run = RunDir(tmp_path / "run")
+    Trainer(flow(0), dw_energy, c, run, data()).run(max_steps=8)
+    assert Trainer(flow(0), dw_energy, late, run, data()).run(resume=True)["step"] == 10
+    run = RunDir(tmp_path / "run2")
+    Trainer(flow(0), dw_energy, c, run, data()).run(max_steps=9)
+    with pytest.raises(CheckpointError, match="differs in: pool"):
+        Trainer(flow(0), dw_energy, late, run, data()).run(resume=True)

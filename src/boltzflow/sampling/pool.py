@@ -43,7 +43,10 @@ class PoolConfig:
     :mod:`boltzflow.sampling.moves`; 0 = none): the many copies of a heavy draw spread over the region
     around it. move_step_size: the first pool's leapfrog step (standardised units; adapted towards
     acceptance 0.65 and carried from pool to pool). Moves cost ``move_leapfrog + 1`` energy-and-force
-    evaluations per frame and transition, counted with the pool's."""
+    evaluations per frame and transition, counted with the pool's.
+    power_final, resample_final, move_fraction_final: ``power``, ``resample`` and ``move_fraction`` of
+    the pools drawn in the stage's second half, like ``clip_final`` (None: the first half's value), e.g.
+    the alpha = 2 target with moves once the generator is good (docs/pipelines.md)."""
 
     size: int = 1_000_000
     resample: int = 1_000_000
@@ -57,6 +60,18 @@ class PoolConfig:
     move_steps: int = 10
     move_leapfrog: int = 5
     move_step_size: float = 0.05
+    power_final: float | None = None
+    resample_final: int | None = None
+    move_fraction_final: float | None = None
+
+    #: the options that act only on the stage's second half (a checkpoint from its first half resumes
+    #: under other values of them)
+    FINAL_KEYS = ("clip_final", "power_final", "resample_final", "move_fraction_final")
+
+    @property
+    def has_final(self) -> bool:
+        """Whether any second-half option is set."""
+        return any(getattr(self, k) is not None for k in self.FINAL_KEYS)
 
     def __post_init__(self):
         if self.size < 1 or self.resample < 1 or self.refresh < 1 or self.batch_size < 1:
@@ -69,6 +84,12 @@ class PoolConfig:
             raise ConfigError(f"pool.data_fraction must be in [0, 1), got {self.data_fraction}")
         if not 0.0 <= self.move_fraction <= 1.0:
             raise ConfigError(f"pool.move_fraction must be in [0, 1], got {self.move_fraction}")
+        if self.move_fraction_final is not None and not 0.0 <= self.move_fraction_final <= 1.0:
+            raise ConfigError(f"pool.move_fraction_final must be in [0, 1] (or unset), got {self.move_fraction_final}")
+        if self.power_final is not None and not self.power_final > 0:
+            raise ConfigError(f"pool.power_final must be > 0 (or unset), got {self.power_final}")
+        if self.resample_final is not None and self.resample_final < 1:
+            raise ConfigError(f"pool.resample_final must be >= 1 (or unset), got {self.resample_final}")
         if self.move_steps < 1 or self.move_leapfrog < 1 or not self.move_step_size > 0:
             raise ConfigError("pool.move_steps and pool.move_leapfrog must be >= 1 and pool.move_step_size > 0")
         if not self.power > 0:
@@ -96,7 +117,7 @@ class ReweightedPool:
 
     def __init__(self, config: PoolConfig | None = None, mover: CoordinateMap | None = None):
         self.config = config or PoolConfig()
-        if self.config.move_fraction > 0 and mover is None:
+        if max(self.config.move_fraction, self.config.move_fraction_final or 0.0) > 0 and mover is None:
             raise InputError("pool.move_fraction > 0 needs the generator's internal coordinates (mover=...); "
                              "use a generator with pipeline = 'internal-all' or set pool.move_fraction = 0")
         #: the coordinates HMC moves run in (``move_fraction > 0``)
@@ -111,6 +132,8 @@ class ReweightedPool:
         self.uses = 0
         #: the clip the next :meth:`refresh` applies (``config.clip`` unless the trainer sets it)
         self.clip = float(self.config.clip)
+        #: whether the next :meth:`refresh` uses the second-half options (``power_final``, ...; set by the trainer)
+        self.late = False
         #: statistics of the last refresh: kish (Kish ESS fraction of the ``size`` fresh draws, unclipped),
         #: unique (distinct frames among the resampled), n_invalid, top_weight (largest normalised weight),
         #: resample_ess (effective size of the resampling distribution, 1 / sum p_i^2)
@@ -126,11 +149,21 @@ class ReweightedPool:
         """Draw a new pool from ``gen`` (parameters as they are now); returns the energy evaluations (``size``)."""
         origin = {"model": {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()},
                   "rng": generator.get_state() if generator is not None else None,
-                  "clip": self.clip, "move_step": self.move_step}
+                  "clip": self.clip, "move_step": self.move_step, "late": self.late}
         self._draw(gen, energy, generator)
         self._origin = origin
         self.uses = 0
         return self.config.size + self.move_evals
+
+    def settings(self) -> tuple[float, int, float]:
+        """(power, resample, move_fraction) of the next draw: the second-half values when :attr:`late`."""
+        c = self.config
+
+        def pick(final, base):
+            return base if not self.late or final is None else final
+
+        return (float(pick(c.power_final, c.power)), int(pick(c.resample_final, c.resample)),
+                float(pick(c.move_fraction_final, c.move_fraction)))
 
     def _draw(self, gen, energy, generator) -> None:
         from ..core.weights import kish_ess
@@ -153,9 +186,10 @@ class ReweightedPool:
         if not ok.any():
             raise RuntimeError("every sample of the reweighting pool has an invalid energy or density; "
                                "train the generator by maximum likelihood first")
+        power, resample, move_fraction = self.settings()
         lw = clipped_log_weights(log_w, self.clip)
-        p = torch.softmax(cfg.power * lw, 0)
-        idx = torch.multinomial(p.float(), cfg.resample, replacement=True, generator=generator)
+        p = torch.softmax(power * lw, 0)
+        idx = torch.multinomial(p.float(), resample, replacement=True, generator=generator)
         self.x = x[idx]
         self.log_weights = log_w
         w = torch.softmax(log_w, 0)
@@ -163,11 +197,11 @@ class ReweightedPool:
                       "n_invalid": float((~ok).sum()), "top_weight": float(w.max()),
                       "resample_ess": float(1.0 / (p.double() ** 2).sum())}
         self.move_evals = 0
-        m = int(round(cfg.move_fraction * cfg.resample))
+        m = int(round(move_fraction * resample))
         if m > 0 and self.mover is not None:
             from .moves import hmc_move
 
-            sel = torch.randperm(cfg.resample, generator=generator, device=self.x.device)[:m]
+            sel = torch.randperm(resample, generator=generator, device=self.x.device)[:m]
             res = hmc_move(self.x[sel], self.mover, energy, cfg.move_steps, self.move_step, cfg.move_leapfrog,
                            batch_size=cfg.batch_size, generator=generator)
             self.x[sel] = res.x
@@ -195,6 +229,7 @@ class ReweightedPool:
         origin = state["origin"]
         self.clip = float(origin.get("clip", self.config.clip))
         self.move_step = float(origin.get("move_step", self.config.move_step_size))
+        self.late = bool(origin.get("late", False))
         if int(state["uses"]) >= self.config.refresh:
             # used up (checkpoints often fall on a refresh step): the next step draws a new pool anyway, from
             # the trainer's own stream, so drawing this one again would only cost its `size` evaluations

@@ -237,12 +237,13 @@ class Trainer:
         if self.config.finetune.loss == "rwml":
             pc, world = self.config.pool, self.dist.world_size
             mover = None
-            if pc.move_fraction > 0:
+            if max(pc.move_fraction, pc.move_fraction_final or 0.0) > 0:
                 from ..flows.latent import internal_map
 
                 mover = internal_map(self.gen)
-            self.pool = ReweightedPool(replace(pc, size=-(-pc.size // world), resample=-(-pc.resample // world)),
-                                       mover=mover)
+            self.pool = ReweightedPool(replace(pc, size=-(-pc.size // world), resample=-(-pc.resample // world),
+                                               resample_final=None if pc.resample_final is None
+                                               else -(-pc.resample_final // world)), mover=mover)
         if self.config.finetune.loss == "fab" and self.config.replay.enabled:
             from ..sampling.replay import PrioritisedReplayBuffer
 
@@ -339,6 +340,12 @@ class Trainer:
         mine = {k: v for k, v in to_dict(self.config).items() if k not in free}
         theirs = {k: v for k, v in state["config"].items() if k not in free}
         theirs = _fill_defaults(theirs, to_dict(TrainConfig()), set(mine))
+        half = int(state["config"].get("pretrain", {}).get("steps", 0)) + int(
+            state["config"].get("finetune", {}).get("steps", 0)) // 2
+        if "pool" in mine and int(state["step"]) <= half:
+            # the stage's first half: the pool's second-half options are still open
+            mine["pool"] = {k: v for k, v in mine["pool"].items() if k not in PoolConfig.FINAL_KEYS}
+            theirs["pool"] = {k: v for k, v in theirs["pool"].items() if k not in PoolConfig.FINAL_KEYS}
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise CheckpointError(f"checkpoint was written with a different configuration (differs in: "
@@ -406,9 +413,10 @@ class Trainer:
                        penalty_weight=st.penalty_weight)
         if st.loss == "rwml":
             pc = self.config.pool
-            if self.pool is not None and pc.clip_final is not None:  # the stage's second half: clip_final
+            if self.pool is not None and pc.has_final:  # the stage's second half: the *_final options
                 late = self.step - self.config.pretrain.steps >= self.config.finetune.steps // 2
-                self.pool.clip = float(pc.clip_final if late else pc.clip)
+                self.pool.late = late
+                self.pool.clip = float(pc.clip_final if late and pc.clip_final is not None else pc.clip)
             anchor = None
             k = int(round(pc.data_fraction * st.batch))
             if k > 0:
