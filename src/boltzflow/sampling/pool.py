@@ -57,7 +57,7 @@ class PoolConfig:
     data_fraction: float = 0.0
     clip_final: float | None = None
     move_fraction: float = 0.0
-    move_steps: int = 10
+    move_steps: int = 5
     move_leapfrog: int = 5
     move_step_size: float = 0.05
     power_final: float | None = None
