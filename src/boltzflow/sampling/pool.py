@@ -118,8 +118,8 @@ class ReweightedPool:
     def __init__(self, config: PoolConfig | None = None, mover: CoordinateMap | None = None):
         self.config = config or PoolConfig()
         if max(self.config.move_fraction, self.config.move_fraction_final or 0.0) > 0 and mover is None:
-            raise InputError("pool.move_fraction > 0 needs the generator's internal coordinates (mover=...); "
-                             "use a generator with pipeline = 'internal-all' or set pool.move_fraction = 0")
+            raise InputError("pool.move_fraction (or move_fraction_final) > 0 needs the generator's internal "
+                             "coordinates (mover=...); use a generator with pipeline = 'internal-all' or set them to 0")
         #: the coordinates HMC moves run in (``move_fraction > 0``)
         self.mover = mover
         #: leapfrog step of the next pool's moves (adapted during each refresh)
@@ -146,7 +146,7 @@ class ReweightedPool:
         return self.x is None or self.uses >= self.config.refresh
 
     def refresh(self, gen, energy: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator | None = None) -> int:
-        """Draw a new pool from ``gen`` (parameters as they are now); returns the energy evaluations (``size``)."""
+        """Draw a new pool from ``gen`` (parameters as they are now); returns the energy evaluations (``size`` draws plus the moves' energy-and-force calls)."""
         origin = {"model": {k: v.detach().cpu().clone() for k, v in gen.state_dict().items()},
                   "rng": generator.get_state() if generator is not None else None,
                   "clip": self.clip, "move_step": self.move_step, "late": self.late}
