@@ -110,6 +110,7 @@ def _json_default(o: Any):
 #: kind of boltzflow directory -> (files any one of which marks it, the verb that makes it); checked in order
 RUN_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
     "replica-exchange run": (("replica.nc", "replica_config.json"), "simulate"),
+    "native tempering run": (("native_tempering.pt",), "simulate"),
     "training run": (("config.toml", "generator.pt", "checkpoints", "metrics.jsonl"), "train"),
     "comparison": (("compare.json",), "compare"),
     "system": (("metadata.json",), "prepare"),

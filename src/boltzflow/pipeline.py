@@ -405,6 +405,22 @@ def _keep_isomer(system, config: RunConfig, x: np.ndarray) -> tuple[np.ndarray, 
     return x[keep], int((~keep).sum())
 
 
+def native_energy_and_isomer(system):
+    """(energy, keep) for runs of the native batched energy outside training (``boltzflow simulate
+    --method native-tempering``): the system's native energy (``(b, n_atoms, 3) nm -> (b,)`` kT;
+    :class:`~boltzflow.energy.UnsupportedForceError` names a force it lacks) and ``keep(x) -> (n,) bool``,
+    the frames in the input structure's isomer (what a generator with ``fixed_torsions = "isomer"``
+    models; all frames for a system without internal coordinates)."""
+    from dataclasses import replace
+
+    from .flows.generator import GeneratorConfig, MolecularGenerator
+
+    energy = make_energy(system, replace(EnergyConfig(), backend="native", term_grad_max=0.0, energy_max=0.0))
+    gen = MolecularGenerator(system, GeneratorConfig(pipeline="internal-all", fixed_torsions="isomer", blocks=1,
+                                                     hidden=8, depth=1))
+    return energy, gen.same_isomer
+
+
 def _effective_training(tc, gen):
     """The training configuration with the penalty weights zeroed when the generator has no penalty
     (internal coordinates): the losses would otherwise draw a batch from the flow every step only to

@@ -18,12 +18,22 @@ EXAMPLE = """\
   # several MPI ranks (pip install -e .[mpi]): openmmtools spreads the replicas over the ranks, rank 0 writes
   mpirun -n 4 boltzflow simulate butane --iterations 2000 -o runs/butane-pt
   mpirun -n 4 boltzflow simulate butane --iterations 3000 -o runs/butane-pt --resume
+  # native batched tempering (no OpenMM in the loop): 128 independent ladders x 8 temperatures as one batch,
+  # 6000 rounds of 50 steps; error bars from the spread between ladders. Two seeds = two independent runs:
+  boltzflow simulate alanine-tetrapeptide --method native-tempering --ladders 128 --t-max 1000 \
+      --iterations 6000 --steps-per-iteration 50 --seed 0 -o runs/tetra-native-a
 
 Writes RUN_DIR/replica.nc (+ replica_checkpoint.nc, NetCDF, and their *.snapshot copies taken at
 each checkpoint, which --resume falls back to when a kill damaged the storage), RUN_DIR/samples.npz
 (decorrelated SampleSet of the t-min state, nm / kT) and RUN_DIR/summary.json (statistical
 inefficiency, mode populations with block errors). Energies use the system's OpenMM System as is (no constraints:
 keep --timestep-fs <= 1).
+
+--method native-tempering writes RUN_DIR/native_tempering.pt (the whole state, checkpointed every
+--checkpoint-interval rounds; --resume continues it, also with a larger --iterations), RUN_DIR/samples.npz
+(the kept t-min frames, ladder-major; frames of another cis/trans or chiral isomer than the input
+structure's get zero weight) and RUN_DIR/summary.json (populations with errors from the spread between
+ladders). It needs the native energy (every force of the System implemented; docs/peptides.md).
 """
 
 
@@ -31,12 +41,26 @@ def register(sub) -> None:
     p = add_verb(sub, "simulate", "run replica exchange / parallel tempering and extract target-state samples",
                  EXAMPLE, run)
     p.add_argument("system", metavar="SYSTEM_DIR", help="system directory (boltzflow prepare) or built-in name")
-    p.add_argument("--method", choices=("parallel-tempering", "replica-exchange"), default="parallel-tempering")
+    p.add_argument("--method", choices=("parallel-tempering", "replica-exchange", "native-tempering"),
+                   default="parallel-tempering",
+                   help="parallel-tempering / replica-exchange: openmmtools, one ladder of OpenMM Contexts; "
+                        "native-tempering: --ladders independent ladders with the native batched energy (far "
+                        "cheaper per evaluation, error bars from the spread between ladders)")
     p.add_argument("--t-min", type=float, default=None, help="lowest (target) temperature, K (default: the system's)")
     p.add_argument("--t-max", type=float, default=700.0, help="highest temperature, K (default 700)")
     p.add_argument("--replicas", type=int, default=8, help="number of replicas, geometric ladder (default 8)")
-    p.add_argument("--iterations", type=int, default=1000, help="total exchange iterations (default 1000)")
-    p.add_argument("--steps-per-iteration", type=int, default=500, help="Langevin steps per iteration (default 500)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="total exchange iterations (swap rounds) (default 1000; native-tempering 6000)")
+    p.add_argument("--steps-per-iteration", type=int, default=None,
+                   help="Langevin steps per iteration (default 500; native-tempering 50)")
+    p.add_argument("--ladders", type=int, default=128, help="native-tempering: independent ladders (default 128)")
+    p.add_argument("--burnin", type=int, default=None,
+                   help="native-tempering: rounds discarded before the first kept frame (default a quarter of "
+                        "--iterations)")
+    p.add_argument("--stride", type=int, default=15, help="native-tempering: keep a frame every this many rounds "
+                                                          "in every ladder (default 15)")
+    p.add_argument("--seed", type=int, default=0, help="native-tempering: random seed (default 0); another seed is "
+                                                      "an independent run")
     p.add_argument("--timestep-fs", type=float, default=1.0, help="fs (default 1.0; systems are unconstrained)")
     p.add_argument("--collision-rate", type=float, default=1.0, help="Langevin friction, 1/ps (default 1)")
     p.add_argument("--platform", default="CPU", help="OpenMM platform: CPU, CUDA, OpenCL, Reference or auto")
@@ -58,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from ..replica.exchange import check_mpi_launch, mpi_comm
     from .common import load_system
 
+    if args.method == "native-tempering":
+        return run_native(args)
+    args.iterations = 1000 if args.iterations is None else args.iterations
+    args.steps_per_iteration = 500 if args.steps_per_iteration is None else args.steps_per_iteration
     comm = mpi_comm()  # None unless launched by mpirun with mpi4py installed
     is_root = comm is None or comm.rank == 0
     check_mpi_launch(args.replicas, comm)
@@ -130,6 +158,86 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_native(args: argparse.Namespace) -> int:
+    """``simulate --method native-tempering`` (:func:`boltzflow.replica.native.run_native_tempering`)."""
+    from ..errors import InputError
+    from ..io import atomic_write_json, check_output_dir, undone_on_input_error
+    from ..pipeline import native_energy_and_isomer
+    from ..replica.native import STATE_FILE, NativeTemperingConfig, ladder_populations, run_native_tempering
+    from .common import load_system
+
+    out = check_output_dir(args.output, "native tempering run", args.overwrite)
+    if (out / STATE_FILE).exists() and not args.resume:
+        raise InputError(f"'{out}' already holds a run; pass --resume to continue it or choose another -o directory")
+    system = load_system(args.system)
+    t_min = check_temperature(args.t_min if args.t_min is not None else system.temperature, "--t-min")
+    t_max = check_temperature(args.t_max, "--t-max")
+    if abs(t_min - system.temperature) > 1e-6:
+        system = system.with_temperature(t_min)
+    rounds = 6000 if args.iterations is None else int(args.iterations)
+    config = NativeTemperingConfig(
+        ladders=int(args.ladders), replicas=int(args.replicas), t_max=t_max, rounds=rounds,
+        steps_per_swap=50 if args.steps_per_iteration is None else int(args.steps_per_iteration),
+        burnin_rounds=rounds // 4 if args.burnin is None else int(args.burnin), stride_rounds=int(args.stride),
+        timestep_fs=float(args.timestep_fs), friction_per_ps=float(args.collision_rate), seed=int(args.seed),
+        checkpoint_every=int(args.checkpoint_interval) * 20)
+    if not t_max > t_min and config.replicas > 1:
+        raise InputError(f"--t-max ({t_max:g} K) must be above --t-min ({t_min:g} K) with {config.replicas} replicas")
+    energy, keep = native_energy_and_isomer(system)
+    bar = None if args.no_progress else _progress_bar(config.rounds)
+    with undone_on_input_error(out, keep_if=(STATE_FILE,)):
+        out.mkdir(parents=True, exist_ok=True)
+        system.save(out / "system")
+        samples = run_native_tempering(system, energy, config, out, resume=args.resume, keep=keep,
+                                       progress=bar)
+    command = "boltzflow simulate " + " ".join(_argv(args))
+    samples.provenance["command"] = command
+    samples.save(out / "samples.npz")
+    prov = samples.provenance
+    summary = {"command": command, "system": system.name, "temperature_k": t_min, "method": "native-tempering",
+               **{k: prov[k] for k in ("ladders", "frames_per_ladder", "rounds", "simulated_time_ns_per_replica",
+                                       "temperatures_k", "swap_acceptance", "reset_chains", "other_isomer_frames",
+                                       "energy_evals", "wall_s")},
+               "n_samples": len(samples), "burnin_rounds": config.burnin_rounds, "stride_rounds": config.stride_rounds}
+    broken = broken_frame_fraction(system, samples.positions)
+    if broken > 0:
+        summary["broken_frame_fraction"] = broken
+    if system.modes is not None:
+        modes = system.modes
+        ind = modes.indicators() if hasattr(modes, "indicators") else {
+            nm: (lambda x, i=i: modes.assign(x) == i) for i, nm in enumerate(modes.names)}
+        pops = ladder_populations(samples, ind)
+        summary["populations_ladders"] = {k: v.to_full_dict() for k, v in pops.items()}
+    atomic_write_json(out / "summary.json", summary)
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {out / 'samples.npz'} ({len(samples)} frames at {t_min:g} K from {prov['ladders']} ladders, "
+              f"{prov['simulated_time_ns_per_replica']:.3f} ns per replica; {prov['other_isomer_frames']} of another "
+              f"isomer not counted)")
+        for k, v in summary.get("populations_ladders", {}).items():
+            print(f"  P({k}) = {format_pm(v['value'], v['stderr'])} (error between ladders)")
+    return 0
+
+
+def _progress_bar(total: int):
+    """A progress callback (round, rounds) printing to stderr every ~2 % of the run."""
+    import time
+
+    step = max(total // 50, 1)
+    t0: dict[str, float] = {}
+
+    def cb(done: int, rounds: int) -> None:
+        if not t0:
+            t0.update(t=time.perf_counter(), done=done)
+        if done % step == 0 or done == rounds:
+            el = time.perf_counter() - t0["t"]
+            rate = (done - t0["done"]) / el if el > 0 else float("nan")
+            print(f"native tempering: round {done}/{rounds} ({rate:.1f} rounds/s)", file=sys.stderr, flush=True)
+
+    return cb
+
+
 #: a bond longer than this many times its length in the prepared structure marks a broken frame
 BROKEN_BOND_FACTOR = 2.0
 
@@ -153,6 +261,10 @@ def _argv(args: argparse.Namespace) -> list[str]:
     parts += ["--t-max", f"{args.t_max:g}", "--replicas", str(args.replicas), "--iterations", str(args.iterations),
              "--steps-per-iteration", str(args.steps_per_iteration), "--timestep-fs", f"{args.timestep_fs:g}",
              "--platform", str(args.platform), "-o", str(args.output)]
+    if args.method == "native-tempering":
+        parts += ["--ladders", str(args.ladders), "--seed", str(args.seed), "--stride", str(args.stride)]
+        if args.burnin is not None:
+            parts += ["--burnin", str(args.burnin)]
     if args.resume:
         parts.append("--resume")
     return parts

@@ -98,86 +98,147 @@ class TemperingResult:
     info: dict = field(default_factory=dict)
 
 
-def parallel_tempering(energy: Callable[[torch.Tensor], torch.Tensor], x0, masses, kT: float, temperature: float,
-                       config: TemperingConfig, dtype: torch.dtype = torch.float32,
-                       progress: Callable[[int, int], None] | None = None) -> TemperingResult:
-    """Run batched parallel tempering from the configuration(s) x0.
+class TemperingChains:
+    """The state of batched parallel tempering: ``config.ladders`` ladders of ``config.replicas``
+    temperatures (chain ``l * replicas + r`` is ladder l at temperature r), advanced one swap round
+    at a time, with a state dict to checkpoint and resume it bitwise.
 
     energy: differentiable ``(b, n_atoms, 3) nm -> (b,)`` reduced energy in kT at ``temperature`` (K),
     whose kT (kJ/mol) is given; x0: (n_atoms, 3) or (m, n_atoms, 3) nm starting structures (chain c
-    starts from x0[c % m]); masses: (n_atoms,) dalton. progress(round, rounds) is called every round."""
-    x0 = x0 if isinstance(x0, torch.Tensor) else torch.as_tensor(np.array(x0, dtype=np.float64))
-    if x0.dim() == 2:
-        x0 = x0[None]
-    if x0.dim() != 3 or x0.shape[-1] != 3:
-        raise InputError(f"starting structures must have shape (n_atoms, 3) or (m, n_atoms, 3), got {tuple(x0.shape)}")
-    masses = torch.as_tensor(np.asarray(masses, dtype=np.float64))
-    if masses.shape != (x0.shape[1],) or not bool((masses > 0).all()):
-        raise InputError("masses must be (n_atoms,) positive values in dalton")
-    if not kT > 0:
-        raise InputError(f"kT must be > 0, got {kT}")
-    t_start = time.perf_counter()
-    cfg = config
-    L, R = cfg.ladders, cfg.replicas
-    evals = 0
-    if cfg.minimize_steps > 0:
-        x0, n_min = minimize(energy, x0.to(torch.float64), cfg.minimize_steps)
-        evals += n_min
-    temps = cfg.temperatures(temperature)
-    g = torch.Generator().manual_seed(int(cfg.seed))
-    n_chain = L * R
-    start = x0[torch.arange(n_chain) % x0.shape[0]].to(dtype).clone()
-    x = start.clone()
-    ratio = torch.as_tensor(np.tile(temps / float(temperature), L), dtype=dtype)  # (n_chain,) T_r / T0
-    m = masses.to(dtype)[None, :, None]
-    sigma = torch.sqrt(kT * ratio[:, None, None] / m)
-    dt = cfg.timestep_fs * 1e-3
-    c1 = math.exp(-cfg.friction_per_ps * dt)
-    c2 = math.sqrt(max(1.0 - c1 * c1, 0.0))
+    starts from x0[c % m], L-BFGS-minimised first when ``config.minimize_steps > 0``); masses:
+    (n_atoms,) dalton. ``x`` (chains, n_atoms, 3) nm, ``u`` (chains,) kT at the system temperature."""
 
-    def noise():
-        return torch.randn(x.shape, generator=g, dtype=dtype)
+    def __init__(self, energy: Callable[[torch.Tensor], torch.Tensor], x0, masses, kT: float, temperature: float,
+                 config: TemperingConfig, dtype: torch.dtype = torch.float32):
+        x0 = x0 if isinstance(x0, torch.Tensor) else torch.as_tensor(np.array(x0, dtype=np.float64))
+        if x0.dim() == 2:
+            x0 = x0[None]
+        if x0.dim() != 3 or x0.shape[-1] != 3:
+            raise InputError(f"starting structures must have shape (n_atoms, 3) or (m, n_atoms, 3), got {tuple(x0.shape)}")
+        masses = torch.as_tensor(np.asarray(masses, dtype=np.float64))
+        if masses.shape != (x0.shape[1],) or not bool((masses > 0).all()):
+            raise InputError("masses must be (n_atoms,) positive values in dalton")
+        if not kT > 0:
+            raise InputError(f"kT must be > 0, got {kT}")
+        cfg = self.config = config
+        self.energy, self.kT, self.dtype = energy, float(kT), dtype
+        L, R = cfg.ladders, cfg.replicas
+        self.energy_evals = 0
+        if cfg.minimize_steps > 0:
+            x0, n_min = minimize(energy, x0.to(torch.float64), cfg.minimize_steps)
+            self.energy_evals += n_min
+        self.temperatures = cfg.temperatures(temperature)
+        self.generator = torch.Generator().manual_seed(int(cfg.seed))
+        n_chain = L * R
+        self.start = x0[torch.arange(n_chain) % x0.shape[0]].to(dtype).clone()
+        self.x = self.start.clone()
+        self.ratio = torch.as_tensor(np.tile(self.temperatures / float(temperature), L), dtype=dtype)  # T_r / T0
+        self.m = masses.to(dtype)[None, :, None]
+        self.sigma = torch.sqrt(self.kT * self.ratio[:, None, None] / self.m)
+        self.v = self.sigma * self._noise()
+        self.f, self.u = _forces(energy, self.x, self.kT)
+        self.energy_evals += n_chain
+        self.reset_chains = 0
+        self.accepted = np.zeros(max(R - 1, 0))
+        self.attempted = np.zeros(max(R - 1, 0))
+        self.beta = torch.as_tensor(float(temperature) / self.temperatures, dtype=torch.float64)  # 1/kT0 units
+        self.rounds_done = 0
 
-    v = sigma * noise()
-    f, u = _forces(energy, x, kT)
-    evals += n_chain
-    reset = 0
-    accepted = np.zeros(max(R - 1, 0))
-    attempted = np.zeros(max(R - 1, 0))
-    beta = torch.as_tensor(float(temperature) / temps, dtype=torch.float64)  # (R,) in units of 1/kT0
-    frames, us = [], []
-    for rnd in range(cfg.rounds):
+    def _noise(self) -> torch.Tensor:
+        return torch.randn(self.start.shape, generator=self.generator, dtype=self.dtype)
+
+    def run_round(self) -> None:
+        """``steps_per_swap`` BAOAB steps of every chain, then one Metropolis swap of neighbouring
+        temperatures (even pairs on even rounds, odd pairs on odd rounds)."""
+        cfg, energy, kT, m, sigma = self.config, self.energy, self.kT, self.m, self.sigma
+        dt = cfg.timestep_fs * 1e-3
+        c1 = math.exp(-cfg.friction_per_ps * dt)
+        c2 = math.sqrt(max(1.0 - c1 * c1, 0.0))
+        x, v, f, u = self.x, self.v, self.f, self.u
+        n_chain = x.shape[0]
         for _ in range(cfg.steps_per_swap):
             v = v + (0.5 * dt) * f / m
             x = x + (0.5 * dt) * v
-            v = c1 * v + c2 * sigma * noise()
+            v = c1 * v + c2 * sigma * self._noise()
             x = x + (0.5 * dt) * v
             f, u = _forces(energy, x, kT)
             bad = ~torch.isfinite(u) | ~torch.isfinite(f).flatten(1).all(1)
             if bool(bad.any()):  # an exploded chain restarts from its start structure with fresh velocities
-                reset += int(bad.sum())
+                self.reset_chains += int(bad.sum())
                 b3 = bad[:, None, None]
-                x = torch.where(b3, start, x)
+                x = torch.where(b3, self.start, x)
                 f2, u2 = _forces(energy, x, kT)
                 f = torch.where(b3, f2, f)
                 u = torch.where(bad, u2, u)
-                v = torch.where(b3, sigma * noise(), v)
-                evals += n_chain
+                v = torch.where(b3, sigma * self._noise(), v)
+                self.energy_evals += n_chain
             v = v + (0.5 * dt) * f / m
-        evals += n_chain * cfg.steps_per_swap
-        if R > 1:
-            x, v, u, f = _swap(x, v, u, f, rnd % 2, L, R, beta, ratio, g, accepted, attempted)
+        self.energy_evals += n_chain * cfg.steps_per_swap
+        if cfg.replicas > 1:
+            x, v, u, f = _swap(x, v, u, f, self.rounds_done % 2, cfg.ladders, cfg.replicas, self.beta, self.ratio,
+                               self.generator, self.accepted, self.attempted)
+        self.x, self.v, self.f, self.u = x, v, f, u
+        self.rounds_done += 1
+
+    def cold(self, keep_replicas: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (ladders * keep_replicas, n_atoms, 3) nm and u (same,) kT of the ``keep_replicas``
+        coldest temperatures of every ladder, ladder-major."""
+        L, R = self.config.ladders, self.config.replicas
+        idx = (torch.arange(L)[:, None] * R + torch.arange(keep_replicas)[None]).reshape(-1)
+        return self.x[idx].clone(), self.u[idx].double().clone()
+
+    @property
+    def swap_acceptance(self) -> np.ndarray:
+        """(replicas - 1,) acceptance of each neighbouring pair so far."""
+        return np.divide(self.accepted, np.maximum(self.attempted, 1))
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bitwise (tensors, counters, the RNG state)."""
+        return {"x": self.x, "v": self.v, "f": self.f, "u": self.u, "start": self.start,
+                "generator": self.generator.get_state(), "rounds_done": self.rounds_done,
+                "energy_evals": self.energy_evals, "reset_chains": self.reset_chains,
+                "accepted": self.accepted.copy(), "attempted": self.attempted.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["x"].shape) != tuple(self.x.shape):
+            raise InputError(f"tempering state of shape {tuple(state['x'].shape)} does not fit "
+                             f"{tuple(self.x.shape)} chains (ladders x replicas, atoms, 3)")
+        self.x, self.v, self.f, self.u = (state[k].to(self.dtype) for k in ("x", "v", "f", "u"))
+        self.start = state["start"].to(self.dtype)
+        self.generator.set_state(state["generator"])
+        self.rounds_done = int(state["rounds_done"])
+        self.energy_evals = int(state["energy_evals"])
+        self.reset_chains = int(state["reset_chains"])
+        self.accepted = np.array(state["accepted"], dtype=np.float64)
+        self.attempted = np.array(state["attempted"], dtype=np.float64)
+
+
+def parallel_tempering(energy: Callable[[torch.Tensor], torch.Tensor], x0, masses, kT: float, temperature: float,
+                       config: TemperingConfig, dtype: torch.dtype = torch.float32,
+                       progress: Callable[[int, int], None] | None = None) -> TemperingResult:
+    """Run batched parallel tempering from the configuration(s) x0 (:class:`TemperingChains`) and keep
+    the frames of ``config.keep_replicas`` coldest temperatures after the burn-in.
+
+    energy: differentiable ``(b, n_atoms, 3) nm -> (b,)`` reduced energy in kT at ``temperature`` (K),
+    whose kT (kJ/mol) is given; x0: (n_atoms, 3) or (m, n_atoms, 3) nm starting structures (chain c
+    starts from x0[c % m]); masses: (n_atoms,) dalton. progress(round, rounds) is called every round."""
+    t_start = time.perf_counter()
+    cfg = config
+    chains = TemperingChains(energy, x0, masses, kT, temperature, cfg, dtype=dtype)
+    frames, us = [], []
+    for rnd in range(cfg.rounds):
+        chains.run_round()
         if rnd >= cfg.burnin_rounds and (rnd - cfg.burnin_rounds + 1) % cfg.stride_rounds == 0:
-            cold = (torch.arange(L)[:, None] * R + torch.arange(cfg.keep_replicas)[None]).reshape(-1)
-            frames.append(x[cold].clone())
-            us.append(u[cold].double().clone())
+            x, u = chains.cold(cfg.keep_replicas)
+            frames.append(x)
+            us.append(u)
         if progress is not None:
             progress(rnd + 1, cfg.rounds)
-    pos = torch.stack(frames, 1).reshape(-1, *x.shape[1:]).cpu().numpy().astype(np.float32)
+    pos = torch.stack(frames, 1).reshape(-1, *chains.x.shape[1:]).cpu().numpy().astype(np.float32)
     red = torch.stack(us, 1).reshape(-1).cpu().numpy()
-    acc = np.divide(accepted, np.maximum(attempted, 1))
-    return TemperingResult(pos, red, temps, acc, reset, int(evals), time.perf_counter() - t_start,
-                           info={"ladders": L, "replicas": R, "rounds": cfg.rounds})
+    return TemperingResult(pos, red, chains.temperatures, chains.swap_acceptance, chains.reset_chains,
+                           int(chains.energy_evals), time.perf_counter() - t_start,
+                           info={"ladders": cfg.ladders, "replicas": cfg.replicas, "rounds": cfg.rounds})
 
 
 def minimize(energy: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
@@ -233,4 +294,4 @@ def _swap(x, v, u, f, parity: int, L: int, R: int, beta, ratio, g, accepted, att
     return x, v, u, f
 
 
-__all__ = ["TemperingConfig", "TemperingResult", "parallel_tempering", "minimize"]
+__all__ = ["TemperingChains", "TemperingConfig", "TemperingResult", "parallel_tempering", "minimize"]
