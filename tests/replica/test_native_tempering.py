@@ -110,3 +110,32 @@ def test_cli_butane_runs_resumes_and_reports_ladder_errors(tmp_path, capsys):
 
     s = SampleSet.load(out / "samples.npz")
     assert s.provenance["sampler"] == "native-tempering" and s.provenance["decorrelated"] is False
+
+
+def test_peptide_reference_script_writes_a_reference_from_native_runs(tmp_path):
+    """scripts/peptide_reference.py on two (toy) native runs of the tetrapeptide: per-run populations with
+    between-ladder errors, the file capped at --max-frames per run, ladder-major, its energies equal to OpenMM's."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from boltzflow.sampling import SampleSet
+
+    for seed in (0, 1):
+        assert main(["simulate", "alanine-tetrapeptide", "--method", "native-tempering", "--ladders", "4",
+                     "--iterations", "24", "--burnin", "4", "--stride", "2", "--steps-per-iteration", "5",
+                     "--seed", str(seed), "--no-progress", "-o", str(tmp_path / f"r{seed}")]) == 0
+    spec = importlib.util.spec_from_file_location("peptide_reference",
+                                                  Path(__file__).resolve().parents[2] / "scripts" / "peptide_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ref.npz"
+    assert mod.main(["alanine-tetrapeptide", str(tmp_path / "r0"), str(tmp_path / "r1"), "-o", str(out),
+                     "--json", str(tmp_path / "ref.json"), "--max-frames", "20"]) == 0
+    res = json.loads((tmp_path / "ref.json").read_text())
+    assert [r["ladders"] for r in res["runs"]] == [4, 4] and all(r["frames_per_ladder"] == 10 for r in res["runs"])
+    for name, (v, se) in res["runs"][0]["populations"].items():
+        assert 0 <= v <= 1 and se >= 0, name
+    assert res["file"]["n_frames_per_run"] == [20, 20] and res["file"]["energy_check_max_abs_kT"] < 1e-2
+    s = SampleSet.load(out)
+    assert s.provenance["sampler"] == "native-tempering" and s.provenance["decorrelated"] is False and len(s) == 40
