@@ -67,6 +67,14 @@ def test_resume_is_bitwise_and_may_only_extend(tmp_path):
     assert np.array_equal(full.positions, resumed.positions)
     assert np.array_equal(full.reduced_energy, resumed.reduced_energy)
     assert full.provenance["energy_evals"] == resumed.provenance["energy_evals"]
+    # a longer burn-in on resume drops the frames kept before it
+    longer = run_native_tempering(_toy_system(), _double_well,
+                                  NativeTemperingConfig(rounds=60, **{**base, "burnin_rounds": 16}), tmp_path / "part",
+                                  resume=True)
+    assert np.array_equal(longer.positions.reshape(4, -1, 2, 3), full.positions.reshape(4, -1, 2, 3)[:, 2:])
+    with pytest.raises(InputError, match="multiple of stride_rounds"):
+        run_native_tempering(_toy_system(), _double_well, NativeTemperingConfig(rounds=60, **{**base, "burnin_rounds": 17}),
+                             tmp_path / "part", resume=True)
     with pytest.raises(InputError, match="nothing to resume"):
         run_native_tempering(_toy_system(), _double_well, NativeTemperingConfig(rounds=60, **base), tmp_path / "new",
                              resume=True)

@@ -85,8 +85,10 @@ class NativeTemperingConfig:
                                minimize_steps=self.minimize_steps, seed=self.seed)
 
 
-#: configuration keys a resumed run may change (the run is extended or checkpointed differently)
-RESUMABLE_KEYS = ("rounds", "checkpoint_every")
+#: configuration keys a resumed run may change: it is extended, checkpointed differently, or discards
+#: more of its start (``burnin_rounds`` may grow by a multiple of ``stride_rounds``; the frames kept
+#: before the new burn-in are dropped)
+RESUMABLE_KEYS = ("rounds", "checkpoint_every", "burnin_rounds")
 
 
 def run_native_tempering(system, energy: Callable[[torch.Tensor], torch.Tensor], config: NativeTemperingConfig,
@@ -118,6 +120,13 @@ def run_native_tempering(system, energy: Callable[[torch.Tensor], torch.Tensor],
         if config.rounds < int(saved["chains"]["rounds_done"]):
             raise InputError(f"the run in '{out}' has done {saved['chains']['rounds_done']} rounds already; "
                              f"pass rounds >= that to continue it")
+        grow = config.burnin_rounds - old.burnin_rounds
+        if grow < 0 or grow % config.stride_rounds:
+            raise InputError(f"the run in '{out}' discarded {old.burnin_rounds} burn-in rounds; a resumed run may "
+                             f"discard more, by a multiple of stride_rounds ({config.stride_rounds}), not "
+                             f"{config.burnin_rounds}")
+        n_drop = grow // config.stride_rounds
+        saved["frames"], saved["u"] = saved["frames"][n_drop:], saved["u"][n_drop:]
     elif resume:
         raise InputError(f"nothing to resume in '{out}' (no {STATE_FILE}); drop --resume to start a run")
     out.mkdir(parents=True, exist_ok=True)
