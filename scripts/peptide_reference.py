@@ -67,7 +67,7 @@ def analyse_native_run(run: Path, modes) -> dict:
     pops = ladder_populations(s, modes.indicators())
     n_eff = {k: float(v.value * (1 - v.value) / v.stderr ** 2) if v.stderr > 0 else float("nan")
              for k, v in pops.items()}
-    e = block_average(s.reduced_energy, s.log_weights, n_blocks=int(p["ladders"]), name="u", n_bootstrap=0)
+    e = block_average(s.reduced_energy, block_sizes=p["ladder_sizes"], name="u", n_bootstrap=0)
     return {
         "run": str(run), "method": "native-tempering", "ladders": int(p["ladders"]),
         "frames_per_ladder": int(p["frames_per_ladder"]), "n_iterations": int(p["rounds"]),
@@ -135,14 +135,14 @@ def native_frames(run: Path, max_frames: int):
 
     s = SampleSet.load(run / "samples.npz")
     p = dict(s.provenance)
-    L, F = int(p["ladders"]), int(p["frames_per_ladder"])
-    k = max(1, math.ceil(L * F / max_frames))
-    idx = (np.arange(L)[:, None] * F + np.arange(k - 1, F, k)[None]).reshape(-1)
-    if s.log_weights is not None:
-        idx = idx[np.isfinite(s.log_weights[idx])]
-    p.update(subsampled=f"every {k}-th frame of every ladder ({k * p['stride_rounds'] if 'stride_rounds' in p else k} "
-             "rounds apart), ladder-major, frames of another isomer dropped", frames_kept=int(idx.size),
-             storage=str(run))
+    sizes = np.asarray(p["ladder_sizes"], dtype=int)
+    k = max(1, math.ceil(len(s) / max_frames))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    idx = np.concatenate([st + np.arange(k - 1, n, k) for st, n in zip(starts, sizes)])
+    rounds_apart = k * int(p["config"]["stride_rounds"])
+    p.update(subsampled=f"every {k}-th frame of every ladder ({rounds_apart} rounds apart), ladder-major, frames of "
+             "another isomer left out", frames_kept=int(idx.size), storage=str(run),
+             ladder_sizes=[int(((np.arange(n) % k) == k - 1).sum()) for n in sizes])
     p.pop("config", None)
     return SampleSet(s.positions[idx], s.reduced_energy[idx], None, None, s.temperature, p)
 

@@ -80,15 +80,17 @@ def test_resume_is_bitwise_and_may_only_extend(tmp_path):
                              resume=True)
 
 
-def test_frames_keep_rejects_get_zero_weight(tmp_path):
-    cfg = NativeTemperingConfig(ladders=4, replicas=2, t_max=600.0, rounds=40, steps_per_swap=5, burnin_rounds=10,
-                                stride_rounds=2, minimize_steps=0)
-    s = run_native_tempering(_toy_system(), _double_well, cfg, tmp_path / "r", keep=lambda x: x[:, 0, 0] < 0)
-    bad = s.positions[:, 0, 0] >= 0
-    assert s.provenance["other_isomer_frames"] == int(bad.sum())
-    if bad.any():
-        assert np.all(np.isneginf(s.log_weights[bad])) and np.all(s.log_weights[~bad] == 0)
-        assert ladder_populations(s, {"plus": lambda x: x[:, 0, 0] >= 0})["plus"].value == 0
+def test_frames_keep_rejects_are_left_out_ladder_by_ladder(tmp_path):
+    cfg = NativeTemperingConfig(ladders=4, replicas=5, t_max=1500.0, rounds=80, steps_per_swap=20, burnin_rounds=20,
+                                stride_rounds=2, minimize_steps=0, timestep_fs=2.0, friction_per_ps=10.0)
+    full = run_native_tempering(_toy_system(), _double_well, cfg, tmp_path / "a")
+    s = run_native_tempering(_toy_system(), _double_well, cfg, tmp_path / "b", keep=lambda x: x[:, 0, 0] < 0)
+    bad = full.positions[:, 0, 0] >= 0
+    assert bad.any() and not bad.all()  # the hot replicas bring frames of the other well down
+    assert s.provenance["other_isomer_frames"] == int(bad.sum()) and len(s) == int((~bad).sum())
+    assert np.array_equal(s.positions, full.positions[~bad]) and s.log_weights is None
+    assert s.provenance["ladder_sizes"] == [int(k) for k in (~bad).reshape(4, 30).sum(1)]
+    assert ladder_populations(s, {"plus": lambda x: x[:, 0, 0] >= 0})["plus"].value == 0
 
 
 def test_config_errors():

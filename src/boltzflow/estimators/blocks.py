@@ -55,7 +55,13 @@ def subsample_indices(series, g: float | None = None) -> np.ndarray:
     return np.asarray(timeseries.subsample_correlated_data(a, g=g), dtype=np.int64)
 
 
-def _blocks(n: int, n_blocks: int) -> list[np.ndarray]:
+def _blocks(n: int, n_blocks: int, block_sizes=None) -> list[np.ndarray]:
+    if block_sizes is not None:
+        sizes = np.asarray(block_sizes, dtype=int)
+        if sizes.ndim != 1 or sizes.size < 2 or (sizes < 0).any() or sizes.sum() != n:
+            raise InputError(f"block_sizes must be >= 2 non-negative sizes summing to the {n} samples")
+        edges = np.concatenate([[0], np.cumsum(sizes)])
+        return [np.arange(edges[i], edges[i + 1]) for i in range(sizes.size)]
     if n_blocks < 2:
         raise InputError(f"need at least 2 blocks for a block error, got n_blocks={n_blocks}")
     if n < n_blocks:
@@ -65,17 +71,18 @@ def _blocks(n: int, n_blocks: int) -> list[np.ndarray]:
 
 
 def block_average(values, log_weights=None, n_blocks: int = 10, name: str = "mean", n_bootstrap: int = 1000,
-                  level: float = 0.95, seed: int | np.random.Generator = 0) -> Estimate:
+                  level: float = 0.95, seed: int | np.random.Generator = 0, block_sizes=None) -> Estimate:
     """Mean of a correlated series ``values`` (n,) in time order (optionally weighted by ``log_weights``),
     with the between-block standard error std(block means)/sqrt(B) as ``stderr`` and a bootstrap-over-blocks
-    percentile CI. ``extra`` holds the bootstrap-over-blocks standard error, the naive (independent
+    percentile CI. ``block_sizes`` (B,) instead of ``n_blocks`` equal blocks: consecutive blocks of these
+    sizes (e.g. the frames of independent chains, one block each; an empty block is skipped). ``extra`` holds the bootstrap-over-blocks standard error, the naive (independent
     samples) error and the statistical inefficiency. ``ess`` = n / g."""
     f = _vec(values, "values")
     n = f.size
     w = np.ones(n) if log_weights is None else np.exp(np.asarray(log_weights, float) - np.max(log_weights))
     if w.shape != f.shape:
         raise InputError(f"values {f.shape} and log_weights {w.shape} must have the same shape")
-    blocks = _blocks(n, n_blocks)
+    blocks = [b for b in _blocks(n, n_blocks, block_sizes) if b.size]
     num = np.array([np.sum(w[b] * f[b]) for b in blocks])
     den = np.array([np.sum(w[b]) for b in blocks])
     value = float(num.sum() / den.sum())

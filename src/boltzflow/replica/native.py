@@ -17,7 +17,7 @@ estimate needed once the burn-in has erased the common start.
 The run checkpoints its whole state (chains, RNG, kept frames) every ``checkpoint_every`` rounds
 (``native_tempering.pt``, written atomically); ``resume=True`` continues it bitwise, also with a
 larger ``rounds``. Frames whose isomer (cis/trans amides, handedness) differs from the input
-structure's are counted and given zero weight (``keep``), so populations are those of the input
+structure's are counted and left out (``keep``), so populations are those of the input
 isomer, the distribution a generator with ``fixed_torsions = "isomer"`` models.
 """
 
@@ -95,9 +95,10 @@ def run_native_tempering(system, energy: Callable[[torch.Tensor], torch.Tensor],
                          out: str | Path, resume: bool = False, keep: Callable[[np.ndarray], np.ndarray] | None = None,
                          progress: Callable[[int, int], None] | None = None, dtype: torch.dtype = torch.float32):
     """Run (or continue) native parallel tempering of ``system`` and return the kept frames at the
-    system temperature as a SampleSet (positions (ladders * frames_per_ladder, n_atoms, 3) nm,
-    ladder-major, time order within a ladder; reduced_energy in kT; provenance ``decorrelated: False``
-    with ``ladders`` and ``frames_per_ladder``; log_weights -inf for frames ``keep`` rejects, else None).
+    system temperature as a SampleSet (positions (n, n_atoms, 3) nm, ladder-major, time order within a
+    ladder, the frames ``keep`` rejects left out; reduced_energy in kT; provenance ``decorrelated:
+    False`` with ``ladders``, ``frames_per_ladder`` (kept per ladder before ``keep``) and
+    ``ladder_sizes`` (frames of each ladder in the set)).
 
     energy: differentiable ``(b, n_atoms, 3) nm -> (b,)`` reduced energy in kT of the system;
     keep: ``(n, n_atoms, 3) -> (n,) bool``, the frames to count (e.g. the input isomer's);
@@ -170,10 +171,12 @@ def run_native_tempering(system, energy: Callable[[torch.Tensor], torch.Tensor],
     red = torch.stack(us, 1).reshape(-1).numpy()
     n_frames = len(frames)
     ok = np.ones(len(pos), dtype=bool) if keep is None else np.asarray(keep(pos), dtype=bool)
+    sizes = ok.reshape(cfg.ladders, n_frames).sum(1)
     wall = wall_before + time.perf_counter() - t0
     prov = {
         "sampler": "native-tempering", "system": system.name, "decorrelated": False,
-        "ladders": cfg.ladders, "frames_per_ladder": n_frames, "order": "ladder-major, time order within a ladder",
+        "ladders": cfg.ladders, "frames_per_ladder": n_frames, "ladder_sizes": [int(k) for k in sizes],
+        "order": "ladder-major, time order within a ladder",
         "temperatures_k": [float(t) for t in chains.temperatures],
         "swap_acceptance": [float(a) for a in chains.swap_acceptance],
         "rounds": chains.rounds_done, "steps_per_swap": cfg.steps_per_swap, "timestep_fs": cfg.timestep_fs,
@@ -181,24 +184,23 @@ def run_native_tempering(system, energy: Callable[[torch.Tensor], torch.Tensor],
         "reset_chains": chains.reset_chains, "other_isomer_frames": int((~ok).sum()),
         "energy_evals": int(chains.energy_evals), "wall_s": float(wall), "config": asdict(cfg),
     }
-    lw = None if ok.all() else np.where(ok, 0.0, -np.inf)
-    return SampleSet(pos, red, None, lw, float(system.temperature), prov)
+    return SampleSet(pos[ok], red[ok], None, None, float(system.temperature), prov)
 
 
 def ladder_populations(samples, indicators: dict[str, Callable[[np.ndarray], np.ndarray]]) -> dict:
     """Population of every state (``indicators``: name -> (n, n_atoms, 3) -> (n,) bool) in the frames
     of a native tempering run (:func:`run_native_tempering`), with the standard error from the spread
-    of the per-ladder means (one block per ladder; frames with -inf log weight not counted).
+    of the per-ladder means (one block per ladder, provenance ``ladder_sizes``).
     Returns {name: :class:`~boltzflow.estimators.Estimate`}."""
     from ..estimators import block_average
 
-    ladders = int(samples.provenance.get("ladders", 0))
-    if ladders < 2 or len(samples) % ladders:
-        raise InputError("ladder_populations needs the frames of a native tempering run (provenance 'ladders')")
+    sizes = samples.provenance.get("ladder_sizes")
+    if sizes is None or len(sizes) < 2 or sum(sizes) != len(samples):
+        raise InputError("ladder_populations needs the frames of a native tempering run (provenance 'ladder_sizes')")
     out = {}
     for name, fn in indicators.items():
         ind = np.asarray(fn(samples.positions), dtype=np.float64)
-        out[name] = block_average(ind, samples.log_weights, n_blocks=ladders, name=name, n_bootstrap=200)
+        out[name] = block_average(ind, block_sizes=sizes, name=name, n_bootstrap=200)
     return out
 
 
