@@ -25,7 +25,7 @@ PDB = REPO / "systems" / "alanine-tetrapeptide" / "alanine-tetrapeptide.pdb"
 
 TOY = {
     "simulate": ["--replicas", "2", "--t-max", "400", "--iterations", "30", "--steps-per-iteration", "20",
-                 "--checkpoint-interval", "5", "--no-progress"],
+                 "--checkpoint-interval", "5", "--no-progress", "--ladders", "4", "--burnin", "10", "--stride", "2"],
     "train": ["--pretrain-steps", "4", "--finetune-steps", "2", "--batch", "16", "--no-progress", "--device", "cpu",
               "--set", "generator.blocks=1", "--set", "generator.hidden=8", "--set", "generator.h_blocks=1",
               "--set", "generator.h_hidden=8", "--set", "data.max_samples=200",

@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     rp = Path(args.replica)
     if not rp.exists():
         raise InputError(f"--replica '{rp}' not found; run `boltzflow simulate SYSTEM -o {rp}` first")
-    if rp.is_dir() and run_kind(rp) != "replica-exchange run":
+    if rp.is_dir() and run_kind(rp) not in ("replica-exchange run", "native tempering run"):
         raise InputError(f"--replica '{rp}' is not a run directory of `boltzflow simulate`; give one, or a "
                          "SampleSet .npz of reference samples")
     out_dir = check_output_dir(args.output, "comparison", args.overwrite) if args.output else None
