@@ -65,10 +65,12 @@ class NativeTemperingConfig:
             raise ConfigError("native tempering needs ladders, replicas, rounds, steps_per_swap, stride_rounds, "
                               "checkpoint_every >= 1 and burnin_rounds, minimize_steps >= 0")
         if self.ladders < 2:
-            raise ConfigError("native tempering needs at least 2 ladders: its error bars are the spread between them")
+            raise ConfigError("native tempering needs at least 2 ladders (--ladders): its error bars are the spread "
+                              "between them")
         if self.rounds < self.burnin_rounds + self.stride_rounds:
-            raise ConfigError(f"rounds ({self.rounds}) must exceed burnin_rounds ({self.burnin_rounds}) by at least "
-                              f"stride_rounds ({self.stride_rounds}) to keep any frame")
+            raise ConfigError(f"rounds ({self.rounds}; simulate --iterations) must exceed burnin_rounds "
+                              f"({self.burnin_rounds}; --burnin) by at least stride_rounds ({self.stride_rounds}; "
+                              "--stride) to keep any frame")
 
     @property
     def frames_per_ladder(self) -> int:
