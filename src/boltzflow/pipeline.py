@@ -354,8 +354,10 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
                                     lr=config.hydrogen.lr, seed=config.seed)
         log(f"hydrogen placement network: mean u {losses[0]:.2f} -> {losses[-1]:.2f} kT "
             f"over {config.hydrogen.steps} steps")
+    holdout = _keep_isomer(system, config, ref.positions[test_idx])[0]
     trainer = Trainer(gen, energy, _effective_training(config.training, gen), run_dir=rd, data=data, modes=system.modes,
-                      progress=progress, dist=dist)
+                      progress=progress, dist=dist,
+                      holdout=torch.as_tensor(holdout, dtype=dtype, device=device) if len(holdout) else None)
     t0 = time.time()
     summary = trainer.run(resume=resume, max_steps=max_steps)
     if not dist.is_main:
