@@ -646,18 +646,10 @@ class Trainer:
     def _holdout_restore(self) -> None:
         """End of pre-training: put back the state of lowest held-out NLL (over-fitting undone)."""
         h = self._holdout
-        if not h or h["best_state"] is None:
-            return
-        restored = h["best_step"] != self.step
-        if restored:
-            self.gen.load_state_dict(h["best_state"])
-        if self.writes:
-            if restored:
-                self.run_dir.log(f"holdout guard: restored the generator of step {h['best_step']} (held-out NLL "
-                                 f"{h['best_nll']:.3f}; later maximum likelihood over-fitted the training frames)")
-            self.run_dir.update_summary(holdout_guard={**{k: v for k, v in h.items() if k != "best_state"},
-                                                       "restored": restored})
-        h["best_state"] = None  # the stage is over: checkpoints need not carry the copy
+        if h and h["best_state"] is not None:
+            self._restore_best(h, "holdout_guard", f"holdout guard: restored the generator of step {h['best_step']} "
+                               f"(held-out NLL {h['best_nll']:.3f}; later maximum likelihood over-fitted the training frames)")
+            h["best_state"] = None  # the stage is over: checkpoints need not carry the copy
 
     def _guard_check(self) -> None:
         """Kish ESS of ``ess_guard`` samples; keep a copy of the state when it is the best so far.
@@ -697,18 +689,22 @@ class Trainer:
 
     def _guard_restore(self) -> None:
         """End of fine-tuning: put back the best state the guard saw."""
-        guard = self._guard
-        if not guard or guard["best_state"] is None:
-            return
-        restored = guard["best_step"] != self.step
+        g = self._guard
+        if g and g["best_state"] is not None:
+            self._restore_best(g, "ess_guard", f"ESS guard: restored the generator of step {g['best_step']} "
+                               f"(Kish ESS {g['best_ess']:.4f}; later fine-tuning did not beat it)")
+
+    def _restore_best(self, record: dict[str, Any], summary_key: str, message: str) -> None:
+        """Load a guard record's best state unless it is the current step's; log ``message`` when it was
+        restored and write the record (without the state) under ``summary_key`` in summary.json."""
+        restored = record["best_step"] != self.step
         if restored:
-            self.gen.load_state_dict(guard["best_state"])
+            self.gen.load_state_dict(record["best_state"])
         if self.writes:
             if restored:
-                self.run_dir.log(f"ESS guard: restored the generator of step {guard['best_step']} "
-                                 f"(Kish ESS {guard['best_ess']:.4f}; later fine-tuning did not beat it)")
-            self.run_dir.update_summary(ess_guard={**{k: v for k, v in guard.items() if k != "best_state"},
-                                                   "restored": restored})
+                self.run_dir.log(message)
+            self.run_dir.update_summary(**{summary_key: {**{k: v for k, v in record.items() if k != "best_state"},
+                                                         "restored": restored}})
 
     def _checkpoint(self, t0: float) -> None:
         self.counters.wall_s += time.perf_counter() - t0
