@@ -26,7 +26,6 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
