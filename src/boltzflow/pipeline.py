@@ -152,10 +152,14 @@ class HydrogenConfig:
 class RunConfig:
     """Everything `boltzflow train` needs. device: "auto" (CUDA when available) | "cpu" | "cuda";
     dtype: "float32" | "float64"; recipe: the shipped recipe the configuration started from ("" = none;
-    provenance only, set by :func:`load_run_config`)."""
+    provenance only, set by :func:`load_run_config`); init: a trained generator to start from instead of
+    random weights (its run directory, a shipped generator directory or its generator.pt; made for the
+    same system with the same ``[generator]`` settings, the seed aside), e.g. to continue maximum
+    likelihood on new frames ("" = random initialisation)."""
 
     seed: int = 0
     recipe: str = ""
+    init: str = ""
     device: str = "auto"
     dtype: str = "float32"
     generator: Any = field(default_factory=_default_generator)
@@ -341,6 +345,9 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
         log(f"dropped {n_other} training frames of another isomer (generator.fixed_torsions = "
             f"'{config.generator.fixed_torsions}': cis/trans amide or handedness unlike the input structure)")
     gen, energy = build(system, config, train_x)
+    if config.init and not resume:  # a resume restores the weights from its checkpoint
+        _load_init(gen, system, config.init)
+        log(f"starting from the weights of {config.init}")
     device, dtype = resolve_device(config.device), _dtype(config.dtype)
     data = torch.as_tensor(train_x, dtype=dtype, device=device)
     ranks = f" x {dist.world_size} ranks ({dist.backend}, data-parallel)" if dist.active else ""
@@ -368,6 +375,25 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
                                 tempering, t0)
     finally:
         dist.barrier()
+
+
+def _load_init(gen, system, init: str) -> None:
+    """Copy the weights (and internal-coordinate standardisation) of the generator at ``init`` into ``gen``."""
+    from .flows.generator import load_generator
+
+    path = Path(init).expanduser()
+    path = path / "generator.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise InputError(f"init: no trained generator at '{init}' (expected a run directory with generator.pt, "
+                         "or a generator.pt file)")
+    src = load_generator(path, system)
+    mine, theirs = to_dict(gen.config), to_dict(src.config)
+    differ = sorted(k for k in set(mine) | set(theirs) if k != "seed" and mine.get(k) != theirs.get(k))
+    if differ:
+        raise InputError(f"init: the generator at '{init}' has other [generator] settings ("
+                         + ", ".join(f"{k} = {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differ)
+                         + "); set them to its values or start from random weights")
+    gen.load_state_dict(src.state_dict())
 
 
 def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, test_idx, data, aug, tempering,

@@ -52,3 +52,37 @@ def test_holdout_guard_in_a_data_run_and_ml_fit_in_nats(tmp_path):
         assert c["kl_p_q"] > 1.0 and c["kl_q_p"] > 1.0 and 0.0 < c["kish"] <= 1.0
         assert c["kl_p_q"] == pytest.approx(-out["mean_u_test"] - c["log_z"] + c["nll_test"], abs=1e-9)
         assert math.isfinite(c["log_z"])
+
+
+def test_init_starts_from_a_trained_generator(tmp_path):
+    """RunConfig.init: a run that starts from another run's generator holds its density before any step, and
+    continues training from it; other [generator] settings are refused with the differing key named."""
+    from boltzflow.errors import InputError
+    from boltzflow.systems.builtin import builtin_system
+
+    system = builtin_system("alanine-dipeptide")
+    ref = SampleSet.load(ROOT / "systems" / "alanine-dipeptide" / "reference_300K.npz")
+    ref.subset(np.arange(0, 400)).save(tmp_path / "a.npz")
+    ref.subset(np.arange(400, 800)).save(tmp_path / "b.npz")  # new frames for the continued run
+    x = torch.as_tensor(ref.positions[-300:], dtype=torch.float32)
+    over = {**QUICK, "data.reference": str(tmp_path / "a.npz"), "data.holdout": 0.2, "data.md_frames": 0,
+            "training.finetune.steps": 0}
+    pipeline.train(system, pipeline.recipe_config("data", over), tmp_path / "a", progress=False)
+    nll = {}
+    for name, steps in (("a", None), ("b0", 0), ("b", 20), ("fresh", 20)):
+        if steps is not None:
+            init = {} if name == "fresh" else {"init": str(tmp_path / "a")}
+            cfg = pipeline.recipe_config("data", {**over, **init, "data.reference": str(tmp_path / "b.npz"),
+                                                  "training.pretrain.steps": steps, "seed": 3})
+            pipeline.train(system, cfg, tmp_path / name, progress=False)
+        gen = pipeline.load_trained(tmp_path / name)[2]
+        with torch.no_grad():
+            nll[name] = float(-gen.log_prob(x).double().mean())
+    assert nll["b0"] == pytest.approx(nll["a"], abs=1e-6)  # seed 3 would have given other weights
+    assert nll["b"] < nll["a"] < nll["fresh"]  # 20 more steps improve on a; 20 from random weights do not reach it
+    bad = pipeline.recipe_config("data", {**over, "init": str(tmp_path / "a" / "generator.pt"), "generator.hidden": 16})
+    with pytest.raises(InputError, match="hidden"):
+        pipeline.train(system, bad, tmp_path / "bad", progress=False)
+    with pytest.raises(InputError, match="no trained generator"):
+        pipeline.train(system, pipeline.recipe_config("data", {**over, "init": str(tmp_path / "nowhere")}),
+                       tmp_path / "bad2", progress=False)
