@@ -294,8 +294,7 @@ def build(system, config: RunConfig, data_positions=None):
 
     device, dtype = resolve_device(config.device), _dtype(config.dtype)
     torch.manual_seed(config.seed)  # parameter initialisation only; training draws from its own generator
-    data_t = None if data_positions is None else torch.as_tensor(np.asarray(data_positions), dtype=torch.float64)
-    gen = build_generator(system, config.generator, data_t).to(device=device, dtype=dtype)
+    gen = build_generator(system, config.generator, data_positions).to(device=device, dtype=dtype)
     energy = make_energy(system, config.energy, device=device, dtype=dtype)
     return gen, energy
 

@@ -259,3 +259,28 @@ def test_isomer_generator_keeps_trans_amides_and_flags_cis_frames():
     for name in ("CAT", "HT1", "HT2", "HT3"):
         cis[idx[name]] = pos[idx["NT"]] + (pos[idx[name]] - pos[idx["NT"]]) @ rot.T
     assert list(gen.same_isomer(_np.stack([pos, cis]))) == [True, False]
+
+
+def test_isomer_check_and_standardisation_fit_are_bounded_in_memory(monkeypatch):
+    """same_isomer measures large data sets in chunks (same answer as one pass) and fit() uses an evenly
+    spaced subset of at most about FIT_MAX frames (the standardisation of that subset, not of all)."""
+    import numpy as _np
+
+    from boltzflow.flows import generator as g
+    from boltzflow.systems.builtin import builtin_system
+
+    s = builtin_system("alanine-dipeptide")
+    cfg = g.GeneratorConfig(pipeline="internal-all", fixed_torsions="isomer", blocks=1, hidden=8)
+    gen = g.MolecularGenerator(s, cfg)
+    x = gen.sample(40).positions
+    x[::3] = x[::3, ::-1]  # scrambled atom order: other torsions, some of them outside the isomer
+    whole = gen.same_isomer(x)
+    assert 0 < whole.sum() < len(x)
+    monkeypatch.setattr(g, "CHUNK", 7)
+    assert list(gen.same_isomer(x)) == list(whole)
+    monkeypatch.setattr(g, "FIT_MAX", 10)
+    a = g.MolecularGenerator(s, cfg).fit(x)
+    b = g.MolecularGenerator(s, cfg).fit(_np.ascontiguousarray(x[::4]))
+    c = g.MolecularGenerator(s, cfg).fit(_np.ascontiguousarray(x[::3]))
+    assert torch.equal(a.all_ic.std.bond_std, b.all_ic.std.bond_std)
+    assert not torch.equal(a.all_ic.std.bond_std, c.all_ic.std.bond_std)

@@ -113,6 +113,12 @@ class GeneratorConfig:
         return "spline" if internal else "realnvp"
 
 
+#: the standardisations are fitted on at most about this many (evenly spaced) frames
+FIT_MAX = 200_000
+#: frames per chunk where whole data sets are measured (isomer checks)
+CHUNK = 50_000
+
+
 class MolecularGenerator(nn.Module):
     """All-atom Boltzmann generator for a :class:`~boltzflow.systems.MolecularSystem`.
 
@@ -183,16 +189,20 @@ class MolecularGenerator(nn.Module):
         every chiral centre, same cis/trans amides with "isomer"). Data outside it would be outliers
         to maximum likelihood; the generator's weights target p restricted to this isomer."""
         ic = self.all_ic if self.config.pipeline == "internal-all" else getattr(self, "heavy_ic", None)
-        x = torch.as_tensor(np.asarray(x, dtype=np.float64) if not isinstance(x, torch.Tensor) else x).double()
-        if ic is None or ic.fixed_idx is None or x.shape[0] == 0:
-            return np.ones(x.shape[0], dtype=bool)
+        n = len(x)
+        if ic is None or ic.fixed_idx is None or n == 0:
+            return np.ones(n, dtype=bool)
         atoms = torch.as_tensor(ic.atoms)
         ref = torch.as_tensor(np.array(self.system.positions, dtype=np.float64))[atoms][None]
         idx = ic.fixed_idx.cpu()
-        t = ic._measure(x[:, atoms])[2][:, idx]
         t0 = ic._measure(ref)[2][:, idx]
-        dev = torch.remainder(t - t0 + math.pi, 2 * math.pi) - math.pi
-        return (dev.abs() < math.pi / 2).all(1).numpy()
+        out = np.empty(n, dtype=bool)
+        for s in range(0, n, CHUNK):  # chunks: float64 torsions of a million frames would need ~10 GB at once
+            xs = torch.as_tensor(np.asarray(x[s:s + CHUNK], dtype=np.float64) if not isinstance(x, torch.Tensor)
+                                 else x[s:s + CHUNK]).double().cpu()
+            dev = torch.remainder(ic._measure(xs[:, atoms])[2][:, idx] - t0 + math.pi, 2 * math.pi) - math.pi
+            out[s:s + CHUNK] = (dev.abs() < math.pi / 2).all(1).numpy()
+        return out
 
     # ---- data ------------------------------------------------------------------------------------
     def _as_x(self, x, cast: bool = True) -> torch.Tensor:
@@ -219,7 +229,9 @@ class MolecularGenerator(nn.Module):
     @torch.no_grad()
     def fit(self, data) -> "MolecularGenerator":
         """Fit the standardisations (Cartesian mean/std, internal-coordinate bond/angle mean/std,
-        hydrogen local frames) on data (n, n_atoms, 3) nm; n >= 2."""
+        hydrogen local frames) on data (n, n_atoms, 3) nm; n >= 2. Of more than :data:`FIT_MAX` frames an
+        evenly spaced subset of about FIT_MAX is used (means and standard deviations; bounded memory)."""
+        data = data[::max(1, len(data) // FIT_MAX)]
         x = self.prepare_data(torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data,
                                               dtype=torch.float64), cast=False)
         if x.shape[0] < 2:
