@@ -28,6 +28,8 @@ samples (default 2e4) from the checkpoints kept every ``--curve-every`` steps, t
 fresh draws (1e6 in the recipe) against cost. ``ess_chunks``: median / min / max of the Kish ESS over the
 final samples cut into 1e5-sample blocks; ``pareto_k``: the weights' tail index (> 0.7: error bars
 unreliable, docs/pipelines.md).
+``ess_clip_1e-4``: the Kish ESS after clipping the largest 1e-4 of the log weights, the way TA-BG reports its
+ESS; for comparison with published tables only (``ess`` is the plain Kish ESS).
 
 Peptides (``alanine-tetrapeptide``, ``alanine-hexapeptide``, any system with per-residue modes,
 docs/peptides.md): the minor mode is ``any_alpha_L`` instead of ``phi_positive``, and every seed also
@@ -210,6 +212,10 @@ def run_seed(system, route: str, seed: int, out: Path, overrides: dict, n_sample
     pool_curve = pool_curve_of(run_dir, data_evals, data_wall)
     if pool_curve:
         result["pool_curve"] = pool_curve
+    from boltzflow.core.weights import kish_ess as kish_count
+
+    # the ESS as TA-BG reports it (top 1e-4 of the log weights clipped), for comparison with published tables only
+    result["ess_clip_1e-4"] = kish_count(samples.log_weights, clip_top=1e-4) / len(samples)
     chunks = chunk_kish(np.asarray(samples.log_weights, dtype=np.float64))
     if chunks:
         result["ess_chunks"] = chunks
