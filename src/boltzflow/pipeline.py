@@ -395,6 +395,20 @@ def _load_init(gen, system, init: str) -> None:
     gen.load_state_dict(src.state_dict())
 
 
+def _init_cost(init: str) -> dict[str, Any]:
+    """What training the ``init`` generator cost (its summary.json, next to its generator.pt), added to this
+    run's: ``{"path", "energy_evals", "wall_s"}`` (zeros, with ``"unknown": True``, when it has no summary)."""
+    import json
+
+    path = Path(init).expanduser()
+    summary = (path if path.is_dir() else path.parent) / "summary.json"
+    if not summary.is_file():
+        return {"path": str(init), "energy_evals": 0, "wall_s": 0.0, "unknown": True}
+    s = json.loads(summary.read_text())
+    return {"path": str(init), "energy_evals": int(s.get("energy_evals_training") or 0),
+            "wall_s": float(s.get("training_wall_s") or 0.0)}
+
+
 def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, test_idx, data, aug, tempering,
                      t0) -> dict[str, Any]:
     """Rank 0's end of :func:`train`: generator.pt, held-out log-likelihood, summary.json."""
@@ -409,9 +423,10 @@ def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, t
     fit = _fit_report(gen, data, _keep_isomer(system, config, ref.positions[test_idx])[0], config)
     rd.log("log-likelihood per frame: training data {train:.2f}, held-out reference frames {holdout:.2f} "
            "(a large gap means over-fitting)".format(**fit) if fit else "no held-out frames")
-    data_evals = sum(int(d["energy_evals"]) for d in (aug, tempering) if d)
-    data_wall = sum(float(d["wall_s"]) for d in (aug, tempering) if d)
-    rd.update_summary(system=system.name, temperature_k=system.temperature, pipeline=config.generator.pipeline,
+    init = _init_cost(config.init) if config.init else None
+    data_evals = sum(int(d["energy_evals"]) for d in (aug, tempering, init) if d)
+    data_wall = sum(float(d["wall_s"]) for d in (aug, tempering, init) if d)
+    rd.update_summary(init=init, system=system.name, temperature_k=system.temperature, pipeline=config.generator.pipeline,
                       recipe=config.recipe, training_steps=trainer.step, training_finished=finished,
                       reference_path=str(ref_path), reference_mode_fractions=ref_modes,
                       energy_evals_training=int(trainer.counters.energy_evals) + data_evals,
@@ -627,6 +642,53 @@ def export_generator(run_dir: str | Path, dest: str | Path, note: str = "", weig
         gen = load_generator(rd.path / "generator.pt", MolecularSystem.load(rd.system_dir))
         save_generator(dest / "generator.pt", gen, weights_dtype=weights_dtype)
         RunDir(dest, create=False).update_summary(exported_weights_dtype=weights_dtype)
+    if note:
+        (dest / "README.md").write_text(note)
+    return dest
+
+
+def mix_generators(run_dirs, dest: str | Path, weights=None, note: str = "") -> Path:
+    """A run directory ``dest`` (new or empty) whose generator is the mixture ``sum_k pi_k q_k`` of the trained
+    generators in ``run_dirs`` (run or shipped-generator directories of one system; at least 2):
+    config.toml and system/ of the first, generator.pt (:class:`~boltzflow.flows.mixture.GeneratorMixture`),
+    summary.json with the components and their summed training cost (frames shared by components are counted
+    once per component), ``note`` in README.md. ``weights``: mixture probabilities (default equal).
+    ``boltzflow sample DEST`` draws from it; each draw costs one density pass per component."""
+    import json
+    import shutil
+
+    from .core.rundir import RunDir
+    from .flows.generator import load_generator, save_generator
+    from .flows.mixture import GeneratorMixture
+    from .systems import MolecularSystem
+
+    dirs = [RunDir(r, create=False) for r in run_dirs]
+    if len(dirs) < 2:
+        raise InputError(f"a mixture needs at least 2 trained generators, got {len(dirs)}")
+    for rd in dirs:
+        if not (rd.path / "generator.pt").is_file():
+            raise InputError(f"'{rd.path}' has no trained generator (generator.pt); train it first")
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise InputError(f"'{dest}' already exists and is not empty; choose a new destination")
+    system = MolecularSystem.load(dirs[0].system_dir)
+    mix = GeneratorMixture([load_generator(rd.path / "generator.pt", system) for rd in dirs], weights)
+    parts = []
+    for rd, w in zip(dirs, mix.weights):
+        sp = rd.path / "summary.json"
+        sm = json.loads(sp.read_text()) if sp.is_file() else {}
+        parts.append({"path": str(rd.path.resolve()), "weight": w,
+                      "energy_evals": int(sm.get("energy_evals_training") or 0),
+                      "wall_s": float(sm.get("training_wall_s") or 0.0)})
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(dirs[0].config_path, dest / "config.toml")
+    shutil.copytree(dirs[0].system_dir, dest / "system")
+    save_generator(dest / "generator.pt", mix)
+    out = RunDir(dest, create=False)
+    out.update_summary(system=system.name, temperature_k=system.temperature, mixture=parts,
+                       energy_evals_training=sum(p["energy_evals"] for p in parts),
+                       training_wall_s=sum(p["wall_s"] for p in parts))
+    out.log(f"mixture of {len(parts)} generators: " + ", ".join(f"{p['path']} ({p['weight']:.3g})" for p in parts))
     if note:
         (dest / "README.md").write_text(note)
     return dest

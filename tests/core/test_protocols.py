@@ -30,7 +30,9 @@ def test_energies_and_generators_satisfy_their_protocols():
     from boltzflow.flows.generator import MolecularGenerator
 
     assert issubclass(NativeEnergy, ReducedEnergy) and issubclass(OpenMMEnergy, ReducedEnergy)
-    assert issubclass(MolecularGenerator, Generator)
+    from boltzflow.flows.mixture import GeneratorMixture
+
+    assert issubclass(MolecularGenerator, Generator) and issubclass(GeneratorMixture, Generator)
 
 
 @pytest.mark.parametrize("bad", [object(), 3])

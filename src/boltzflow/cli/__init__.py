@@ -24,6 +24,7 @@ VERB_MODULES = (
     "sample",
     "merge",
     "export",
+    "mix",
     "estimate",
     "compare",
     "report",

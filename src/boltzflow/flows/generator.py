@@ -319,6 +319,12 @@ class MolecularGenerator(nn.Module):
         structure (D-amino acids), which internal-coordinate flows can produce."""
         return mirror_image_mask(x, self._chiral, self.system.positions)
 
+    def checkpoint_entry(self) -> tuple[str, dict]:
+        """(kind, config) under which :func:`save_generator` stores it."""
+        from ..config import to_dict
+
+        return "molecular", to_dict(self.config)
+
     @torch.no_grad()
     def sample(self, n: int, energy: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 1024,
                generator: torch.Generator | None = None):
@@ -326,28 +332,38 @@ class MolecularGenerator(nn.Module):
         with ``energy`` (callable (b, n_atoms, 3) -> (b,) kT) also reduced_energy and
         log_weights = -u - log_q; for the "hnet" pipeline the weights target the hydrogen-minimised
         distribution, recorded in provenance["biased"])."""
-        from ..core.sampleset import SampleSet
-
-        if n < 1 or batch_size < 1:
-            raise InputError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
-        xs, lqs, us = [], [], []
-        for s in range(0, n, batch_size):
-            b = min(batch_size, n - s)
-            x, lq = self.sample_and_log_prob(b, generator=generator)
-            xs.append(x.detach().cpu())
-            lqs.append(lq.detach().cpu().double())
-            if energy is not None:
-                us.append(energy(x).detach().cpu().double())
-        x = torch.cat(xs)
-        lq = torch.cat(lqs)
-        u = torch.cat(us) if us else None
-        lw = None if u is None else torch.where(torch.isfinite(u), -u - lq, torch.full_like(u, -math.inf))
         prov = {"sampler": "MolecularGenerator", "pipeline": self.config.pipeline,
-                "representation": self.config.representation, "biased": self.biased,
-                "system": self.system.name, "fingerprint": self.system.fingerprint()}
-        return SampleSet(positions=x.numpy().astype(np.float32), reduced_energy=None if u is None else u.numpy(),
-                         log_q=lq.numpy(), log_weights=None if lw is None else lw.numpy(),
-                         temperature=float(self.system.temperature), provenance=prov)
+                "representation": self.config.representation, "biased": self.biased}
+        return draw_samples(self, n, energy, batch_size, generator, prov)
+
+
+@torch.no_grad()
+def draw_samples(gen, n: int, energy: Callable[[torch.Tensor], torch.Tensor] | None = None, batch_size: int = 1024,
+                 generator: torch.Generator | None = None, provenance: dict | None = None):
+    """n draws of ``gen`` (anything with ``sample_and_log_prob(b, generator)`` and a ``system``) in batches, as
+    a :class:`~boltzflow.sampling.SampleSet`: positions float32 nm, log_q; with ``energy`` also reduced_energy
+    and log_weights = -u - log_q (-inf where u is not finite). ``provenance`` is extended by the system's
+    name and fingerprint."""
+    from ..core.sampleset import SampleSet
+
+    if n < 1 or batch_size < 1:
+        raise InputError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+    xs, lqs, us = [], [], []
+    for s in range(0, n, batch_size):
+        b = min(batch_size, n - s)
+        x, lq = gen.sample_and_log_prob(b, generator=generator)
+        xs.append(x.detach().cpu())
+        lqs.append(lq.detach().cpu().double())
+        if energy is not None:
+            us.append(energy(x).detach().cpu().double())
+    x = torch.cat(xs)
+    lq = torch.cat(lqs)
+    u = torch.cat(us) if us else None
+    lw = None if u is None else torch.where(torch.isfinite(u), -u - lq, torch.full_like(u, -math.inf))
+    prov = {**(provenance or {}), "system": gen.system.name, "fingerprint": gen.system.fingerprint()}
+    return SampleSet(positions=x.numpy().astype(np.float32), reduced_energy=None if u is None else u.numpy(),
+                     log_q=lq.numpy(), log_weights=None if lw is None else lw.numpy(),
+                     temperature=float(gen.system.temperature), provenance=prov)
 
 
 def build_generator(system, config: GeneratorConfig | None = None, data=None) -> MolecularGenerator:
@@ -375,28 +391,31 @@ def register() -> None:
     register_builder("molecular", _build_molecular, overwrite=True)
 
 
-def save_generator(path: str | Path, gen: MolecularGenerator, extra: dict | None = None,
+def save_generator(path: str | Path, gen, extra: dict | None = None,
                    weights_dtype: str | None = None) -> Path:
     """Atomically save weights, config and the system fingerprint. weights_dtype: "float16" stores the
     parameters rounded (half the file; see :func:`~boltzflow.flows.checkpoint.save_model`)."""
-    from ..config import to_dict
     from .checkpoint import save_model
 
     register()
-    return save_model(path, gen, "molecular", to_dict(gen.config), fingerprint=gen.system.fingerprint(), extra=extra,
+    kind, config = gen.checkpoint_entry()
+    return save_model(path, gen, kind, config, fingerprint=gen.system.fingerprint(), extra=extra,
                       weights_dtype=weights_dtype)
 
 
 def load_generator(path: str | Path, system) -> MolecularGenerator:
-    """Load a generator saved by :func:`save_generator`; CheckpointError if made for another system."""
+    """Load a generator saved by :func:`save_generator` (a :class:`MolecularGenerator` or a
+    :class:`~boltzflow.flows.mixture.GeneratorMixture`); CheckpointError if made for another system."""
+    from . import mixture  # registers the "mixture" kind
     from .checkpoint import load_model
 
     register()
+    mixture.register()
     return load_model(path, expected_fingerprint=system.fingerprint(), system=system)
 
 
 # make checkpoint.load_model(path, system=...) work as soon as this module is imported (a dict insert)
 register()
 
-__all__ = ["GeneratorConfig", "MolecularGenerator", "build_generator", "save_generator", "load_generator",
+__all__ = ["GeneratorConfig", "MolecularGenerator", "build_generator", "save_generator", "load_generator", "draw_samples",
            "all_atom_zmatrix", "PIPELINES", "REPRESENTATIONS"]
