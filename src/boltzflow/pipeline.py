@@ -650,7 +650,7 @@ def export_generator(run_dir: str | Path, dest: str | Path, note: str = "", weig
 def mix_generators(run_dirs, dest: str | Path, weights=None, note: str = "") -> Path:
     """A run directory ``dest`` (new or empty) whose generator is the mixture ``sum_k pi_k q_k`` of the trained
     generators in ``run_dirs`` (run or shipped-generator directories of one system; at least 2):
-    config.toml and system/ of the first, generator.pt (:class:`~boltzflow.flows.mixture.GeneratorMixture`),
+    config.toml and system/ of the first, generator.pt (:class:`~boltzflow.flows.generator.GeneratorMixture`),
     summary.json with the components and their summed training cost (frames shared by components are counted
     once per component), ``note`` in README.md. ``weights``: mixture probabilities (default equal).
     ``boltzflow sample DEST`` draws from it; each draw costs one density pass per component."""
@@ -658,8 +658,7 @@ def mix_generators(run_dirs, dest: str | Path, weights=None, note: str = "") -> 
     import shutil
 
     from .core.rundir import RunDir
-    from .flows.generator import load_generator, save_generator
-    from .flows.mixture import GeneratorMixture
+    from .flows.generator import GeneratorMixture, load_generator, save_generator
     from .systems import MolecularSystem
 
     dirs = [RunDir(r, create=False) for r in run_dirs]

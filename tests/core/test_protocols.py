@@ -30,7 +30,7 @@ def test_energies_and_generators_satisfy_their_protocols():
     from boltzflow.flows.generator import MolecularGenerator
 
     assert issubclass(NativeEnergy, ReducedEnergy) and issubclass(OpenMMEnergy, ReducedEnergy)
-    from boltzflow.flows.mixture import GeneratorMixture
+    from boltzflow.flows.generator import GeneratorMixture
 
     assert issubclass(MolecularGenerator, Generator) and issubclass(GeneratorMixture, Generator)
 

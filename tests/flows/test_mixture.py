@@ -13,8 +13,13 @@ import pytest
 import torch
 
 from boltzflow.errors import CheckpointError, InputError
-from boltzflow.flows.generator import GeneratorConfig, MolecularGenerator, load_generator, save_generator
-from boltzflow.flows.mixture import GeneratorMixture
+from boltzflow.flows.generator import (
+    GeneratorConfig,
+    GeneratorMixture,
+    MolecularGenerator,
+    load_generator,
+    save_generator,
+)
 from boltzflow.systems.builtin import builtin_system
 
 ROOT = Path(__file__).resolve().parents[2]
