@@ -5,7 +5,7 @@ along the way, printed as JSON.
     python benchmarks/finetune_probe.py RUN --loss klx --lr 1e-5 --lam 1 --steps 300   # + an ML term
 
 ``RUN``: a trained run directory (or a shipped generator). Each step: the loss on ``--batch`` flow
-samples (``klx`` or ``klx_path``), plus ``--lam`` x the negative log-likelihood of ``--dbatch``
+samples (``klx``, ``klx_path`` or ``klz_df``), plus ``--lam`` x the negative log-likelihood of ``--dbatch``
 reference frames of the system (``data.reference`` of the run's config or the shipped reference), Adam
 at a constant ``--lr``, the gradient norm clipped at ``--clip``. Every ``--every`` steps: the Kish ESS of
 ``--neval`` fresh samples (float32, one thread). Nothing is written to ``RUN``. Output:
@@ -23,11 +23,12 @@ import torch
 
 def main(argv=None) -> dict:
     from boltzflow import pipeline
-    from boltzflow.losses import kish_ess, klx, klx_path, klz
+    from boltzflow.losses import kish_ess, klx, klx_path, klz, klz_df
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
-    ap.add_argument("--loss", choices=("klx", "klx_path"), default="klx_path")
+    ap.add_argument("--loss", choices=("klx", "klx_path", "klz_df"), default="klx_path",
+                    help="klz_df: importance-weighted maximum likelihood on each step's fresh draws (no pool)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--clip", type=float, default=100.0)
     ap.add_argument("--batch", type=int, default=1024)
@@ -48,7 +49,7 @@ def main(argv=None) -> dict:
         data = data[torch.as_tensor(gen.same_isomer(data))]
     opt = torch.optim.Adam(gen.parameters(), lr=a.lr)
     g = torch.Generator().manual_seed(a.seed)
-    loss_fn = klx_path if a.loss == "klx_path" else klx
+    loss_fn = {"klx": klx, "klx_path": klx_path, "klz_df": klz_df}[a.loss]
 
     def ess() -> float:
         with torch.no_grad():
