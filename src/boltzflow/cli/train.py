@@ -20,6 +20,7 @@ EXAMPLE = """\
   boltzflow train alanine-dipeptide --recipe data -o runs/adp-data  # on the shipped reference frames
   boltzflow train alanine-dipeptide --recipe none -o runs/quick --pretrain-steps 200 --finetune-steps 500 --loss l2plus
   boltzflow train --resume runs/adp                      # continue a killed run
+  boltzflow train my_peptide/ -o runs/more --set init=runs/mine2 --set data.reference=more.npz   # from mine2's weights
   boltzflow train my_system/ -o runs/x --set generator.hidden=128 --set training.optimizer.lr=5e-4
   torchrun --nproc_per_node 2 -m boltzflow train alanine-dipeptide -o runs/ddp   # data-parallel (DDP)
   torchrun --nproc_per_node 2 -m boltzflow train --resume runs/ddp                # same number of ranks
