@@ -10,7 +10,10 @@ divergence chi2 = E[w^2] - 1 = Var(w). For a partition of the samples into bins 
 the deficit a perfect generator of the marginal alone would remove. Printed:
 
 * ``states``: per conformational state of the system (its declared modes) the fraction of samples, of
-  reweighted mass, the Kish ESS within it and its share of sum w^2;
+  reweighted mass, the Kish ESS within it and its share of sum w^2 (1/Kish = sum over states of
+  mass^2 / (samples x kish_within), so the share is the state's part of the deficit);
+* ``residue_states`` (peptides): the same per combination of per-residue backbone states, R / B / L
+  (alpha_R / beta_PPII / alpha_L) from the first residue on, largest share first;
 * ``kish_if_state_exact``: the Kish ESS if the weights inside one state were all equal to their mean
   there (what learning that state perfectly would give), per state;
 * ``torsions``: the largest chi2 of single-torsion marginals (36 bins) among all bonded torsions;
@@ -72,6 +75,25 @@ def _features(x: np.ndarray, adj: dict[int, list[int]]) -> np.ndarray:
     return (F - F.mean(0)) / (F.std(0) + 1e-12)
 
 
+def _by_label(lab: np.ndarray, names: list[str], w: np.ndarray) -> dict:
+    """Per label present: fraction of samples (Q), reweighted mass (P), Kish ESS within (k), share of
+    sum w^2 (= P^2 / (Q k) / sum over labels: its part of 1/Kish), Kish if its weights were equal."""
+    n = len(w)
+    out = {}
+    for i, name in enumerate(names):
+        m = lab == i
+        if not m.any():
+            continue
+        wm = w[m]
+        flat = w.copy()
+        flat[m] = wm.mean()  # this state's weights made equal: its shape learned exactly
+        out[name] = {"samples": float(m.mean()), "mass": float(wm.sum() / n),
+                     "kish_within": float(wm.mean() ** 2 / np.mean(wm * wm)),
+                     "w2_share": float(np.sum(wm * wm) / np.sum(w * w)),
+                     "kish_if_state_exact": float(1.0 / np.mean(flat * flat))}
+    return out
+
+
 def anatomy(system, positions: np.ndarray, log_weights: np.ndarray, top: int = 5) -> dict:
     """The decomposition above for ``positions: (n, n_atoms, 3)`` nm and their ``log_weights: (n,)``."""
     from boltzflow.core.geometry import dihedral_of
@@ -88,19 +110,12 @@ def anatomy(system, positions: np.ndarray, log_weights: np.ndarray, top: int = 5
     modes = system.modes
     if modes is not None:
         lab = modes.assign(x)
-        states = {}
-        for i, name in enumerate(modes.names):
-            m = lab == i
-            if not m.any():
-                continue
-            wm = w[m]
-            flat = w.copy()
-            flat[m] = wm.mean()  # this state's weights made equal: its shape learned exactly
-            states[name] = {"samples": float(m.mean()), "mass": float(wm.sum() / n),
-                            "kish_within": float(wm.mean() ** 2 / np.mean(wm * wm)),
-                            "w2_share": float(np.sum(wm * wm) / np.sum(w * w)),
-                            "kish_if_state_exact": float(1.0 / np.mean(flat * flat))}
-        out["states"] = states
+        out["states"] = _by_label(lab, list(modes.names), w)
+    if hasattr(modes, "residue_states"):  # a peptide: every combination of per-residue backbone states
+        st = modes.residue_states(x)  # (n, residues) in 0, 1, 2 = R, B, L
+        combos, code = np.unique(st, axis=0, return_inverse=True)
+        by = _by_label(code.reshape(-1), ["".join("RBL"[v] for v in row) for row in combos], w)
+        out["residue_states"] = dict(sorted(by.items(), key=lambda kv: -kv[1]["w2_share"]))
     # the largest weights one by one: a handful of draws in a region q misses sets a large sample's ESS
     big = np.argsort(w)[::-1][:top]
     atoms = getattr(modes, "atoms", None)

@@ -61,3 +61,26 @@ def test_largest_weights_are_listed_with_their_state(dipeptide):
     assert first["state"] == system.modes.names[int(system.modes.assign(x[7:8])[0])]
     for row in out["largest"]:  # the dipeptide's states are the sign of phi, the listed torsion
         assert (row["mode_coordinate_deg"] > 0) == (row["state"] == "phi_positive")
+
+
+def test_peptide_residue_state_split_adds_up_to_the_kish_deficit():
+    from boltzflow.sampling import SampleSet
+    from boltzflow.systems.builtin import builtin_system
+
+    system = builtin_system("alanine-tetrapeptide")
+    x = np.asarray(SampleSet.load(ROOT / "systems" / "alanine-tetrapeptide" / "reference_300K.npz").positions[:3000],
+                   dtype=np.float64)
+    st = system.modes.residue_states(x)
+    names = np.array(["".join("RBL"[v] for v in row) for row in st])
+    rare = sorted(k for k in set(names) if 5 <= (names == k).sum() <= 100)[0]
+    lw = 0.3 * np.random.default_rng(1).standard_normal(len(x))
+    lw[names == rare] += np.log(20.0) + 0.5 * np.random.default_rng(2).standard_normal((names == rare).sum())
+    out = anatomy(system, x, lw)
+    by = out["residue_states"]
+    assert set(by) == set(names) and all(len(k) == 3 for k in by)
+    assert next(iter(by)) == rare  # largest share first
+    assert sum(v["w2_share"] for v in by.values()) == pytest.approx(1.0)
+    # 1/Kish = sum_s P_s^2 / (Q_s kish_s)
+    inv = sum(v["mass"] ** 2 / (v["samples"] * v["kish_within"]) for v in by.values())
+    assert inv == pytest.approx(1.0 / out["kish"], rel=1e-9)
+    assert by[rare]["samples"] == pytest.approx((names == rare).mean())
