@@ -395,18 +395,24 @@ def _load_init(gen, system, init: str) -> None:
     gen.load_state_dict(src.state_dict())
 
 
-def _init_cost(init: str) -> dict[str, Any]:
-    """What training the ``init`` generator cost (its summary.json, next to its generator.pt), added to this
-    run's: ``{"path", "energy_evals", "wall_s"}`` (zeros, with ``"unknown": True``, when it has no summary)."""
+def _trained_cost(run_dir: Path) -> dict[str, Any] | None:
+    """``{"energy_evals", "wall_s"}`` a trained run (or shipped generator) directory's summary.json records for
+    its training, or None without a summary."""
     import json
 
-    path = Path(init).expanduser()
-    summary = (path if path.is_dir() else path.parent) / "summary.json"
+    summary = run_dir / "summary.json"
     if not summary.is_file():
-        return {"path": str(init), "energy_evals": 0, "wall_s": 0.0, "unknown": True}
+        return None
     s = json.loads(summary.read_text())
-    return {"path": str(init), "energy_evals": int(s.get("energy_evals_training") or 0),
-            "wall_s": float(s.get("training_wall_s") or 0.0)}
+    return {"energy_evals": int(s.get("energy_evals_training") or 0), "wall_s": float(s.get("training_wall_s") or 0.0)}
+
+
+def _init_cost(init: str) -> dict[str, Any]:
+    """What training the ``init`` generator cost, added to this run's: ``{"path", "energy_evals", "wall_s"}``
+    (zeros, with ``"unknown": True``, when it has no summary.json next to its generator.pt)."""
+    path = Path(init).expanduser()
+    cost = _trained_cost(path if path.is_dir() else path.parent)
+    return {"path": str(init), **(cost or {"energy_evals": 0, "wall_s": 0.0, "unknown": True})}
 
 
 def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, test_idx, data, aug, tempering,
@@ -654,7 +660,6 @@ def mix_generators(run_dirs, dest: str | Path, weights=None, note: str = "") -> 
     summary.json with the components and their summed training cost (frames shared by components are counted
     once per component), ``note`` in README.md. ``weights``: mixture probabilities (default equal).
     ``boltzflow sample DEST`` draws from it; each draw costs one density pass per component."""
-    import json
     import shutil
 
     from .core.rundir import RunDir
@@ -674,11 +679,8 @@ def mix_generators(run_dirs, dest: str | Path, weights=None, note: str = "") -> 
     mix = GeneratorMixture([load_generator(rd.path / "generator.pt", system) for rd in dirs], weights)
     parts = []
     for rd, w in zip(dirs, mix.weights):
-        sp = rd.path / "summary.json"
-        sm = json.loads(sp.read_text()) if sp.is_file() else {}
         parts.append({"path": str(rd.path.resolve()), "weight": w,
-                      "energy_evals": int(sm.get("energy_evals_training") or 0),
-                      "wall_s": float(sm.get("training_wall_s") or 0.0)})
+                      **(_trained_cost(rd.path) or {"energy_evals": 0, "wall_s": 0.0})})
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(dirs[0].config_path, dest / "config.toml")
     shutil.copytree(dirs[0].system_dir, dest / "system")
