@@ -115,3 +115,30 @@ def test_mix_verb_makes_a_run_directory_that_sample_reads(tmp_path, capsys):
     assert main(["mix", *runs, "-o", str(tmp_path / "w"), "--weights", "1"]) == 2
     err = capsys.readouterr().err
     assert "at least 2" in err and "not empty" in err and "--weights has 1 numbers" in err
+
+
+def test_mixture_scan_kish_matches_the_exact_value_of_a_gaussian_mixture():
+    """benchmarks/mixture_scan.py: the stratified Kish of q_pi = pi_0 N(-1, 1) + pi_1 N(1.5, 0.5^2) for the
+    target N(0, 1), from draws of each component alone, against 1 / int p^2 / q_pi by quadrature."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mixture_scan import mixture_kish, mixture_log_q
+
+    def log_n(x, m, s):
+        return -0.5 * ((x - m) / s) ** 2 - math.log(s * math.sqrt(2 * math.pi))
+
+    comps = [(-1.0, 1.0), (1.5, 0.5)]
+    rng = np.random.default_rng(0)
+    n = 400_000
+    draws = [rng.normal(m, s, n) for m, s in comps]
+    log_q = [np.stack([log_n(x, m, s) for m, s in comps], axis=1) for x in draws]
+    u = [0.5 * x**2 + 7.0 for x in draws]  # unnormalised target: the constant must not matter
+    grid = np.linspace(-12, 12, 200_001)
+    dx = grid[1] - grid[0]
+    for pi in ([1.0, 0.0], [0.7, 0.3], [0.4, 0.6]):
+        lq = mixture_log_q(np.stack([log_n(grid, m, s) for m, s in comps], axis=1), pi)
+        exact = 1.0 / float(np.sum(np.exp(2 * log_n(grid, 0.0, 1.0) - lq)) * dx)
+        got = mixture_kish(log_q, u, pi)
+        assert got == pytest.approx(exact, rel=0.02), (pi, got, exact)
+    assert mixture_kish(log_q, u, [0.7, 0.3]) > mixture_kish(log_q, u, [1.0, 0.0])  # the second helps here
+    with pytest.raises(ValueError, match="summing to 1"):
+        mixture_kish(log_q, u, [0.5, 0.6])
