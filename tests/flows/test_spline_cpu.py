@@ -79,3 +79,19 @@ def test_fused_without_gradients_gives_the_same_values(circular):
         y1, l1 = S.packed_rq_spline(x, p.clone().requires_grad_(), circular, 5.0, inverse)
         assert y0.grad_fn is None and y1.grad_fn is not None
         assert torch.allclose(y0, y1.detach(), atol=1e-12) and torch.allclose(l0, l1.detach(), atol=1e-12)
+
+
+def test_spline_kernel_benchmark_runs_and_reports_ratios(capsys):
+    """benchmarks/spline_kernel.py at toy size: every spline kind and mode, ratios measured in the same run."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from spline_kernel import main
+
+    assert main(["-n", "256", "--repeats", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {(r["kind"], r["mode"]) for r in out["results"]} == {(k, m) for k in ("bounded", "circular")
+                                                               for m in ("train", "sample")}
+    assert all(r["kernel_ms"] > 0 and r["speedup_vs_torch"] > 0 for r in out["results"])
