@@ -54,9 +54,13 @@ class EGNNLayer(nn.Module):
         n = x.shape[-2]
         diff = x[:, :, None, :] - x[:, None, :, :]  # (B, n, n, d): x_i - x_j
         d2 = diff.pow(2).sum(-1, keepdim=True)  # (B, n, n, 1)
-        hi = h[:, :, None, :].expand(-1, -1, n, -1)
-        hj = h[:, None, :, :].expand(-1, n, -1, -1)
-        m = self.edge(torch.cat([hi, hj, d2], dim=-1))  # (B, n, n, H)
+        # phi_e's first layer on [h_i, h_j, d2] = W_i h_i + W_j h_j + w d2 + b: the node terms once per node
+        # (B n F H multiply-adds each) instead of once per edge (B n^2 (2F + 1) H)
+        first = self.edge[0]
+        f = h.shape[-1]
+        wi, wj, wd = first.weight[:, :f], first.weight[:, f:2 * f], first.weight[:, 2 * f]
+        pre = (h @ wi.T)[:, :, None, :] + (h @ wj.T)[:, None, :, :] + d2 * wd + first.bias
+        m = self.edge[1:](pre)  # (B, n, n, H)
         off = 1.0 - torch.eye(n, dtype=x.dtype, device=x.device)[None, :, :, None]  # no self-edges
         a = torch.sigmoid(self.attention(m)) * off
         agg = (a * m).sum(2)  # (B, n, H)
