@@ -331,7 +331,7 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
         system.save(rd.system_dir)
     tempering = None
     if config.data.source == "tempering":
-        ref, ref_path, tempering = distributed.rank0_first(dist, lambda: _tempering_data(system, config, rd))
+        ref, ref_path, tempering = _tempering_data(system, config, rd, dist, log)
     else:
         ref, ref_path = load_reference(system, config.data)
     train_idx, test_idx = _split(len(ref), config.data.holdout, config.seed)
@@ -480,42 +480,98 @@ def _effective_training(tc, gen):
     return replace(tc, pretrain=replace(tc.pretrain, penalty_weight=0.0), finetune=replace(tc.finetune, penalty_weight=0.0))
 
 
-def _tempering_data(system, config: RunConfig, rd):
+def _tempering_data(system, config: RunConfig, rd, dist=None, log=None):
     """Training frames from the energy alone (``data.source = "tempering"``): batched parallel tempering
     from the system's input structure (:mod:`boltzflow.training.tempering`), cached in the run directory
-    (``data/tempering.npz``) so a resumed run trains on the same frames. Returns (SampleSet, path, info)."""
+    (``data/tempering.npz``) so a resumed run trains on the same frames. Returns (SampleSet, path, info).
+
+    Under torchrun (``dist`` active; every rank calls this) the ladders are shared out: rank r runs its
+    :func:`~boltzflow.distributed.shard_bounds` share of ``tempering.ladders`` with seed ``tempering.seed +
+    100003 r`` and writes ``data/tempering.part-R-of-N.npz``; rank 0 joins the parts in rank order into
+    ``tempering.npz`` (energy evaluations summed, wall time the slowest rank's) and every rank reads it."""
     from dataclasses import replace
 
     import torch
 
+    from .distributed import SINGLE
     from .sampling import SampleSet
     from .training.tempering import parallel_tempering
 
+    dist = dist or SINGLE
+    log = log or rd.log
     path = rd.path / "data" / "tempering.npz"
+    dist.barrier()  # a rank that finds the cache finds it on every rank
     if path.is_file():
         data = SampleSet.load(path)
         return data, path, dict(data.provenance.get("tempering", {}))
-    device = resolve_device(config.device)
+    tc = config.tempering
+    lo, hi = dist.shard(tc.ladders)
+    if hi <= lo:
+        raise InputError(f"{dist.world_size} ranks share {tc.ladders} tempering ladders: give every rank at least one "
+                         f"(tempering.ladders >= {dist.world_size}) or launch fewer ranks")
+    part_cfg = replace(tc, ladders=hi - lo, seed=tc.seed + 100003 * dist.rank) if dist.active else tc
+    device = resolve_device(dist.device if dist.active else config.device)
     energy = make_energy(system, replace(config.energy, term_grad_max=0.0, energy_max=0.0), device=device)
     x0 = torch.as_tensor(np.array(system.positions, dtype=np.float64), device=device)
-    tc = config.tempering
-    rd.log(f"parallel tempering from the input structure: {tc.ladders} ladders x {tc.replicas} temperatures "
-           f"({system.temperature:g} - {tc.t_max:g} K), {tc.rounds} rounds of {tc.steps_per_swap} steps")
-    res = parallel_tempering(energy, x0, system.masses, system.kT, system.temperature, tc, dtype=_dtype(config.dtype))
-    info = {"frames": int(len(res.positions)), "energy_evals": int(res.energy_evals), "wall_s": float(res.wall_s),
-            "reset_chains": int(res.reset_chains), "temperatures_k": [float(t) for t in res.temperatures],
-            "swap_acceptance": [float(a) for a in res.swap_acceptance],
-            "mean_u": float(np.mean(res.reduced_energy)), "config": to_dict(tc)}
-    data = SampleSet(res.positions, res.reduced_energy, None, None, system.temperature,
-                     {"sampler": "parallel-tempering (boltzflow.training.tempering)", "energy_evals": info["energy_evals"],
-                      "wall_s": info["wall_s"], "tempering": info})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data.save(path)
-    rd.log(f"parallel tempering: {info['frames']} frames at {system.temperature:g} K"
-           f"{' and the next ' + str(tc.keep_replicas - 1) + ' temperature(s)' if tc.keep_replicas > 1 else ''} in {res.wall_s:.1f} s "
-           f"({res.energy_evals} energy evaluations; swap acceptance {min(res.swap_acceptance, default=1):.2f}-"
-           f"{max(res.swap_acceptance, default=1):.2f}; {res.reset_chains} chains reset); mean u {info['mean_u']:.2f} kT")
-    return data, path, info
+    log(f"parallel tempering from the input structure: {tc.ladders} ladders x {tc.replicas} temperatures "
+        f"({system.temperature:g} - {tc.t_max:g} K), {tc.rounds} rounds of {tc.steps_per_swap} steps"
+        + (f", shared by {dist.world_size} ranks" if dist.active else ""))
+    err = None
+    try:
+        res = parallel_tempering(energy, x0, system.masses, system.kT, system.temperature, part_cfg,
+                                 dtype=_dtype(config.dtype))
+    except Exception as e:  # re-raised below, after telling the other ranks
+        if not dist.active:
+            raise
+        err, res = e, None
+    if dist.active and not dist.all_true(err is None):
+        if err is not None:
+            raise err
+        raise InputError("parallel tempering failed on another rank (its message is in that rank's output)")
+    part = {"positions": res.positions, "reduced_energy": res.reduced_energy, "energy_evals": int(res.energy_evals),
+            "wall_s": float(res.wall_s), "reset_chains": int(res.reset_chains), "ladders": hi - lo,
+            "swap_acceptance": [float(a) for a in res.swap_acceptance]}
+    if dist.active:
+        part_path = path.with_name(f"tempering.part-{dist.rank:03d}-of-{dist.world_size:03d}.npz")
+        part_path.parent.mkdir(parents=True, exist_ok=True)
+        SampleSet(res.positions, res.reduced_energy, None, None, system.temperature,
+                  {"sampler": "parallel-tempering part", "part": {k: v for k, v in part.items()
+                                                                  if k not in ("positions", "reduced_energy")}}
+                  ).save(part_path)
+        dist.barrier()
+        if dist.is_main:
+            sets = [SampleSet.load(path.with_name(f"tempering.part-{r:03d}-of-{dist.world_size:03d}.npz"))
+                    for r in range(dist.world_size)]
+            meta = [s.provenance["part"] for s in sets]
+            n_lad = np.array([m["ladders"] for m in meta], dtype=np.float64)
+            part = {"positions": np.concatenate([s.positions for s in sets]),
+                    "reduced_energy": np.concatenate([s.reduced_energy for s in sets]),
+                    "energy_evals": int(sum(m["energy_evals"] for m in meta)),
+                    "wall_s": float(max(m["wall_s"] for m in meta)),
+                    "reset_chains": int(sum(m["reset_chains"] for m in meta)),
+                    "swap_acceptance": [float(v) for v in np.average(
+                        np.array([m["swap_acceptance"] for m in meta]), axis=0, weights=n_lad)]}
+    if dist.is_main:
+        info = {"frames": int(len(part["positions"])), "energy_evals": part["energy_evals"], "wall_s": part["wall_s"],
+                "reset_chains": part["reset_chains"], "temperatures_k": [float(t) for t in res.temperatures],
+                "swap_acceptance": part["swap_acceptance"], "mean_u": float(np.mean(part["reduced_energy"])),
+                "config": to_dict(tc), "ranks": dist.world_size}
+        data = SampleSet(part["positions"], part["reduced_energy"], None, None, system.temperature,
+                         {"sampler": "parallel-tempering (boltzflow.training.tempering)",
+                          "energy_evals": info["energy_evals"], "wall_s": info["wall_s"], "tempering": info})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.save(path)
+        for r in range(dist.world_size if dist.active else 0):
+            path.with_name(f"tempering.part-{r:03d}-of-{dist.world_size:03d}.npz").unlink(missing_ok=True)
+        acc = info["swap_acceptance"]
+        log(f"parallel tempering: {info['frames']} frames at {system.temperature:g} K"
+            f"{' and the next ' + str(tc.keep_replicas - 1) + ' temperature(s)' if tc.keep_replicas > 1 else ''} in "
+            f"{info['wall_s']:.1f} s ({info['energy_evals']} energy evaluations; swap acceptance "
+            f"{min(acc, default=1):.2f}-{max(acc, default=1):.2f}; {info['reset_chains']} chains reset); mean u "
+            f"{info['mean_u']:.2f} kT")
+    dist.barrier()  # tempering.npz is written
+    data = SampleSet.load(path)
+    return data, path, dict(data.provenance.get("tempering", {}))
 
 
 def _augmented_data(system, config: RunConfig, rd, x_train: np.ndarray, ref_u, train_idx):

@@ -135,3 +135,30 @@ def test_two_ranks_rwml_pools_are_sharded_and_resume_exactly(tmp_path):
     logging = 64 * 12  # the pre-training rows' evaluation batches (fine-tuning rows reuse no samples)
     assert full["energy_evals"] >= pools and full["energy_evals"] <= pools + guard + logging + 64 * 6
     assert resumed["params"] == full["params"]
+
+
+def test_two_ranks_share_the_tempering_ladders(tmp_path):
+    """`torchrun -m boltzflow train` with the energy recipe: each rank runs half of the tempering ladders and
+    rank 0 joins them into one data/tempering.npz (the one-process number of frames, the evaluations of
+    both halves, no part files left); training then reads it on both ranks."""
+    quick = ["tempering.ladders=4", "tempering.replicas=3", "tempering.t_max=600.0", "tempering.burnin_rounds=2",
+             "tempering.frames=10", "tempering.steps_per_swap=5", "tempering.keep_replicas=1",
+             "generator.blocks=1", "generator.hidden=16", "training.pretrain.steps=4", "training.pretrain.batch=16",
+             "training.finetune.steps=0", "training.log_every=2", "training.eval_batch=32"]
+    sets = [a for kv in quick for a in ("--set", kv)]
+    run = tmp_path / "run"
+    proc = torchrun(2, "-m", "boltzflow", "train", "butane", "--recipe", "energy", "-o", str(run), "--no-progress",
+                    *sets)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from boltzflow.sampling import SampleSet
+
+    data = SampleSet.load(run / "data" / "tempering.npz")
+    info = data.provenance["tempering"]
+    assert len(data.positions) == 4 * 10 and info["ranks"] == 2 and info["frames"] == 40
+    assert info["energy_evals"] >= 4 * 3 * 5 * 12  # both halves: 4 ladders x 3 replicas x 5 steps x 12 rounds
+    assert not list((run / "data").glob("tempering.part-*"))
+    halves = data.positions.reshape(2, 20, -1)
+    assert not torch.allclose(torch.as_tensor(halves[0]), torch.as_tensor(halves[1]))  # distinct seeds per rank
+    log = (run / "log.txt").read_text()
+    assert "shared by 2 ranks" in log and log.count("parallel tempering: 40 frames") == 1
+    assert json.loads((run / "summary.json").read_text())["data_tempering"]["energy_evals"] == info["energy_evals"]
