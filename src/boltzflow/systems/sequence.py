@@ -31,7 +31,8 @@ field terms (``alanine-tetrapeptide`` and ``alanine-hexapeptide`` are made this 
 ``systems/*/make_files.py``, and tests check that their atom order is that of ``prepare --sequence``).
 The coordinates are not bitwise reproducible: pdbfixer's placement of the caps and hydrogens varies
 from run to run (it iterates a Python set of bonds), so two builds can end in nearby minima that
-differ by up to ~0.2 nm in cap and hydrogen positions (e.g. methyl rotations). Any of them is a
+differ by up to ~0.2 nm in cap and hydrogen positions (e.g. methyl rotations); the backbone torsions,
+the capped ends' included, are set (:func:`set_cap_torsions`). Any of them is a
 valid starting structure; for a fixed one, keep the prepared directory or the shipped PDB.
 """
 
@@ -143,9 +144,8 @@ def from_sequence(sequence: str, solvent: str = "vacuum", temperature: float = 3
 
     sequence: ``"ACE-ALA-ALA-ALA-NME"`` (three-letter, optional ACE/NME caps at the ends) or
     ``"GYDPETGTWG"`` (one-letter, zwitterionic ends). solvent: "vacuum" | "obc2". temperature: K.
-    name: defaults to the sequence. backbone: (phi, psi) degrees of the built structure (every torsion
-    between two amino acids; the caps' torsions, phi of the first and psi of the last residue, come
-    from pdbfixer's placement of ACE / NME).
+    name: defaults to the sequence. backbone: (phi, psi) degrees of the built structure (every residue's,
+    the capped ends' included: :func:`set_cap_torsions`; without a cap the terminal torsion is undefined).
     minimize: energy-minimise the built structure. The system carries automatic backbone modes
     (:func:`boltzflow.systems.modes.peptide_modes`). InputError for a bad sequence."""
     from .pdb import from_pdb
@@ -217,7 +217,7 @@ def _build_topology(seq: ParsedSequence, backbone: tuple[float, float]):
     want = ([seq.n_cap] if seq.n_cap else []) + list(seq.residues) + ([seq.c_cap] if seq.c_cap else [])
     if [("HIS" if g in ("HID", "HIE", "HIP") else g) for g in got] != want:  # pragma: no cover - library change
         raise InputError(f"building {seq} gave residues {'-'.join(got)}; please report this")
-    return fixer.topology, trans_caps(fixer.topology, fixer.positions)
+    return fixer.topology, set_cap_torsions(fixer.topology, trans_caps(fixer.topology, fixer.positions), phi, psi)
 
 
 #: (cap residue, atoms that define the amide torsion on the cap side, the cap's atoms that rotate)
@@ -274,6 +274,51 @@ def trans_caps(topology, positions):
         v = x[moving] - x[a0]
         # rotation by pi about k (Rodrigues): v -> 2 (v . k) k - v
         x[moving] = x[a0] + 2.0 * (v @ k)[:, None] * k[None] - v
+    return u.Quantity([openmm_vec(p) for p in x], u.nanometer)
+
+
+def _rotate(x: np.ndarray, axis_from: int, axis_to: int, moving: list[int], angle: float) -> None:
+    """Rotate ``x[moving]`` in place by ``angle`` (radians) about the bond axis_from -> axis_to."""
+    k = x[axis_to] - x[axis_from]
+    k /= np.linalg.norm(k)
+    v = x[moving] - x[axis_from]
+    c, s = np.cos(angle), np.sin(angle)
+    x[moving] = x[axis_from] + v * c + np.cross(k, v) * s + (v @ k)[:, None] * k[None] * (1.0 - c)
+
+
+def set_cap_torsions(topology, positions, phi: float, psi: float):
+    """Positions with phi of the first residue (C(ACE)-N-CA-C) set to ``phi`` and psi of the last
+    (N-CA-C-N(NME)) to ``psi`` (degrees), by turning the cap with its amide plane (the first residue's
+    amide H; the last residue's carbonyl O) about the N-CA / CA-C bond: pdbfixer's cap placement leaves these
+    two torsions to chance (phi of ALA2 came out at -150 on one machine and +54 on another), so a built
+    peptide now has every backbone torsion it was asked for. Returns an OpenMM Quantity in nm."""
+    import openmm.unit as u
+
+    from ..core.geometry import dihedral_of
+
+    x = np.array(getattr(positions, "value_in_unit", lambda unit: positions)(u.nanometer), dtype=np.float64)
+    res = list(topology.residues())
+    for i, r in enumerate(res):
+        own = {a.name: a.index for a in r.atoms()}
+        if r.name == "ACE" and i + 1 < len(res):
+            first = {a.name: a.index for a in res[i + 1].atoms()}
+            quad = [own["C"], first["N"], first["CA"], first["C"]]
+            moving = list(own.values()) + [first[h] for h in ("H", "HN") if h in first]
+            axis, target = (first["N"], first["CA"]), phi
+        elif r.name == "NME" and i > 0:
+            last = {a.name: a.index for a in res[i - 1].atoms()}
+            quad = [last["N"], last["CA"], last["C"], own["N"]]
+            moving = list(own.values()) + [last["O"]]
+            axis, target = (last["C"], last["CA"]), psi
+        else:
+            continue
+        now = float(np.degrees(dihedral_of(x, quad)[0]))
+        # the moving atoms sit at the quad's first (ACE) / last (NME) end; turning the axis around (NME)
+        # makes a positive rotation raise the torsion in both cases
+        _rotate(x, axis[0], axis[1], moving, np.radians(target - now))
+        got = float(np.degrees(dihedral_of(x, quad)[0]))
+        if abs((got - target + 180.0) % 360.0 - 180.0) > 1e-6:  # the other handedness: undo twice
+            _rotate(x, axis[0], axis[1], moving, -2.0 * np.radians(target - now))
     return u.Quantity([openmm_vec(p) for p in x], u.nanometer)
 
 
