@@ -263,3 +263,14 @@ def test_prepared_pdb_peptide_gets_modes(tmp_path):
     rng = np.random.default_rng(1)
     x = adp.positions[None] + 0.05 * rng.standard_normal((200, adp.n_atoms, 3))
     np.testing.assert_array_equal(ms.modes.assign(x) == 3, adp.modes.assign(x) == 1)
+
+
+def test_capped_ends_get_the_requested_backbone_torsions():
+    """phi of the first and psi of the last residue (set by turning the caps, not left to pdbfixer) are the
+    requested ones like every other backbone torsion; the cap amides stay trans."""
+    for backbone in ((-70.0, 140.0), (60.0, 40.0)):
+        ms = from_sequence(TETRA, backbone=backbone, minimize=False)
+        phi, psi = ms.modes.torsions_deg(ms.positions[None])
+        np.testing.assert_allclose(phi[0], backbone[0], atol=0.5)
+        np.testing.assert_allclose(psi[0], backbone[1], atol=0.5)
+        assert all(abs(v) > 150.0 for v in _cap_omegas_charmm(ms).values())
