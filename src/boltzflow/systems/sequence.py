@@ -269,11 +269,7 @@ def trans_caps(topology, positions):
             last = res[res.index(cap) - 1]
             a0, a1 = atoms["N"], next(a.index for a in last.atoms() if a.name == "C")
             moving = [i for n, i in atoms.items() if n != "N"]
-        k = x[a1] - x[a0]
-        k /= np.linalg.norm(k)
-        v = x[moving] - x[a0]
-        # rotation by pi about k (Rodrigues): v -> 2 (v . k) k - v
-        x[moving] = x[a0] + 2.0 * (v @ k)[:, None] * k[None] - v
+        _rotate(x, a0, a1, moving, np.pi)
     return u.Quantity([openmm_vec(p) for p in x], u.nanometer)
 
 
@@ -313,11 +309,10 @@ def set_cap_torsions(topology, positions, phi: float, psi: float):
         else:
             continue
         now = float(np.degrees(dihedral_of(x, quad)[0]))
-        # the moving atoms sit at the quad's first (ACE) / last (NME) end; turning the axis around (NME)
-        # makes a positive rotation raise the torsion in both cases
+        # rotate by the difference; if the axis' orientation makes that the wrong sense, turn back twice
         _rotate(x, axis[0], axis[1], moving, np.radians(target - now))
         got = float(np.degrees(dihedral_of(x, quad)[0]))
-        if abs((got - target + 180.0) % 360.0 - 180.0) > 1e-6:  # the other handedness: undo twice
+        if abs((got - target + 180.0) % 360.0 - 180.0) > 1e-6:
             _rotate(x, axis[0], axis[1], moving, -2.0 * np.radians(target - now))
     return u.Quantity([openmm_vec(p) for p in x], u.nanometer)
 
