@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         scan.append(row)
     out = {"components": list(a.runs), "n_per_component": a.n, "seed": a.seed, "wall_s_per_component": cost,
            "scan": scan, "best": max(scan, key=lambda r: r["kish"]),
-           "command": "python benchmarks/mixture_scan.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
+           "command": "python benchmarks/mixture_scan.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if lq_test is not None:
         out["n_test"] = int(len(lq_test))
     if not a.json:
