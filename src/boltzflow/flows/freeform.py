@@ -87,7 +87,7 @@ def _flat_map(net: Callable[[torch.Tensor], torch.Tensor], n: int, d: int) -> Ca
     return lambda v: net(v.reshape(1, n, d)).reshape(n * d)
 
 
-def subspace_jacobian(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def subspace_jacobian(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     """``Q^T J_net(x) Q: (B, (n-1)d, (n-1)d)`` for ``x: (B, n, d)``: the Jacobian of a CoM-free map
     restricted to the CoM-free subspace, by ``torch.func`` (full ``n d`` forward-mode columns)."""
     from torch.func import jacfwd, vmap
@@ -147,30 +147,31 @@ class FreeFormFlow(nn.Module):
         """``(n, n_particles, n_spatial)`` CoM-free samples: one decoder call, no density."""
         return self.decode(self.base.sample(n, generator, dtype=self._ref.dtype, device=self._ref.device))
 
-    def log_prob_latent(self, z: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_latent(self, z: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x = g(z), log q(x))`` with the exact decoder Jacobian at ``z``: ``(B, n, d)``, ``(B,)``."""
         z = remove_com(self._shape(z))
         with torch.no_grad():
             x = self.decode(z)
-        jac = subspace_jacobian(self.decode, z.detach(), chunk)
+        with torch.no_grad():  # a density to reweight with, not to train on: no graph for the Jacobian
+            jac = subspace_jacobian(self.decode, z.detach(), chunk)
         logdet = torch.linalg.slogdet(jac.to(torch.float64))[1].to(z.dtype)
         return x, self.base.log_prob(z) - logdet
 
     def sample_and_log_prob(self, n: int, generator: torch.Generator | None = None,
-                            chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                            chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` samples ``(n, n_particles, n_spatial)`` and their exact log q ``(n,)`` (decoder Jacobian)."""
         z = self.base.sample(n, generator, dtype=self._ref.dtype, device=self._ref.device)
         x, lq = self.log_prob_latent(z, chunk)
         return x.detach(), lq.detach()
 
-    def log_prob(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """Exact-Jacobian log density of configurations ``x`` (any CoM) on the CoM-free subspace:
         ``log N_V(f(x)) - log|det J_g(f(x))|`` (draxler2024 B.3), ``(B,)``; no gradient."""
         with torch.no_grad():
             z = self.encode(x)
         return self.log_prob_latent(z, chunk)[1].detach()
 
-    def nll_paper(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    def nll_paper(self, x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """draxler2024's NLL per sample (their tables): ``-log q(x)`` without the latent normal's
         constant ``(n - 1) d / 2 log(2 pi)``, ``(B,)``."""
         return -self.log_prob(x, chunk) - 0.5 * self.dof * math.log(2 * math.pi)
