@@ -415,6 +415,27 @@ def _init_cost(init: str) -> dict[str, Any]:
     return {"path": str(init), **(cost or {"energy_evals": 0, "wall_s": 0.0, "unknown": True})}
 
 
+def _init_data(init: str) -> dict[str, Any]:
+    """The ``data_tempering`` / ``data_augmentation`` records of the ``init`` generator's summary.json
+    (empty without one): frames it was trained on, whose cost its own cost already holds."""
+    import json
+
+    path = Path(init).expanduser()
+    summary = (path if path.is_dir() else path.parent) / "summary.json"
+    s = json.loads(summary.read_text()) if summary.is_file() else {}
+    return {k: s[k] for k in ("data_tempering", "data_augmentation") if s.get(k)}
+
+
+def _data_cost(aug: dict | None, tempering: dict | None, init: dict | None,
+               init_data: dict[str, Any]) -> tuple[int, float]:
+    """(energy evaluations, wall s) a run's training data and its ``init`` generator cost, each counted once:
+    Langevin growth (``aug``) or tempering frames the init generator was itself trained on (``init_data``,
+    from :func:`_init_data`) are already inside the init's cost."""
+    own = [d for d, key in ((aug, "data_augmentation"), (tempering, "data_tempering")) if d and init_data.get(key) != d]
+    parts = [*own, init] if init else own
+    return sum(int(d["energy_evals"]) for d in parts), sum(float(d["wall_s"]) for d in parts)
+
+
 def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, test_idx, data, aug, tempering,
                      t0) -> dict[str, Any]:
     """Rank 0's end of :func:`train`: generator.pt, held-out log-likelihood, summary.json."""
@@ -430,8 +451,7 @@ def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, t
     rd.log("log-likelihood per frame: training data {train:.2f}, held-out reference frames {holdout:.2f} "
            "(a large gap means over-fitting)".format(**fit) if fit else "no held-out frames")
     init = _init_cost(config.init) if config.init else None
-    data_evals = sum(int(d["energy_evals"]) for d in (aug, tempering, init) if d)
-    data_wall = sum(float(d["wall_s"]) for d in (aug, tempering, init) if d)
+    data_evals, data_wall = _data_cost(aug, tempering, init, _init_data(config.init) if config.init else {})
     rd.update_summary(init=init, system=system.name, temperature_k=system.temperature, pipeline=config.generator.pipeline,
                       recipe=config.recipe, training_steps=trainer.step, training_finished=finished,
                       reference_path=str(ref_path), reference_mode_fractions=ref_modes,

@@ -86,3 +86,15 @@ def test_init_starts_from_a_trained_generator(tmp_path):
     with pytest.raises(InputError, match="no trained generator"):
         pipeline.train(system, pipeline.recipe_config("data", {**over, "init": str(tmp_path / "nowhere")}),
                        tmp_path / "bad2", progress=False)
+
+
+def test_frames_an_init_generator_was_trained_on_are_counted_once():
+    """A run that starts from another's generator on the same tempering frames (their records equal) adds
+    only the init's cost; new frames are added on top."""
+    temp = {"frames": 10, "energy_evals": 1000, "wall_s": 5.0}
+    init = {"path": "a", "energy_evals": 1500, "wall_s": 9.0}  # a's cost: its frames (1 000) and its training
+    assert pipeline._data_cost(None, temp, init, {"data_tempering": dict(temp)}) == (1500, 9.0)
+    assert pipeline._data_cost(None, temp, init, {}) == (2500, 14.0)  # other frames: both
+    assert pipeline._data_cost(None, temp, None, {}) == (1000, 5.0)
+    aug = {"frames": 3, "energy_evals": 7, "wall_s": 1.0}
+    assert pipeline._data_cost(aug, temp, init, {"data_tempering": {**temp, "frames": 11}}) == (2507, 15.0)
