@@ -395,34 +395,40 @@ def _load_init(gen, system, init: str) -> None:
     gen.load_state_dict(src.state_dict())
 
 
-def _trained_cost(run_dir: Path) -> dict[str, Any] | None:
-    """``{"energy_evals", "wall_s"}`` a trained run (or shipped generator) directory's summary.json records for
-    its training, or None without a summary."""
+def _summary_of(run_dir: Path) -> dict[str, Any] | None:
+    """A run (or shipped generator) directory's summary.json, or None without one."""
     import json
 
     summary = run_dir / "summary.json"
-    if not summary.is_file():
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+def _trained_cost(run_dir: Path) -> dict[str, Any] | None:
+    """``{"energy_evals", "wall_s"}`` a trained run (or shipped generator) directory's summary.json records for
+    its training, or None without a summary."""
+    s = _summary_of(run_dir)
+    if s is None:
         return None
-    s = json.loads(summary.read_text())
     return {"energy_evals": int(s.get("energy_evals_training") or 0), "wall_s": float(s.get("training_wall_s") or 0.0)}
+
+
+def _init_dir(init: str) -> Path:
+    """The directory of the ``init`` generator (a run directory or its generator.pt)."""
+    path = Path(init).expanduser()
+    return path if path.is_dir() else path.parent
 
 
 def _init_cost(init: str) -> dict[str, Any]:
     """What training the ``init`` generator cost, added to this run's: ``{"path", "energy_evals", "wall_s"}``
     (zeros, with ``"unknown": True``, when it has no summary.json next to its generator.pt)."""
-    path = Path(init).expanduser()
-    cost = _trained_cost(path if path.is_dir() else path.parent)
+    cost = _trained_cost(_init_dir(init))
     return {"path": str(init), **(cost or {"energy_evals": 0, "wall_s": 0.0, "unknown": True})}
 
 
 def _init_data(init: str) -> dict[str, Any]:
     """The ``data_tempering`` / ``data_augmentation`` records of the ``init`` generator's summary.json
     (empty without one): frames it was trained on, whose cost its own cost already holds."""
-    import json
-
-    path = Path(init).expanduser()
-    summary = (path if path.is_dir() else path.parent) / "summary.json"
-    s = json.loads(summary.read_text()) if summary.is_file() else {}
+    s = _summary_of(_init_dir(init)) or {}
     return {k: s[k] for k in ("data_tempering", "data_augmentation") if s.get(k)}
 
 

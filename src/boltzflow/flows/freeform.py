@@ -150,9 +150,8 @@ class FreeFormFlow(nn.Module):
     def log_prob_latent(self, z: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x = g(z), log q(x))`` with the exact decoder Jacobian at ``z``: ``(B, n, d)``, ``(B,)``."""
         z = remove_com(self._shape(z))
-        with torch.no_grad():
-            x = self.decode(z)
         with torch.no_grad():  # a density to reweight with, not to train on: no graph for the Jacobian
+            x = self.decode(z)
             jac = subspace_jacobian(self.decode, z.detach(), chunk)
         logdet = torch.linalg.slogdet(jac.to(torch.float64))[1].to(z.dtype)
         return x, self.base.log_prob(z) - logdet
