@@ -447,7 +447,7 @@ def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, t
     """Rank 0's end of :func:`train`: generator.pt, held-out log-likelihood, summary.json."""
     from .flows.generator import save_generator
 
-    finished = trainer.step >= config.training.total_steps
+    finished = trainer.finished
     save_generator(rd.path / "generator.pt", gen)
     rd.log(f"training {'finished' if finished else 'stopped'} at step {trainer.step} after {time.time() - t0:.1f} s")
     ref_modes = None
@@ -997,7 +997,7 @@ def demo_config(quick: bool = False) -> RunConfig:
     cfg = replace(cfg, training=tr, generator=gen, sampling=SampleConfig(n=100_000, batch_size=5000))
     if quick:
         tr = replace(tr, pretrain=replace(tr.pretrain, steps=20, batch=64), finetune=replace(tr.finetune, steps=10, batch=64),
-                     log_every=5, checkpoint_every=10, eval_batch=128, ess_guard=500)
+                     log_every=5, checkpoint_every=10, eval_batch=128, ess_guard=500, finetune_min_ess=0.0)
         return replace(cfg, training=tr, generator=_quick_generator(gen), sampling=SampleConfig(n=500, batch_size=250),
                        data=replace(cfg.data, max_samples=2000, md_frames=2, md_burnin=10, md_stride=5))
     return cfg

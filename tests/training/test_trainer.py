@@ -201,6 +201,28 @@ def test_ess_guard_keeps_the_best_state_through_a_destructive_finetune(tmp_path)
     assert _kish(gen2) < before - 0.05
 
 
+def test_finetune_is_skipped_below_finetune_min_ess_and_runs_on_resume_with_a_lower_one(tmp_path):
+    from dataclasses import replace
+
+    c = cfg("klx", finetune=StageConfig(loss="klx", steps=8, batch=64), ess_guard=2000, finetune_min_ess=0.99)
+    run = RunDir(tmp_path / "run")
+    gen = flow(0)
+    tr = Trainer(gen, dw_energy, c, run, data())
+    tr.run()
+    ess = tr._guard["best_ess"]
+    assert 0 < ess < 0.99  # a 6-step flow is far from the double well's Boltzmann distribution
+    assert tr.finetune_skipped and tr.finished and tr.step == c.pretrain.steps < c.total_steps
+    skipped = json.loads((tmp_path / "run" / "summary.json").read_text())["finetune_skipped"]
+    assert skipped == {"step": c.pretrain.steps, "ess": pytest.approx(ess), "finetune_min_ess": 0.99}
+    assert "fine-tuning skipped" in (tmp_path / "run" / "log.txt").read_text()
+    # the same run directory, resumed with a floor below the guard's ESS, fine-tunes to the end
+    tr2 = Trainer(flow(0), dw_energy, replace(c, finetune_min_ess=0.0), run, data())
+    tr2.run(resume=True)
+    assert not tr2.finetune_skipped and tr2.step == c.total_steps
+    with pytest.raises(ConfigError, match="ess_guard"):
+        replace(c, ess_guard=0)
+
+
 def test_checkpoint_from_before_a_new_nested_option_resumes(tmp_path):
     """A checkpoint written before an option existed inside a section (here pool.data_fraction and
     pool.power) resumes under that option's default, and is refused under another value."""

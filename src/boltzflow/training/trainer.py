@@ -113,6 +113,12 @@ class TrainConfig:
     that had the highest ESS (the pre-fine-tuning one included), so fine-tuning never lowers it.
     Large samples matter: batches of ~1e3 miss the heavy tail of the weights.
 
+    finetune_min_ess (needs ess_guard > 0): fine-tuning is skipped when the guard's Kish ESS fraction of
+    the maximum-likelihood generator is below it (the run ends there; resuming with a lower value
+    fine-tunes after all). Measured: energy-based fine-tuning took alanine dipeptide from 0.44-0.59 to
+    0.63-0.81, and lowered alanine tetrapeptide's ESS from every start tried (0.03, 0.1, 0.23), costing
+    ~1 300 s each time (docs/peptides.md).
+
     holdout_guard protects the maximum-likelihood stage from over-fitting: when the Trainer has held-out
     frames, their mean negative log-likelihood is measured at every checkpoint of pre-training, and the
     stage ends with the state where it was lowest (measured on alanine tetrapeptide, 128 000 frames, 8 x 256
@@ -129,6 +135,7 @@ class TrainConfig:
     progress: bool = True
     eval_batch: int = 1024
     ess_guard: int = 0
+    finetune_min_ess: float = 0.0
     holdout_guard: bool = True
     ais: AISConfig = AISConfig()
     replay: ReplayConfig = ReplayConfig()
@@ -157,6 +164,11 @@ class TrainConfig:
             raise ConfigError("log_every and checkpoint_every must be >= 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ConfigError("grad_clip must be > 0 (or omitted for no clipping)")
+        if not 0.0 <= self.finetune_min_ess < 1.0:
+            raise ConfigError(f"finetune_min_ess is a Kish ESS fraction in [0, 1), got {self.finetune_min_ess}")
+        if self.finetune_min_ess > 0 and self.finetune.steps > 0 and self.ess_guard < 1:
+            raise ConfigError("finetune_min_ess needs the ESS guard to measure the start of fine-tuning: "
+                              "set training.ess_guard (e.g. 100000) or finetune_min_ess = 0")
 
     @property
     def total_steps(self) -> int:
@@ -171,7 +183,7 @@ _RESUME_FREE_KEYS = ("progress", "log_every", "checkpoint_every", "keep_checkpoi
 #: options that act only once fine-tuning has begun: a checkpoint written at or before the end of
 #: pre-training resumes under other values of them (e.g. a longer fine-tuning stage from the same
 #: maximum-likelihood generator)
-_FINETUNE_KEYS = ("finetune", "ess_guard", "ais", "replay", "pool")
+_FINETUNE_KEYS = ("finetune", "ess_guard", "finetune_min_ess", "ais", "replay", "pool")
 
 
 def _fill_defaults(theirs: dict[str, Any], defaults: dict[str, Any], keys: set[str]) -> dict[str, Any]:
@@ -273,6 +285,13 @@ class Trainer:
         self._guard: dict[str, Any] | None = None
         #: holdout guard of pre-training: {"best_nll", "best_step", "best_state", "history"} or None
         self._holdout: dict[str, Any] | None = None
+        #: True when fine-tuning was skipped (the guard's ESS below ``finetune_min_ess``)
+        self.finetune_skipped = False
+
+    @property
+    def finished(self) -> bool:
+        """Whether training is over: every step taken, or fine-tuning skipped by ``finetune_min_ess``."""
+        return self.step >= self.config.total_steps or self.finetune_skipped
 
     # -- energy ------------------------------------------------------------------------------
     def energy(self, x: torch.Tensor) -> torch.Tensor:
@@ -580,6 +599,9 @@ class Trainer:
                 stage = self.stage_of(self.step)
                 if stage == "finetune" and cfg.ess_guard > 0 and self._guard is None:
                     self._guard_check()  # the state fine-tuning starts from
+                    if self._guard["best_ess"] < cfg.finetune_min_ess:
+                        self._skip_finetune()
+                        break
                 out, grad_norm, _ = self.train_step()
                 stage_end = self.step == cfg.pretrain.steps or self.step == total
                 nll_holdout = None
@@ -686,6 +708,16 @@ class Trainer:
         if self.writes:
             self.run_dir.log(f"ESS guard at step {self.step}: Kish ESS {ess:.4f} of {n} samples "
                              f"(best {guard['best_ess']:.4f} at step {guard['best_step']})")
+
+    def _skip_finetune(self) -> None:
+        """End the run before fine-tuning: the guard's ESS (the same on every rank) is below ``finetune_min_ess``."""
+        self.finetune_skipped = True
+        ess, floor = self._guard["best_ess"], self.config.finetune_min_ess
+        if self.writes:
+            self.run_dir.log(f"fine-tuning skipped: Kish ESS {ess:.4f} of the maximum-likelihood generator is below "
+                             f"training.finetune_min_ess = {floor:g}, where energy-based fine-tuning has lowered the ESS "
+                             "(docs/peptides.md); to fine-tune anyway, resume with --set training.finetune_min_ess=0")
+            self.run_dir.update_summary(finetune_skipped={"step": self.step, "ess": ess, "finetune_min_ess": floor})
 
     def _guard_restore(self) -> None:
         """End of fine-tuning: put back the best state the guard saw."""
