@@ -716,7 +716,7 @@ class Trainer:
         if self.writes:
             self.run_dir.log(f"fine-tuning skipped: Kish ESS {ess:.4f} of the maximum-likelihood generator is below "
                              f"training.finetune_min_ess = {floor:g}, where energy-based fine-tuning has lowered the ESS "
-                             "(docs/peptides.md); to fine-tune anyway, resume with --set training.finetune_min_ess=0")
+                             f"(docs/pipelines.md); to fine-tune anyway: boltzflow train --resume {self.run_dir.path} --set training.finetune_min_ess=0")
             self.run_dir.update_summary(finetune_skipped={"step": self.step, "ess": ess, "finetune_min_ess": floor})
 
     def _guard_restore(self) -> None:
