@@ -24,6 +24,16 @@ the deficit a perfect generator of the marginal alone would remove. Printed:
 
 A deficit that no marginal and no linear function explains is spread over the joint distribution of
 many coordinates: the flow's precision, not a missed state, limits the ESS.
+
+With ``--frames F.npz`` (repeatable; SampleSets of frames drawn from p with their reduced energies, e.g. the
+run's ``data/tempering.npz`` and an independent reference) the run's generator also scores those frames:
+``frames`` gives, per state, the mean of log w = -u - log q over the frames in it, relative to the mean
+over all frames of that set (``excess``, nats, with its standard error). For frames from p the mean log w in
+state s is ``KL(p_s || q_s) + log(P_s / Q_s)`` up to a constant shared by all states, so a large excess
+on the training frames themselves means the flow under-fits the state (more data cannot help), and a
+larger excess on independent frames than on the training frames (``gap``) means it over-fits them.
+
+    python benchmarks/weight_anatomy.py RUN --frames RUN/data/tempering.npz --frames reference_300K.npz --json
 """
 
 from __future__ import annotations
@@ -142,6 +152,55 @@ def anatomy(system, positions: np.ndarray, log_weights: np.ndarray, top: int = 5
     return out
 
 
+def state_excess(system, positions: np.ndarray, log_weights: np.ndarray) -> dict:
+    """Per state of frames ``positions: (n, n_atoms, 3)`` nm drawn from p, with ``log_weights: (n,)`` =
+    -u - log q: {"n", "states": {state: {"n", "excess", "se"}}}, excess the state's mean log w minus the
+    mean over all n frames (nats). Peptides: per combination of per-residue backbone states (R/B/L);
+    other systems: per declared mode."""
+    lw = np.asarray(log_weights, dtype=np.float64)
+    ok = np.isfinite(lw)
+    x, lw = np.asarray(positions, dtype=np.float64)[ok], lw[ok]
+    modes = system.modes
+    if modes is None:
+        raise ValueError(f"system {system.name!r} declares no conformational states to split the frames by")
+    if hasattr(modes, "residue_states"):
+        st = modes.residue_states(x)
+        names = np.array(["".join("RBL"[v] for v in row) for row in st])
+    else:
+        names = np.asarray(modes.names)[modes.assign(x)]
+    base = float(lw.mean())
+    out = {}
+    for name in np.unique(names):
+        v = lw[names == name]
+        out[str(name)] = {"n": int(len(v)), "excess": float(v.mean() - base),
+                          "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")}
+    return {"n": int(len(lw)), "n_invalid": int((~ok).sum()),
+            "states": dict(sorted(out.items(), key=lambda kv: -kv[1]["n"]))}
+
+
+def _score_frames(rd, system, path: Path, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, -u - log q) of at most n frames of the SampleSet at path (a random subset, in order),
+    scored by the run's generator in float64; frames of another isomer than the generator's are dropped."""
+    import torch
+
+    from boltzflow.flows.generator import load_generator
+    from boltzflow.sampling import SampleSet
+
+    s = SampleSet.load(path)
+    if s.reduced_energy is None:
+        raise ValueError(f"'{path}' has no reduced energies: score frames saved by boltzflow (simulate, tempering)")
+    idx = np.arange(len(s.positions))
+    if len(idx) > n:
+        idx = np.sort(np.random.default_rng(seed).choice(len(idx), n, replace=False))
+    gen = load_generator(rd.path / "generator.pt", system).double().eval()
+    x = np.asarray(s.positions[idx], dtype=np.float64)
+    keep = gen.same_isomer(x)
+    x, u = x[keep], np.asarray(s.reduced_energy, dtype=np.float64)[idx][keep]
+    with torch.no_grad():
+        lq = np.concatenate([gen.log_prob(torch.as_tensor(x[a:a + 4096])).numpy() for a in range(0, len(x), 4096)])
+    return x, -u - lq
+
+
 def main(argv=None) -> dict:
     import torch
 
@@ -153,6 +212,10 @@ def main(argv=None) -> dict:
     ap.add_argument("run", help="run directory (its system/ and, by default, samples/generated.npz)")
     ap.add_argument("--samples", help="SampleSet .npz with log weights (default RUN/samples/generated.npz)")
     ap.add_argument("-n", type=int, default=300_000, help="use the first n samples (default 300 000)")
+    ap.add_argument("--frames", action="append", default=[], metavar="F.npz",
+                    help="frames from p with reduced energies (repeatable): per-state excess of -u - log q under "
+                         "the run's generator (see above); the first is taken as the training frames for 'gap'")
+    ap.add_argument("--frames-n", type=int, default=60_000, help="score at most this many frames of each set")
     ap.add_argument("--json", action="store_true", help="print the JSON only")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -163,6 +226,22 @@ def main(argv=None) -> dict:
     except InputError as e:
         ap.exit(2, f"error: {e}\n")
     system = MolecularSystem.load(rd.system_dir)
+    if a.frames:
+        missing = [f for f in a.frames if not Path(f).is_file()]
+        if missing:
+            ap.exit(2, f"error: no frames at '{missing[0]}'\n")
+        out = {"run": str(a.run), "frames": {}}
+        for f in a.frames:
+            try:
+                out["frames"][f] = state_excess(system, *_score_frames(rd, system, Path(f), a.frames_n))
+            except ValueError as e:
+                ap.exit(2, f"error: {e}\n")
+        if len(a.frames) > 1:  # independent frames against the first (training) set, states in both
+            first, *rest = (out["frames"][f]["states"] for f in a.frames)
+            out["gap"] = {f: {k: v["excess"] - first[k]["excess"] for k, v in r.items() if k in first}
+                          for f, r in zip(a.frames[1:], rest)}
+        print(json.dumps(out) if a.json else json.dumps(out, indent=1))
+        return out
     path = Path(a.samples) if a.samples else rd.path / "samples" / "generated.npz"
     if not path.is_file():
         ap.exit(2, f"error: no samples at '{path}': run `boltzflow sample {a.run}` first or pass --samples\n")

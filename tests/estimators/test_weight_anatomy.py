@@ -84,3 +84,45 @@ def test_peptide_residue_state_split_adds_up_to_the_kish_deficit():
     inv = sum(v["mass"] ** 2 / (v["samples"] * v["kish_within"]) for v in by.values())
     assert inv == pytest.approx(1.0 / out["kish"], rel=1e-9)
     assert by[rare]["samples"] == pytest.approx((names == rare).mean())
+
+
+def test_state_excess_finds_the_state_a_generator_under_fits():
+    from boltzflow.sampling import SampleSet
+    from boltzflow.systems.builtin import builtin_system
+
+    from weight_anatomy import state_excess
+
+    system = builtin_system("alanine-tetrapeptide")
+    x = np.asarray(SampleSet.load(ROOT / "systems" / "alanine-tetrapeptide" / "reference_300K.npz").positions[:3000],
+                   dtype=np.float64)
+    names = np.array(["".join("RBL"[v] for v in row) for row in system.modes.residue_states(x)])
+    rare = sorted(k for k in set(names) if 20 <= (names == k).sum() <= 200)[0]
+    lw = 0.1 * np.random.default_rng(3).standard_normal(len(x))
+    lw[names == rare] += 2.0  # q is e^2 too small on the frames of one state
+    lw[5] = np.nan  # an unscorable frame is left out
+    out = state_excess(system, x, lw)
+    assert out["n"] == len(x) - 1 and out["n_invalid"] == 1
+    by = out["states"]
+    assert sum(v["n"] for v in by.values()) == len(x) - 1
+    share = (names == rare).sum() / len(x)
+    assert by[rare]["excess"] == pytest.approx(2.0 * (1 - share), abs=4 * by[rare]["se"] + 0.02)
+    others = [v for k, v in by.items() if k != rare and v["n"] > 50]
+    assert all(abs(v["excess"] + 2.0 * share) < 4 * v["se"] + 0.02 for v in others)
+
+
+def test_frames_option_scores_training_and_reference_frames_with_the_runs_generator(tmp_path, capsys):
+    import json
+
+    from weight_anatomy import main
+
+    run = ROOT / "systems" / "alanine-tetrapeptide" / "generators" / "default"
+    ref = ROOT / "systems" / "alanine-tetrapeptide" / "reference_300K.npz"
+    out = main([str(run), "--frames", str(ref), "--frames", str(ref), "--frames-n", "400", "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(out))
+    a = out["frames"][str(ref)]
+    assert 300 <= a["n"] <= 400 and a["n_invalid"] == 0
+    assert abs(sum(v["n"] * v["excess"] for v in a["states"].values())) < 1e-6 * a["n"]  # excess about the mean
+    assert all(abs(g) < 1e-9 for g in out["gap"][str(ref)].values())  # the same frames: no gap
+    with pytest.raises(SystemExit) as e:
+        main([str(run), "--frames", str(tmp_path / "none.npz")])
+    assert e.value.code == 2
