@@ -11,7 +11,7 @@ from loss_helpers import affine_flow
 from torch import nn
 
 from boltzflow.errors import InputError
-from boltzflow.losses import LOSSES, fab, get_loss, klx, klx_path, klz, klz_df
+from boltzflow.losses import LOSSES, chi2_data, fab, get_loss, klx, klx_path, klz, klz_df
 from boltzflow.sampling.ais import AISConfig
 
 LOG2PI = math.log(2 * math.pi)
@@ -162,7 +162,7 @@ def test_invalid_samples_are_dropped_and_counted():
 
 def test_registry():
     assert set(LOSSES) == {"klz", "klx", "klx_path", "klz_df", "l2plus", "l2plus_nomask", "l2plus_nodetach", "fab", "alpha2",
-                           "rwml"}
+                           "rwml", "chi2_data"}
     assert get_loss("fab") is fab
     with pytest.raises(InputError, match="unknown loss"):
         get_loss("kl")
@@ -175,7 +175,8 @@ def gauss_kl(flow, m_p, s_p) -> float:
     return float((torch.log(s_p / s_q) + (s_q**2 + (m_q - m_p) ** 2) / (2 * s_p**2) - 0.5).sum())
 
 
-@pytest.mark.parametrize("name", ["klz", "klx", "klx_path", "klz_df", "l2plus", "l2plus_nomask", "fab", "alpha2", "rwml"])
+@pytest.mark.parametrize("name", ["klz", "klx", "klx_path", "klz_df", "l2plus", "l2plus_nomask", "fab", "alpha2", "rwml",
+                                  "chi2_data"])
 def test_each_loss_moves_gaussian_flow_to_target(name):
     m_p = torch.tensor([1.0, -0.5], dtype=torch.float64)
     s_p = torch.tensor([0.6, 1.8], dtype=torch.float64)
@@ -191,6 +192,8 @@ def test_each_loss_moves_gaussian_flow_to_target(name):
     for step in range(150):
         if name == "klz":
             out = klz(flow, data[torch.randint(0, 4096, (256,), generator=g)])
+        elif name == "chi2_data":
+            out = chi2_data(flow, u, data[torch.randint(0, 4096, (256,), generator=g)])
         elif name == "fab":
             out = fab(flow, u, 256, AISConfig(step_size=0.3), generator=g)
         else:
@@ -231,6 +234,38 @@ def test_fab_gradient_matches_exact_alpha2_gradient(n_intermediate):
     assert torch.allclose(fab_grad, exact, rtol=0.03, atol=0.005), (fab_grad, exact)  # seen: < 0.6 %
     if n_intermediate:
         assert out.metrics["ess_ais"] > out.metrics["ess"]  # annealing improves the weights
+
+
+def test_chi2_data_gradient_is_the_exact_chi2_gradient_and_power_0_is_maximum_likelihood():
+    """On frames from p, chi2_data's gradient estimates that of log int p^2 / q = log E_q[w^2] (exact by
+    quadrature for q = N(mu, s^2), p = N(1, 0.8^2)); with power 0 it is klz's gradient on the same frames."""
+    m_p, s_p = 1.0, 0.8
+
+    def u(x):
+        return 0.5 * ((x[:, 0] - m_p) / s_p) ** 2 + 3.0  # the offset (unknown log Z) must not matter
+
+    g = torch.Generator().manual_seed(5)
+    data = (m_p + s_p * torch.randn(200000, 1, generator=g, dtype=torch.float64))
+    gen = FixedGaussianGen(torch.zeros(1), 0.3, 1.5)
+    out = chi2_data(gen, u, data)
+    assert out.energy_evals == 200000 and "ess" not in out.metrics  # not the generator's own ESS
+    # the exact fraction of frames that count: E_p[w]^2 / E_p[w^2] for w = p/q
+    assert 0.2 < out.metrics["batch_ess"] < 0.9
+    out.loss.backward()
+    got = torch.stack([gen.mu.grad, gen.log_s.grad])
+
+    ref = FixedGaussianGen(torch.zeros(1), 0.3, 1.5)
+    t = torch.linspace(-25.0, 25.0, 200001, dtype=torch.float64)[:, None]
+    log_p = -0.5 * ((t[:, 0] - m_p) / s_p) ** 2 - math.log(s_p) - 0.5 * LOG2PI
+    torch.logsumexp(2 * log_p - ref.log_prob(t), 0).backward()
+    exact = torch.stack([ref.mu.grad, ref.log_s.grad])
+    assert exact.abs().min() > 0.1
+    assert torch.allclose(got, exact, rtol=0.03, atol=0.01), (got, exact)
+
+    a, b = FixedGaussianGen(torch.zeros(1), 0.3, 1.5), FixedGaussianGen(torch.zeros(1), 0.3, 1.5)
+    chi2_data(a, u, data[:500], power=0.0).loss.backward()
+    klz(b, data[:500]).loss.backward()
+    assert torch.allclose(a.mu.grad, b.mu.grad) and torch.allclose(a.log_s.grad, b.log_s.grad)
 
 
 def test_alpha2_resampling_follows_the_exact_alpha2_gradient():

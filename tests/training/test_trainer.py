@@ -305,3 +305,24 @@ def test_holdout_guard_undoes_overfitting_of_maximum_likelihood(tmp_path):
         gen_u = spline()
         Trainer(gen_u, dw_energy, kw["config"], run_dir=None, data=train, holdout=kw["holdout"]).run()
         assert _nll(gen_u, hold) == pytest.approx(nlls[-1], abs=1e-4)
+
+
+def test_chi2_data_finetune_weights_the_frames_and_needs_them(tmp_path):
+    """Fine-tuning with the chi-square divergence on the data frames (chi2_data) after maximum likelihood
+    raises the generator's Kish ESS on the double well; it needs frames, and weight_power is checked."""
+    c = cfg("chi2_data", pretrain=StageConfig(loss="klz", steps=150, batch=256),
+            finetune=StageConfig(loss="chi2_data", steps=150, batch=512, lr=2e-3), optimizer=OptimConfig(lr=1e-2),
+            checkpoint_every=50)
+    gen = flow()
+    tr = Trainer(gen, dw_energy, c, run_dir=RunDir(tmp_path / "c"), data=data(4096))
+    tr.run(max_steps=150)
+    before = _kish(gen)
+    tr.run()
+    rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    late = [r for r in rows if r["stage"] == "finetune"]
+    assert late and all(0 < r["batch_ess"] <= 1 and r["energy_evals"] > 0 for r in late)
+    assert _kish(gen) > before + 0.02, (before, _kish(gen))
+    with pytest.raises(InputError, match="needs data"):
+        Trainer(flow(), dw_energy, cfg("chi2_data", pretrain=StageConfig(loss="klz", steps=0, batch=64))).run()
+    with pytest.raises(ConfigError, match="weight_power"):
+        load_config(TrainConfig, overrides={"finetune.weight_power": 2.0})

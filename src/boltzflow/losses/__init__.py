@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from ..errors import InputError
 from .base import LossOutput, kish_ess
-from .core import alpha2_resampled, klx, klx_path, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask, rwml
+from .core import alpha2_resampled, chi2_data, klx, klx_path, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask, rwml
 from .fab import fab
 
-#: name -> loss function. "klz" needs data; all others are data-free.
+#: name -> loss function. "klz" and "chi2_data" need data (the trainer passes them frames); all others
+#: are data-free.
 LOSSES = {
     "klz": klz,
     "klx": klx,
@@ -29,6 +30,7 @@ LOSSES = {
     "fab": fab,
     "alpha2": alpha2_resampled,
     "rwml": rwml,
+    "chi2_data": chi2_data,
 }
 
 
@@ -39,5 +41,5 @@ def get_loss(name: str):
     return LOSSES[name]
 
 
-__all__ = ["LOSSES", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "l2plus",
+__all__ = ["LOSSES", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "chi2_data", "l2plus",
            "l2plus_nomask", "l2plus_nodetach", "fab", "rwml"]

@@ -1,5 +1,5 @@
-"""KLz (maximum likelihood), KLx (reverse KL), KLz-df (importance weighted) and L2+ (masked L2
-with detached mean) with its two ablations. Formulas: science.md section 1; felardos2023 eqs. 4,
+"""KLz (maximum likelihood), KLx (reverse KL), KLz-df (importance weighted), the chi-square divergence
+on data and L2+ (masked L2 with detached mean) with its two ablations. Formulas: science.md section 1; felardos2023 eqs. 4,
 6, 7, 15 and appendix H. ``r(x) = -u(x) - log p_G(x)``; "detached" = no gradient.
 """
 
@@ -115,6 +115,40 @@ def klz_df(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None =
     metrics["w_max"] = float(w.max())
     loss = _finish(loss, pen, metrics)
     return LossOutput(loss=loss, metrics=metrics, samples=x, log_w=log_w, energy_evals=n)
+
+
+def chi2_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, power: float = 1.0,
+              generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
+    """Chi-square divergence estimated on data: ``-sum_i v_i log p_G(x_i)`` over frames ``x_data: (batch, ...)``
+    drawn from p_B, with detached weights ``v = softmax(power * (-u - log p_G))`` over the batch.
+
+    With ``power`` 1 the gradient is that of ``log E_p[p/q] = log E_q[w^2]``, the log of 1 / (the Kish ESS
+    fraction of the generator's own samples): maximum likelihood in which each frame counts in proportion
+    to how much q under-fills p there, so the states that carry the weights' heavy tail pull hardest. Unlike
+    ``alpha2`` and ``rwml`` (the same divergence estimated on the generator's draws), the frames of those
+    states come from the data, not from the generator's few draws into them. ``power`` 0 is maximum
+    likelihood (``klz``); between, an interpolation. Costs ``batch`` energy evaluations (no forces).
+    Metrics: ``nll`` (unweighted, of the batch) and ``batch_ess`` (Kish fraction of v: the share of the
+    batch that effectively counts)."""
+    lp = gen.log_prob(x_data)
+    with torch.no_grad():
+        u = energy(x_data)
+    valid, log_w, metrics = sample_stats(u, lp)
+    n = x_data.shape[0]
+    for k in ("ess", "log_z"):  # of data frames, not of the generator's draws: not comparable, not logged
+        metrics.pop(k)
+    if not valid.any():
+        return LossOutput(_finish(nan_loss(lp), None, metrics), metrics, None, None, n)
+    v = torch.softmax(float(power) * log_w[valid].double(), 0).to(lp.dtype).detach()
+    loss = -(v * lp[valid]).sum()
+    metrics["nll"] = float(-lp[valid].detach().mean())
+    metrics["batch_ess"] = float(1.0 / (v.double() ** 2).sum() / valid.sum())
+    pen = None
+    if penalty_weight:
+        x_g, _ = gen.sample_and_log_prob(n, generator=generator)
+        pen = _penalty(gen, x_g, penalty_weight)
+    loss = _finish(loss, pen, metrics)
+    return LossOutput(loss=loss, metrics=metrics, samples=None, log_w=None, energy_evals=n)
 
 
 def l2plus(

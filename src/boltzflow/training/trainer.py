@@ -74,13 +74,20 @@ class StageConfig:
     steps: optimizer steps (0 skips the stage); batch: samples per step;
     penalty_weight: multiplies mean(gen.penalty(x)) (the MolecularGenerator's Cartesian alignment
     penalty already includes lambda_align = 10, so 1.0 applies felardos2023's setting; 0 = off);
-    lr: overrides optimizer.lr for this stage when set."""
+    lr: overrides optimizer.lr for this stage when set; weight_power (loss "chi2_data" only): the
+    exponent of the frames' importance weights, 1 = chi-square divergence, 0 = maximum likelihood."""
 
     loss: str = "l2plus"
     steps: int = 0
     batch: int = 256
     penalty_weight: float = 0.0
     lr: float | None = None
+    weight_power: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.weight_power <= 1.0:
+            raise ConfigError(f"weight_power must be in [0, 1] (1: chi-square divergence, 0: maximum likelihood), "
+                              f"got {self.weight_power}")
 
 
 @dataclass(frozen=True)
@@ -435,16 +442,19 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
     def _loss(self, stage: str):
-        from ..losses import get_loss, klz, rwml
+        from ..losses import chi2_data, get_loss, klz, rwml
         from ..losses.fab import fab
 
         st = self._stage_cfg(stage)
         lo, hi = self.dist.shard(st.batch)  # this rank's part of the global batch ([0, batch) in one process)
-        if stage == "finetune" and st.loss == "klz" and self.data is None:
-            raise InputError("finetune.loss 'klz' needs data; pass data= or choose a data-free loss")
-        if stage == "pretrain" or st.loss == "klz":
+        if stage == "finetune" and st.loss in ("klz", "chi2_data") and self.data is None:
+            raise InputError(f"finetune.loss {st.loss!r} needs data; pass data= or choose a data-free loss")
+        if stage == "pretrain" or st.loss in ("klz", "chi2_data"):
             # the global batch's indices from the shared stream (the same on every rank), then this rank's shard
             idx = torch.randint(0, self.data.shape[0], (st.batch,), generator=self.rng, device=self.device)[lo:hi]
+            if stage == "finetune" and st.loss == "chi2_data":
+                return chi2_data(self.gen, self.energy, self.data[idx], power=st.weight_power,
+                                 generator=self.sample_rng, penalty_weight=st.penalty_weight)
             return klz(self.gen, self.data[idx], generator=self.sample_rng, penalty_weight=st.penalty_weight)
         if st.loss == "fab":
             return fab(self.gen, self.energy, hi - lo, self.ais, self.buffer, generator=self.sample_rng,
