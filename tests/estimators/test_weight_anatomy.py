@@ -87,10 +87,10 @@ def test_peptide_residue_state_split_adds_up_to_the_kish_deficit():
 
 
 def test_state_excess_finds_the_state_a_generator_under_fits():
+    from weight_anatomy import state_excess
+
     from boltzflow.sampling import SampleSet
     from boltzflow.systems.builtin import builtin_system
-
-    from weight_anatomy import state_excess
 
     system = builtin_system("alanine-tetrapeptide")
     x = np.asarray(SampleSet.load(ROOT / "systems" / "alanine-tetrapeptide" / "reference_300K.npz").positions[:3000],
