@@ -104,6 +104,12 @@ def _by_label(lab: np.ndarray, names: list[str], w: np.ndarray) -> dict:
     return out
 
 
+def _residue_labels(modes, x: np.ndarray) -> np.ndarray:
+    """(n,) str: each frame's per-residue backbone states, R / B / L (alpha_R / beta_PPII / alpha_L) from the
+    first residue on, e.g. "BLR"."""
+    return np.array(["".join("RBL"[v] for v in row) for row in modes.residue_states(x)])
+
+
 def anatomy(system, positions: np.ndarray, log_weights: np.ndarray, top: int = 5) -> dict:
     """The decomposition above for ``positions: (n, n_atoms, 3)`` nm and their ``log_weights: (n,)``."""
     from boltzflow.core.geometry import dihedral_of
@@ -122,9 +128,8 @@ def anatomy(system, positions: np.ndarray, log_weights: np.ndarray, top: int = 5
         lab = modes.assign(x)
         out["states"] = _by_label(lab, list(modes.names), w)
     if hasattr(modes, "residue_states"):  # a peptide: every combination of per-residue backbone states
-        st = modes.residue_states(x)  # (n, residues) in 0, 1, 2 = R, B, L
-        combos, code = np.unique(st, axis=0, return_inverse=True)
-        by = _by_label(code.reshape(-1), ["".join("RBL"[v] for v in row) for row in combos], w)
+        combos, code = np.unique(_residue_labels(modes, x), return_inverse=True)
+        by = _by_label(code.reshape(-1), [str(c) for c in combos], w)
         out["residue_states"] = dict(sorted(by.items(), key=lambda kv: -kv[1]["w2_share"]))
     # the largest weights one by one: a handful of draws in a region q misses sets a large sample's ESS
     big = np.argsort(w)[::-1][:top]
@@ -164,8 +169,7 @@ def state_excess(system, positions: np.ndarray, log_weights: np.ndarray) -> dict
     if modes is None:
         raise ValueError(f"system {system.name!r} declares no conformational states to split the frames by")
     if hasattr(modes, "residue_states"):
-        st = modes.residue_states(x)
-        names = np.array(["".join("RBL"[v] for v in row) for row in st])
+        names = _residue_labels(modes, x)
     else:
         names = np.asarray(modes.names)[modes.assign(x)]
     base = float(lw.mean())

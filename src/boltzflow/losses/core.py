@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling.pool import PoolConfig, ReweightedPool
-from .base import EnergyFn, LossOutput, nan_loss, sample_stats
+from .base import EnergyFn, LossOutput, kish_ess, nan_loss, sample_stats
 
 
 def _penalty(gen, x: torch.Tensor, weight: float) -> torch.Tensor | None:
@@ -16,6 +16,14 @@ def _penalty(gen, x: torch.Tensor, weight: float) -> torch.Tensor | None:
     if not weight:
         return None
     return weight * gen.penalty(x).mean()
+
+
+def _generated_penalty(gen, n: int, generator, weight: float) -> torch.Tensor | None:
+    """The penalty of the data losses, taken on n generated configurations (None when the weight is 0)."""
+    if not weight:
+        return None
+    x_g, _ = gen.sample_and_log_prob(n, generator=generator)
+    return _penalty(gen, x_g, weight)
 
 
 def _detached_batch(gen, energy: EnergyFn, n: int, generator, penalty_weight: float):
@@ -53,11 +61,7 @@ def klz(gen, x_data: torch.Tensor, *, generator: torch.Generator | None = None, 
     ok = torch.isfinite(nll)
     loss = nll[ok].mean() if ok.any() else nan_loss(nll)
     metrics = {"nll": float(loss.detach()), "n_invalid": float((~ok).sum())}
-    pen = None
-    if penalty_weight:
-        x_g, _ = gen.sample_and_log_prob(x_data.shape[0], generator=generator)
-        pen = _penalty(gen, x_g, penalty_weight)
-    loss = _finish(loss, pen, metrics)
+    loss = _finish(loss, _generated_penalty(gen, x_data.shape[0], generator, penalty_weight), metrics)
     return LossOutput(loss=loss, metrics=metrics, samples=None, log_w=None, energy_evals=0)
 
 
@@ -142,12 +146,8 @@ def chi2_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, power: float = 1.0
     v = torch.softmax(float(power) * log_w[valid].double(), 0).to(lp.dtype).detach()
     loss = -(v * lp[valid]).sum()
     metrics["nll"] = float(-lp[valid].detach().mean())
-    metrics["batch_ess"] = float(1.0 / (v.double() ** 2).sum() / valid.sum())
-    pen = None
-    if penalty_weight:
-        x_g, _ = gen.sample_and_log_prob(n, generator=generator)
-        pen = _penalty(gen, x_g, penalty_weight)
-    loss = _finish(loss, pen, metrics)
+    metrics["batch_ess"] = kish_ess(float(power) * log_w[valid])
+    loss = _finish(loss, _generated_penalty(gen, n, generator, penalty_weight), metrics)
     return LossOutput(loss=loss, metrics=metrics, samples=None, log_w=None, energy_evals=n)
 
 
