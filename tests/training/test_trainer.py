@@ -223,6 +223,42 @@ def test_finetune_is_skipped_below_finetune_min_ess_and_runs_on_resume_with_a_lo
         replace(c, ess_guard=0)
 
 
+def test_fallback_stage_replaces_finetuning_below_finetune_min_ess_and_resumes_bitwise(tmp_path):
+    """Below finetune_min_ess the fallback stage (its loss, steps, lr) runs in finetune's place; a run
+    killed inside it resumes to the same parameters as an uninterrupted one."""
+    from dataclasses import replace
+
+    c = cfg("klx", finetune=StageConfig(loss="klx", steps=8, batch=64), ess_guard=2000, finetune_min_ess=0.99,
+            fallback=StageConfig(loss="chi2_data", steps=7, batch=64, lr=1e-3), checkpoint_every=3)
+    ref = RunDir(tmp_path / "ref")
+    counter = Killer(0)  # counts the energy calls, never raises
+    tr = Trainer(flow(0), counter, c, ref, data())
+    summary = tr.run()
+    assert tr.fallback_used and not tr.finetune_skipped and tr.finished
+    assert summary["step"] == summary["total_steps"] == c.pretrain.steps + 7 < c.total_steps
+    assert tr.config.finetune == c.fallback
+    rows = [r for r in ref.read_metrics() if r["stage"] == "finetune"]
+    assert rows and all("batch_ess" in r for r in rows)  # chi2_data's own metric: the fallback's loss ran
+    fb = json.loads((tmp_path / "ref" / "summary.json").read_text())["finetune_fallback"]
+    assert fb["loss"] == "chi2_data" and fb["steps"] == 7 and fb["ess"] < 0.99
+    assert "fine-tuning by the fallback stage" in (tmp_path / "ref" / "log.txt").read_text()
+
+    run = RunDir(tmp_path / "run")
+    gen = flow(0)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        # the last fallback step's call (after it: the step's metrics row and the final guard check)
+        Trainer(gen, Killer(counter.calls - 2), c, run, data()).run()
+    state = torch.load(run.latest_checkpoint, weights_only=False)
+    assert state["fallback_used"] and c.pretrain.steps < state["step"] < c.pretrain.steps + 7
+    gen2 = flow(5)
+    assert Trainer(gen2, dw_energy, c, run, data()).run(resume=True)["step"] == c.pretrain.steps + 7
+    for a, b in zip(params(tr.gen), params(gen2)):
+        assert torch.equal(a, b)
+
+    with pytest.raises(ConfigError, match="pool or replay"):
+        replace(c, fallback=StageConfig(loss="rwml", steps=5))
+
+
 def test_checkpoint_from_before_a_new_nested_option_resumes(tmp_path):
     """A checkpoint written before an option existed inside a section (here pool.data_fraction and
     pool.power) resumes under that option's default, and is refused under another value."""

@@ -120,11 +120,14 @@ class TrainConfig:
     that had the highest ESS (the pre-fine-tuning one included), so fine-tuning never lowers it.
     Large samples matter: batches of ~1e3 miss the heavy tail of the weights.
 
-    finetune_min_ess (needs ess_guard > 0): fine-tuning is skipped when the guard's Kish ESS fraction of
-    the maximum-likelihood generator is below it (the run ends there; resuming with a lower value
-    fine-tunes after all). Measured: energy-based fine-tuning took alanine dipeptide from 0.44-0.59 to
-    0.63-0.81, and lowered alanine tetrapeptide's ESS from every start tried (0.03, 0.1, 0.23), costing
-    ~1 300 s each time (docs/peptides.md).
+    finetune_min_ess (needs ess_guard > 0): when the guard's Kish ESS fraction of the maximum-likelihood
+    generator is below it, the ``fallback`` stage runs instead of ``finetune`` (or, with fallback.steps = 0,
+    the run ends there; resuming with a lower value fine-tunes after all). Measured: energy-based
+    fine-tuning took alanine dipeptide from 0.44-0.59 to 0.63-0.81, and lowered alanine tetrapeptide's ESS
+    from every start tried (0.03, 0.1, 0.23), costing ~1 300 s each time, while ``chi2_data`` on the
+    training frames raised it (0.11 -> 0.21 on 4e5 draws; docs/peptides.md, "Fitting the tail").
+    fallback: the stage run in ``finetune``'s place below ``finetune_min_ess`` (never with
+    finetune_min_ess = 0); its loss must not need a pool or replay buffer (not "rwml" or "fab").
 
     holdout_guard protects the maximum-likelihood stage from over-fitting: when the Trainer has held-out
     frames, their mean negative log-likelihood is measured at every checkpoint of pre-training, and the
@@ -143,6 +146,7 @@ class TrainConfig:
     eval_batch: int = 1024
     ess_guard: int = 0
     finetune_min_ess: float = 0.0
+    fallback: StageConfig = StageConfig(loss="chi2_data", steps=0, batch=1024, lr=1e-5)
     holdout_guard: bool = True
     ais: AISConfig = AISConfig()
     replay: ReplayConfig = ReplayConfig()
@@ -164,9 +168,14 @@ class TrainConfig:
             raise ConfigError(f"pretrain.loss must be 'klz' (maximum likelihood on data), got {self.pretrain.loss!r}")
         if self.finetune.loss not in LOSSES:
             raise ConfigError(f"finetune.loss {self.finetune.loss!r} unknown; choose one of {', '.join(LOSSES)}")
-        for name, st in (("pretrain", self.pretrain), ("finetune", self.finetune)):
+        if self.fallback.loss not in LOSSES:
+            raise ConfigError(f"fallback.loss {self.fallback.loss!r} unknown; choose one of {', '.join(LOSSES)}")
+        for name, st in (("pretrain", self.pretrain), ("finetune", self.finetune), ("fallback", self.fallback)):
             if st.steps < 0 or st.batch < 1:
                 raise ConfigError(f"{name}.steps must be >= 0 and {name}.batch >= 1")
+        if self.fallback.steps > 0 and self.fallback.loss in ("rwml", "fab"):
+            raise ConfigError(f"fallback.loss {self.fallback.loss!r} needs a pool or replay buffer set up before "
+                              "training; choose another loss (e.g. chi2_data) or use it as finetune.loss")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("log_every and checkpoint_every must be >= 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -190,7 +199,7 @@ _RESUME_FREE_KEYS = ("progress", "log_every", "checkpoint_every", "keep_checkpoi
 #: options that act only once fine-tuning has begun: a checkpoint written at or before the end of
 #: pre-training resumes under other values of them (e.g. a longer fine-tuning stage from the same
 #: maximum-likelihood generator)
-_FINETUNE_KEYS = ("finetune", "ess_guard", "finetune_min_ess", "ais", "replay", "pool")
+_FINETUNE_KEYS = ("finetune", "ess_guard", "finetune_min_ess", "fallback", "ais", "replay", "pool")
 
 
 def _fill_defaults(theirs: dict[str, Any], defaults: dict[str, Any], keys: set[str]) -> dict[str, Any]:
@@ -294,6 +303,8 @@ class Trainer:
         self._holdout: dict[str, Any] | None = None
         #: True when fine-tuning was skipped (the guard's ESS below ``finetune_min_ess``)
         self.finetune_skipped = False
+        #: True once the ``fallback`` stage has replaced ``finetune`` (the guard's ESS below ``finetune_min_ess``)
+        self.fallback_used = False
 
     @property
     def finished(self) -> bool:
@@ -365,6 +376,7 @@ class Trainer:
             "holdout_guard": self._holdout,
             "world_size": self.dist.world_size,
             "ranks": ranks,
+            "fallback_used": self.fallback_used,
         }
 
     def save_checkpoint(self) -> None:
@@ -378,6 +390,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (CheckpointError when it belongs to another configuration)."""
+        if state.get("fallback_used") and not self.fallback_used:
+            self._switch_to_fallback()  # the checkpoint's config is the switched one
         free = _RESUME_FREE_KEYS
         if int(state["step"]) <= int(state["config"].get("pretrain", {}).get("steps", 0)):
             free = free + _FINETUNE_KEYS  # fine-tuning has not started: its options are still open
@@ -587,21 +601,22 @@ class Trainer:
         """Train to ``config.total_steps`` (or at most ``max_steps`` more steps); returns the summary.
 
         resume: continue from run_dir's latest checkpoint when there is one."""
-        cfg = self.config
         if resume and self.run_dir is not None and self.run_dir.latest_checkpoint.is_file():
-            self.resume()
+            self.resume()  # may put the fallback stage in finetune's place (self.config)
         elif self.writes and self.step == 0:
             from ..config import dump_toml
 
             if not self.run_dir.config_path.exists():  # a caller (pipeline.train) may have written the full run config
-                self.run_dir.write_config(dump_toml(cfg))
+                self.run_dir.write_config(dump_toml(self.config))
             self.run_dir.write_environment()
             if self.run_dir.metrics_path.exists():
                 self.run_dir.truncate_metrics(-1)
-        if cfg.pretrain.steps > 0 and self.step < cfg.pretrain.steps and self.data is None:
+        if self.config.pretrain.steps > 0 and self.step < self.config.pretrain.steps and self.data is None:
             raise InputError("pre-training needs reference data (data=...); or set pretrain.steps = 0")
+        cfg = self.config
         total = cfg.total_steps
-        end = total if max_steps is None else min(total, self.step + max_steps)
+        limit = math.inf if max_steps is None else self.step + max_steps
+        end = min(total, limit)
         bar = progress_bar(total, initial=self.step, desc="train", enabled=self.show_progress)
         t0 = time.perf_counter()
         try:
@@ -610,8 +625,17 @@ class Trainer:
                 if stage == "finetune" and cfg.ess_guard > 0 and self._guard is None:
                     self._guard_check()  # the state fine-tuning starts from
                     if self._guard["best_ess"] < cfg.finetune_min_ess:
-                        self._skip_finetune()
-                        break
+                        if cfg.fallback.steps == 0:
+                            self._skip_finetune()
+                            break
+                        self._switch_to_fallback(log=True)
+                        cfg = self.config
+                        total = cfg.total_steps
+                        end = min(total, limit)
+                        if hasattr(bar, "total"):
+                            bar.total = total
+                        if self.step >= end:
+                            break
                 out, grad_norm, _ = self.train_step()
                 stage_end = self.step == cfg.pretrain.steps or self.step == total
                 nll_holdout = None
@@ -728,6 +752,22 @@ class Trainer:
                              f"training.finetune_min_ess = {floor:g}, where energy-based fine-tuning has lowered the ESS "
                              f"(docs/pipelines.md); to fine-tune anyway: boltzflow train --resume {self.run_dir.path} --set training.finetune_min_ess=0")
             self.run_dir.update_summary(finetune_skipped={"step": self.step, "ess": ess, "finetune_min_ess": floor})
+
+    def _switch_to_fallback(self, log: bool = False) -> None:
+        """Below ``finetune_min_ess``: the ``fallback`` stage takes ``finetune``'s place (steps, loss, lr)."""
+        cfg = self.config
+        self.config = replace(cfg, finetune=cfg.fallback)
+        self.fallback_used = True
+        self.pool = None  # the fallback's loss needs neither (checked in TrainConfig)
+        self.buffer = None
+        if log and self.writes:
+            ess = self._guard["best_ess"]
+            fb = cfg.fallback
+            self.run_dir.log(f"fine-tuning by the fallback stage: Kish ESS {ess:.4f} of the maximum-likelihood generator is "
+                             f"below training.finetune_min_ess = {cfg.finetune_min_ess:g}, where {cfg.finetune.loss} has lowered "
+                             f"the ESS (docs/pipelines.md); running {fb.steps} steps of {fb.loss} instead")
+            self.run_dir.update_summary(finetune_fallback={"step": self.step, "ess": ess, "finetune_min_ess": cfg.finetune_min_ess,
+                                                           "loss": fb.loss, "steps": fb.steps})
 
     def _guard_restore(self) -> None:
         """End of fine-tuning: put back the best state the guard saw."""
