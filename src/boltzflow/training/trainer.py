@@ -634,8 +634,6 @@ class Trainer:
                         end = min(total, limit)
                         if hasattr(bar, "total"):
                             bar.total = total
-                        if self.step >= end:
-                            break
                 out, grad_norm, _ = self.train_step()
                 stage_end = self.step == cfg.pretrain.steps or self.step == total
                 nll_holdout = None
