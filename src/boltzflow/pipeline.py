@@ -448,12 +448,13 @@ def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, t
     from .flows.generator import save_generator
 
     finished = trainer.finished
-    save_generator(rd.path / "generator.pt", gen)
+    with trainer.averaged():  # stopped during maximum likelihood with training.ema: the averaged parameters
+        save_generator(rd.path / "generator.pt", gen)
+        fit = _fit_report(gen, data, _keep_isomer(system, config, ref.positions[test_idx])[0], config)
     rd.log(f"training {'finished' if finished else 'stopped'} at step {trainer.step} after {time.time() - t0:.1f} s")
     ref_modes = None
     if system.modes is not None:
         ref_modes = system.modes.fractions(ref.positions)
-    fit = _fit_report(gen, data, _keep_isomer(system, config, ref.positions[test_idx])[0], config)
     rd.log("log-likelihood per frame: training data {train:.2f}, held-out reference frames {holdout:.2f} "
            "(a large gap means over-fitting)".format(**fit) if fit else "no held-out frames")
     init = _init_cost(config.init) if config.init else None
