@@ -365,8 +365,8 @@ def test_chi2_data_finetune_weights_the_frames_and_needs_them(tmp_path):
 
 
 def test_ema_is_the_mean_of_the_steps_then_ends_pretraining_and_resumes_bitwise(tmp_path):
-    """training.ema: until the average spans 1 / (1 - ema) updates it is the plain mean of the parameters after
-    each step; averaged() swaps it in and back; pre-training ends with it; a kill and resume mid-stage gives the
+    """training.ema: avg <- d avg + (1 - d) theta after each step with d = min(ema, (1 + n) / (10 + n)) after n
+    updates; averaged() swaps it in and back; pre-training ends with it; a kill and resume mid-stage gives the
     same parameters as the uninterrupted run; switching it on at a resume is allowed."""
     from dataclasses import replace
 
@@ -382,7 +382,11 @@ def test_ema_is_the_mean_of_the_steps_then_ends_pretraining_and_resumes_bitwise(
         avg = params(gen)
     assert all(torch.equal(a, b) for a, b in zip(params(gen), after[-1]))  # raw parameters back after the block
     for a, steps in zip(avg, zip(*after)):
-        assert torch.allclose(a, torch.stack(steps).mean(0), atol=1e-6)
+        expect = steps[0].clone()
+        for n, theta in enumerate(steps[1:], start=1):
+            d = min(0.9, (1 + n) / (10 + n))
+            expect = d * expect + (1 - d) * theta
+        assert torch.allclose(a, expect, atol=1e-6)
         assert not torch.allclose(a, steps[-1])
     tr.run()  # to the end of pre-training: the generator holds the average
     with tr.averaged():  # nothing left to swap in

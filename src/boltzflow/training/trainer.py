@@ -708,14 +708,15 @@ class Trainer:
 
     @torch.no_grad()
     def _ema_update(self) -> None:
-        """After an applied pre-training step: avg <- d avg + (1 - d) theta with d = min(ema, n / (n + 1))
-        after n updates, i.e. the plain mean of every update until the average spans 1 / (1 - ema) steps."""
+        """After an applied pre-training step: avg <- d avg + (1 - d) theta with d = min(ema, (1 + n) / (10 + n))
+        after n updates: early on the average spans the last ~n / 9 steps (a short or fresh run is not averaged
+        with its first, poor parameters), later 1 / (1 - ema) steps."""
         named = self._ema_named()
         if self._ema is None:
             self._ema = {k: p.detach().clone() for k, p in named}
             self._ema_updates = 0
         n = self._ema_updates
-        d = min(float(self.config.ema), n / (n + 1))
+        d = min(float(self.config.ema), (1 + n) / (10 + n))
         torch._foreach_lerp_([self._ema[k] for k, _ in named], [p.detach() for _, p in named], 1.0 - d)
         self._ema_updates = n + 1
 
