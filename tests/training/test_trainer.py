@@ -431,3 +431,33 @@ def test_ema_lowers_the_held_out_nll_of_noisy_maximum_likelihood(tmp_path):
     h = json.loads((tmp_path / "e" / "summary.json").read_text())["holdout_guard"]
     assert _nll(gen, hold) == pytest.approx(h["best_nll"], abs=1e-6)
     assert "moving average of its parameters" in (tmp_path / "e" / "log.txt").read_text()
+
+
+def test_ema_restarts_with_each_stage_and_the_ess_guard_scores_it(tmp_path):
+    """With training.ema the fine-tuning stage keeps its own average (started at its first step, not carried
+    over from maximum likelihood), ends with it, and the ESS guard's best state is an averaged one."""
+    c = cfg("klx", pretrain=StageConfig(loss="klz", steps=4, batch=32), finetune=StageConfig(loss="klx", steps=6, batch=32),
+            ema=0.9, ess_guard=512, checkpoint_every=3)
+    gen = flow(0)
+    run = RunDir(tmp_path / "f")
+    tr = Trainer(gen, dw_energy, c, run_dir=run, data=data())
+    tr.run(max_steps=4)
+    end_of_ml = params(gen)
+    raws = []
+    while tr.step < 9:
+        tr.run(max_steps=1)
+        raws.append(params(gen))
+    with tr.averaged():
+        avg = params(gen)
+    for a, steps in zip(avg, zip(*raws)):
+        expect = steps[0].clone()
+        for n, theta in enumerate(steps[1:], start=1):
+            d = min(0.9, (1 + n) / (10 + n))
+            expect = d * expect + (1 - d) * theta
+        assert torch.allclose(a, expect, atol=1e-6)
+    assert not all(torch.allclose(a, b) for a, b in zip(avg, end_of_ml))
+    tr.run()
+    log = (tmp_path / "f" / "log.txt").read_text()
+    assert "pre-training ends with the moving average" in log and "fine-tuning ends with the moving average" in log
+    g = json.loads((tmp_path / "f" / "summary.json").read_text())["ess_guard"]
+    assert [h["step"] for h in g["history"]] == [4, 6, 9, 10]

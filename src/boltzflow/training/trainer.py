@@ -135,11 +135,11 @@ class TrainConfig:
     stage ends with the state where it was lowest (measured on alanine tetrapeptide, 128 000 frames, 8 x 256
     flow: the held-out NLL trails the training one by 0.4 nats after 4 epochs, 0.7 after 12).
 
-    ema (0 = off): decay per step of an exponential moving average of the generator's parameters during
-    maximum likelihood (pre-training), e.g. 0.9995 (an average over ~2 000 steps). When on, the holdout guard
-    scores the averaged parameters (and logs the raw ones' NLL beside them), pre-training ends with the averaged
-    (or the guard's best) parameters, and a run stopped early saves the averaged ones. It may be switched on or
-    changed at a resume: the average then starts from the resumed parameters."""
+    ema (0 = off): decay per step of an exponential moving average of the generator's parameters, e.g. 0.9995
+    (an average over ~2 000 steps); each stage keeps its own average and ends with it. When on, the holdout
+    guard scores the averaged parameters (and logs the raw ones' NLL beside them), so does the ESS guard, and
+    a run stopped early saves the averaged ones. The losses draw their samples from the raw parameters. It may
+    be switched on or changed at a resume: the average then starts from the resumed parameters."""
 
     pretrain: StageConfig = StageConfig(loss="klz", steps=0, batch=256)
     finetune: StageConfig = StageConfig(loss="l2plus", steps=1000, batch=256)
@@ -550,7 +550,7 @@ class Trainer:
             if math.isfinite(grad_norm):
                 self.optimizer.step()
                 applied = True
-                if stage == "pretrain" and self.config.ema > 0:
+                if self.config.ema > 0:
                     self._ema_update()
         if not applied:
             self.counters.skipped_steps += 1
@@ -680,7 +680,9 @@ class Trainer:
                         self._holdout_restore()  # before the checkpoint: a resume continues from the restored state
                 if stage == "finetune" and cfg.ess_guard > 0 and (self.step % cfg.checkpoint_every == 0 or stage_end):
                     self._guard_check()
-                    if self.step == total:
+                if stage == "finetune" and self.step == total:
+                    self._ema_finish()
+                    if cfg.ess_guard > 0:
                         self._guard_restore()
                 if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or stage_end or self.step == end):
                     self._checkpoint(t0)
@@ -708,7 +710,7 @@ class Trainer:
 
     @torch.no_grad()
     def _ema_update(self) -> None:
-        """After an applied pre-training step: avg <- d avg + (1 - d) theta with d = min(ema, (1 + n) / (10 + n))
+        """After an applied step: avg <- d avg + (1 - d) theta with d = min(ema, (1 + n) / (10 + n))
         after n updates: early on the average spans the last ~n / 9 steps (a short or fresh run is not averaged
         with its first, poor parameters), later 1 / (1 - ema) steps."""
         named = self._ema_named()
@@ -740,13 +742,15 @@ class Trainer:
 
     @torch.no_grad()
     def _ema_finish(self) -> None:
-        """End of pre-training: the generator takes the averaged parameters and the average is dropped."""
+        """End of a stage: the generator takes the averaged parameters and the average is dropped (the next
+        stage starts its own)."""
         if self._ema is None:
             return
         for k, p in self._ema_named():
             p.copy_(self._ema[k])
         if self.writes:
-            self.run_dir.log(f"pre-training ends with the moving average of its parameters (ema {self.config.ema:g}, "
+            stage = "pre-training" if self.stage_of(self.step - 1) == "pretrain" else "fine-tuning"
+            self.run_dir.log(f"{stage} ends with the moving average of its parameters (ema {self.config.ema:g}, "
                              f"{self._ema_updates} updates)")
         self._ema = None
 
@@ -805,10 +809,11 @@ class Trainer:
         lws = []
         was_training = self.gen.training
         self.gen.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.averaged():  # with training.ema the averaged parameters are the stage's result
             for s in range(0, hi - lo, 4096):
                 x, log_q = self.gen.sample_and_log_prob(min(4096, hi - lo - s), generator=g)
                 lws.append(sample_stats(self.energy(x), log_q)[1])
+            best_state = {k: v.detach().cpu().clone() for k, v in self.gen.state_dict().items()}
         self.gen.train(was_training)
         self.counters.energy_evals += n
         if self.dist.active:
@@ -818,8 +823,7 @@ class Trainer:
         guard = self._guard or {"best_ess": -1.0, "best_step": None, "best_state": None, "history": []}
         guard["history"].append({"step": self.step, "ess": ess})
         if ess > guard["best_ess"]:
-            guard.update(best_ess=ess, best_step=self.step,
-                         best_state={k: v.detach().cpu().clone() for k, v in self.gen.state_dict().items()})
+            guard.update(best_ess=ess, best_step=self.step, best_state=best_state)
         self._guard = guard
         if self.writes:
             self.run_dir.log(f"ESS guard at step {self.step}: Kish ESS {ess:.4f} of {n} samples "
