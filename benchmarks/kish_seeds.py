@@ -1,0 +1,79 @@
+"""Kish ESS of a trained generator on fixed seeds: one JSON line per generator.
+
+The weights of a tetrapeptide generator have Pareto k ~0.5 (docs/peptides.md), so one sample's Kish ESS
+depends on which few draws land in the tail; comparing generators on the same seeds (common random
+numbers) removes that part of the noise. For each generator this draws N samples with each seed and prints
+the per-seed Kish ESS fractions, the pooled one, the pooled one with the top 1e-4 of the log weights clipped
+(the published tables' way) and the tail's Pareto k.
+
+    python benchmarks/kish_seeds.py RUN -n 100000 [--seeds 1 2 3 4] [CHECKPOINT[:ema] ...]
+
+RUN: a training run directory (its system and generator architecture; with no CHECKPOINT its generator.pt is
+measured). CHECKPOINT: a training checkpoint of a run with the same architecture (e.g. RUN/checkpoints/latest.pt);
+``:ema`` measures its moving average of the parameters (``training.ema``) instead of the raw ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from boltzflow.core.weights import kish_ess
+from boltzflow.errors import InputError
+from boltzflow.estimators.tails import pareto_k
+from boltzflow.pipeline import load_trained
+
+
+def load_checkpoint_params(gen, spec: str) -> None:
+    """Put the parameters of checkpoint ``PATH[:ema]`` into ``gen``."""
+    path, _, which = spec.partition(":")
+    if which not in ("", "ema"):
+        raise InputError(f"checkpoint spec {spec!r}: the only suffix is ':ema'")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    gen.load_state_dict(state["model"])
+    if which == "ema":
+        if state.get("ema") is None:
+            raise InputError(f"{path} holds no moving average (trained without training.ema, or after its stage ended)")
+        named = dict(gen.named_parameters())
+        with torch.no_grad():
+            for k, v in state["ema"]["params"].items():
+                named[k].copy_(v)
+
+
+def measure(gen, energy, n: int, seeds: list[int]) -> dict:
+    """Per-seed and pooled Kish ESS fractions, clipped Kish, Pareto k of ``len(seeds)`` x ``n`` draws."""
+    gen.eval()
+    lws = []
+    with torch.no_grad():
+        for seed in seeds:
+            s = gen.sample(n, energy=energy, batch_size=5000, generator=torch.Generator().manual_seed(seed))
+            lws.append(np.asarray(s.log_weights, dtype=np.float64))
+    lw = np.concatenate(lws)
+    return {"n": len(lw), "seeds": seeds, "per_seed": [round(kish_ess(v) / len(v), 4) for v in lws],
+            "pooled": kish_ess(lw) / len(lw), "clip_1e-4": kish_ess(lw, clip_top=1e-4) / len(lw),
+            "pareto_k": pareto_k(lw)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="training run directory")
+    ap.add_argument("checkpoints", nargs="*", help="CHECKPOINT[:ema] (none: the run's generator.pt)")
+    ap.add_argument("-n", type=int, default=100_000, help="draws per seed (default 1e5)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    _, _, gen, energy = load_trained(args.run, "cpu")
+    for spec in args.checkpoints or ["generator.pt"]:
+        t0 = time.time()
+        if spec != "generator.pt":
+            load_checkpoint_params(gen, spec)
+        row = {"run": args.run, "generator": spec, **measure(gen, energy, args.n, args.seeds), "wall_s": time.time() - t0}
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
