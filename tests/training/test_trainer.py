@@ -364,7 +364,16 @@ def test_chi2_data_finetune_weights_the_frames_and_needs_them(tmp_path):
         load_config(TrainConfig, overrides={"finetune.weight_power": 2.0})
 
 
-def test_ema_is_the_mean_of_the_steps_then_ends_pretraining_and_resumes_bitwise(tmp_path):
+def _ema_of(steps, ema: float) -> torch.Tensor:
+    """The moving average the trainer should hold after parameters ``steps`` (one tensor per step)."""
+    expect = steps[0].clone()
+    for n, theta in enumerate(steps[1:], start=1):
+        d = min(ema, (1 + n) / (10 + n))
+        expect = d * expect + (1 - d) * theta
+    return expect
+
+
+def test_ema_follows_its_recursion_then_ends_pretraining_and_resumes_bitwise(tmp_path):
     """training.ema: avg <- d avg + (1 - d) theta after each step with d = min(ema, (1 + n) / (10 + n)) after n
     updates; averaged() swaps it in and back; pre-training ends with it; a kill and resume mid-stage gives the
     same parameters as the uninterrupted run; switching it on at a resume is allowed."""
@@ -382,11 +391,7 @@ def test_ema_is_the_mean_of_the_steps_then_ends_pretraining_and_resumes_bitwise(
         avg = params(gen)
     assert all(torch.equal(a, b) for a, b in zip(params(gen), after[-1]))  # raw parameters back after the block
     for a, steps in zip(avg, zip(*after)):
-        expect = steps[0].clone()
-        for n, theta in enumerate(steps[1:], start=1):
-            d = min(0.9, (1 + n) / (10 + n))
-            expect = d * expect + (1 - d) * theta
-        assert torch.allclose(a, expect, atol=1e-6)
+        assert torch.allclose(a, _ema_of(steps, 0.9), atol=1e-6)
         assert not torch.allclose(a, steps[-1])
     tr.run()  # to the end of pre-training: the generator holds the average
     with tr.averaged():  # nothing left to swap in
@@ -450,11 +455,7 @@ def test_ema_restarts_with_each_stage_and_the_ess_guard_scores_it(tmp_path):
     with tr.averaged():
         avg = params(gen)
     for a, steps in zip(avg, zip(*raws)):
-        expect = steps[0].clone()
-        for n, theta in enumerate(steps[1:], start=1):
-            d = min(0.9, (1 + n) / (10 + n))
-            expect = d * expect + (1 - d) * theta
-        assert torch.allclose(a, expect, atol=1e-6)
+        assert torch.allclose(a, _ema_of(steps, 0.9), atol=1e-6)
     assert not all(torch.allclose(a, b) for a, b in zip(avg, end_of_ml))
     tr.run()
     log = (tmp_path / "f" / "log.txt").read_text()
