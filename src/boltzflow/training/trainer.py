@@ -316,8 +316,8 @@ class Trainer:
         self.finetune_skipped = False
         #: True once the ``fallback`` stage has replaced ``finetune`` (the guard's ESS below ``finetune_min_ess``)
         self.fallback_used = False
-        #: moving average of the trainable parameters during pre-training (``config.ema`` > 0): {name: tensor}
-        #: and the number of updates it has seen; None when off or once pre-training is over
+        #: moving average of the trainable parameters of the current stage (``config.ema`` > 0): {name: tensor}
+        #: and the number of updates it has seen; None when off, or between a stage's end and the next one's first step
         self._ema: dict[str, torch.Tensor] | None = None
         self._ema_updates = 0
 
@@ -728,17 +728,18 @@ class Trainer:
         if self._ema is None:
             yield
             return
-        named = self._ema_named()
-        raw = [p.detach().clone() for _, p in named]
-        with torch.no_grad():
-            for k, p in named:
-                p.copy_(self._ema[k])
+        raw = {k: p.detach().clone() for k, p in self._ema_named()}
+        self._put_params(self._ema)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for (_, p), r in zip(named, raw):
-                    p.copy_(r)
+            self._put_params(raw)
+
+    @torch.no_grad()
+    def _put_params(self, values: dict[str, torch.Tensor]) -> None:
+        """Copy ``values`` ({name: tensor}) into the generator's trainable parameters."""
+        for k, p in self._ema_named():
+            p.copy_(values[k])
 
     @torch.no_grad()
     def _ema_finish(self) -> None:
@@ -746,8 +747,7 @@ class Trainer:
         stage starts its own)."""
         if self._ema is None:
             return
-        for k, p in self._ema_named():
-            p.copy_(self._ema[k])
+        self._put_params(self._ema)
         if self.writes:
             stage = "pre-training" if self.stage_of(self.step - 1) == "pretrain" else "fine-tuning"
             self.run_dir.log(f"{stage} ends with the moving average of its parameters (ema {self.config.ema:g}, "
