@@ -34,6 +34,9 @@ def load_checkpoint_params(gen, spec: str) -> None:
     if which not in ("", "ema"):
         raise InputError(f"checkpoint spec {spec!r}: the only suffix is ':ema'")
     state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state:
+        raise InputError(f"{path} is not a training checkpoint (RUN/checkpoints/*.pt); pass a run directory as RUN "
+                         "to measure its generator.pt")
     gen.load_state_dict(state["model"])
     if which == "ema":
         if state.get("ema") is None:
