@@ -4,9 +4,10 @@ The weights of a tetrapeptide generator have Pareto k ~0.5 (docs/peptides.md), s
 depends on which few draws land in the tail; comparing generators on the same seeds (common random
 numbers) removes that part of the noise. For each generator this draws N samples with each seed and prints
 the per-seed Kish ESS fractions, the pooled one, the pooled one with the top 1e-4 of the log weights clipped
-(the published tables' way) and the tail's Pareto k.
+(the published tables' way), the tail's Pareto k, and the per-seed and pooled Kish ESS of the Pareto-smoothed
+weights (what the trainer's ESS guard ranks by; ``kish_ess(log_w, smooth=True)``).
 
-    python benchmarks/kish_seeds.py RUN -n 100000 [--seeds 1 2 3 4] [CHECKPOINT[:ema] ...]
+    python benchmarks/kish_seeds.py RUN -n 100000 [--seeds 1 2 3 4] [--save-log-weights FILE.npz] [CHECKPOINT[:ema] ...]
 
 RUN: a training run directory (its system and generator architecture; with no CHECKPOINT its generator.pt is
 measured). CHECKPOINT: a training checkpoint of a run with the same architecture (e.g. RUN/checkpoints/latest.pt);
@@ -19,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ import torch
 from boltzflow.core.weights import kish_ess
 from boltzflow.errors import InputError
 from boltzflow.estimators.tails import pareto_k
+from boltzflow.io import atomic_write
 from boltzflow.pipeline import load_trained
 
 
@@ -48,8 +51,9 @@ def load_checkpoint_params(gen, spec: str) -> None:
                 named[k].copy_(v)
 
 
-def measure(gen, energy, n: int, seeds: list[int]) -> dict:
-    """Per-seed and pooled Kish ESS fractions, clipped Kish, Pareto k of ``len(seeds)`` x ``n`` draws."""
+def measure(gen, energy, n: int, seeds: list[int]) -> tuple[dict, np.ndarray]:
+    """Per-seed and pooled Kish ESS fractions (plain and Pareto-smoothed), clipped Kish and Pareto k of
+    ``len(seeds)`` x ``n`` draws, and the log weights ``(len(seeds), n)``."""
     gen.eval()
     lws = []
     with torch.no_grad():
@@ -59,7 +63,8 @@ def measure(gen, energy, n: int, seeds: list[int]) -> dict:
     lw = np.concatenate(lws)
     return {"n": len(lw), "seeds": seeds, "per_seed": [round(kish_ess(v) / len(v), 4) for v in lws],
             "pooled": kish_ess(lw) / len(lw), "clip_1e-4": kish_ess(lw, clip_top=1e-4) / len(lw),
-            "pareto_k": pareto_k(lw)}
+            "pareto_k": pareto_k(lw), "per_seed_smoothed": [round(kish_ess(v, smooth=True) / len(v), 4) for v in lws],
+            "pooled_smoothed": kish_ess(lw, smooth=True) / len(lw)}, np.stack(lws)
 
 
 def main(argv=None) -> None:
@@ -68,15 +73,25 @@ def main(argv=None) -> None:
     ap.add_argument("checkpoints", nargs="*", help="CHECKPOINT[:ema] (none: the run's generator.pt)")
     ap.add_argument("-n", type=int, default=100_000, help="draws per seed (default 1e5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--save-log-weights", metavar="FILE", help="write every generator's log weights (generators x seeds x n) "
+                    "to this .npz (refused if it exists)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.save_log_weights and Path(args.save_log_weights).exists():
+        raise InputError(f"{args.save_log_weights} exists; pass another file name")
     _, _, gen, energy = load_trained(args.run, "cpu")
-    for spec in args.checkpoints or ["generator.pt"]:
+    specs = args.checkpoints or ["generator.pt"]
+    saved = []
+    for spec in specs:
         t0 = time.time()
         if spec != "generator.pt":
             load_checkpoint_params(gen, spec)
-        row = {"run": args.run, "generator": spec, **measure(gen, energy, args.n, args.seeds), "wall_s": time.time() - t0}
-        print(json.dumps(row), flush=True)
+        stats, lw = measure(gen, energy, args.n, args.seeds)
+        saved.append(lw)
+        print(json.dumps({"run": args.run, "generator": spec, **stats, "wall_s": time.time() - t0}), flush=True)
+    if args.save_log_weights:
+        arrays = {"log_weights": np.stack(saved), "generators": np.array(specs), "seeds": np.array(args.seeds)}
+        atomic_write(args.save_log_weights, lambda fh: np.savez(fh, **arrays))
 
 
 if __name__ == "__main__":

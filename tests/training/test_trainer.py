@@ -192,6 +192,8 @@ def test_ess_guard_keeps_the_best_state_through_a_destructive_finetune(tmp_path)
     tr.run()
     guard = json.loads((tmp_path / "g" / "summary.json").read_text()).get("ess_guard") or tr._guard
     assert [h["step"] for h in guard["history"]] == [150, 152, 156, 158]
+    # ranked by the Pareto-smoothed Kish ESS, the plain one and the tail's k beside it
+    assert all(set(h) == {"step", "ess", "ess_raw", "pareto_k"} and 0 < h["ess_raw"] <= 1 for h in guard["history"])
     assert guard["best_step"] == 150  # nothing the wrecked stage produced beat the start
     assert _kish(gen) == pytest.approx(before, rel=1e-9)
     # without the guard the same stage ends lower
