@@ -73,6 +73,42 @@ def test_trainer_trains_with_bf16_conditioners_and_validates_the_option():
     assert all(m.compute_dtype is None for m in gen.modules() if isinstance(m, MLP))
 
 
+def test_native_bfloat16_is_read_from_the_cpu_flags():
+    from boltzflow.flows.nn import cpu_has_native_bfloat16
+
+    assert cpu_has_native_bfloat16("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n") is False
+    assert cpu_has_native_bfloat16("flags\t: avx2 avx512f avx512_bf16\nflags\t: avx2 avx512f avx512_bf16\n") is True
+    assert cpu_has_native_bfloat16("flags : avx2 amx_tile amx_bf16\n") is True
+    assert cpu_has_native_bfloat16("model name : something\n") is None  # no flags line: unknown
+
+
+def test_trainer_warns_when_bf16_conditioners_would_be_emulated(monkeypatch, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    from double_well_2d import data, dw_energy
+
+    import boltzflow.training.trainer as trainer_mod
+    from boltzflow.core.rundir import RunDir
+    from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Trainer
+
+    def run(native: bool | None, dtype: str, name: str):
+        monkeypatch.setattr(trainer_mod, "cpu_has_native_bfloat16", lambda: native)
+        c = TrainConfig(pretrain=StageConfig(loss="klz", steps=2, batch=16), finetune=StageConfig(loss="klz", steps=0),
+                        optimizer=OptimConfig(lr=1e-3), progress=False, conditioner_dtype=dtype)
+        rd = RunDir(tmp_path / name)
+        Trainer(make_flow(2, "realnvp", blocks=1, hidden=8, seed=0), dw_energy, c, run_dir=rd, data=data(64)).run()
+        log = tmp_path / name / "log.txt"
+        return log.read_text() if log.exists() else ""
+
+    with pytest.warns(UserWarning, match="without native bfloat16"):
+        assert "set training.conditioner_dtype=float32" in run(False, "bfloat16", "emulated")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for native, dtype, name in ((True, "bfloat16", "native"), (None, "bfloat16", "unknown"), (False, "float32", "fp32")):
+            assert "without native bfloat16" not in run(native, dtype, name)
+
+
 def test_flow_step_benchmark_json():
     """benchmarks/flow_step.py at toy size on the shipped generator: both precisions timed, density compared."""
     root = Path(__file__).resolve().parents[2]

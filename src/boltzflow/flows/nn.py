@@ -88,6 +88,24 @@ class MLP(nn.Module):
 CONDITIONER_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
+def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU multiplies bfloat16 natively (``avx512_bf16`` or ``amx_bf16`` among the flags of
+    ``/proc/cpuinfo``, or of the text ``cpuinfo``); None where that cannot be read (not Linux). Without it
+    torch emulates bfloat16 matrix products: measured on an AVX2-only AMD EPYC core, a 1024 x 128 by
+    128 x 128 product took 7.8 ms in bfloat16 against 0.78 ms in float32, and a training step of the
+    tetrapeptide's 8 x 128 flow 3.2 s against 0.57 s."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return None
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[-1].split()}
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 @contextmanager
 def conditioner_precision(model: nn.Module, dtype: str = "float32") -> Iterator[None]:
     """Inside the block every :class:`MLP` of ``model`` computes in ``dtype`` ("bfloat16": autocast, fp32

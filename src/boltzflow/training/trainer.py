@@ -40,7 +40,7 @@ import torch
 from ..config import to_dict
 from ..distributed import SINGLE, DistContext
 from ..errors import CheckpointError, ConfigError, InputError
-from ..flows.nn import conditioner_precision
+from ..flows.nn import conditioner_precision, cpu_has_native_bfloat16
 from ..sampling.ais import AISConfig, AnnealedImportanceSampler
 from ..sampling.pool import PoolConfig, ReweightedPool
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -641,6 +641,8 @@ class Trainer:
         total = cfg.total_steps
         limit = math.inf if max_steps is None else self.step + max_steps
         end = min(total, limit)
+        if end > self.step:
+            self._warn_slow_bfloat16()
         bar = progress_bar(total, initial=self.step, desc="train", enabled=self.show_progress)
         t0 = time.perf_counter()
         try:
@@ -793,6 +795,18 @@ class Trainer:
             self._restore_best(h, "holdout_guard", f"holdout guard: restored the generator of step {h['best_step']} "
                                f"(held-out NLL {h['best_nll']:.3f}; later maximum likelihood over-fitted the training frames)")
             h["best_state"] = None  # the stage is over: checkpoints need not carry the copy
+
+    def _warn_slow_bfloat16(self) -> None:
+        """Warn (and log) when bfloat16 conditioners would be emulated on this CPU (~5-10x slower than float32)."""
+        if self.config.conditioner_dtype != "bfloat16" or self.device.type != "cpu" or cpu_has_native_bfloat16() is not False:
+            return
+        msg = ("training.conditioner_dtype = 'bfloat16' on a CPU without native bfloat16 (no AVX512-BF16 or AMX "
+               "among its flags): torch emulates it, and training steps run ~5x slower than in float32 "
+               "(measured: 3.2 s against 0.57 s per step of the tetrapeptide's 8 x 128 flow); "
+               "set training.conditioner_dtype=float32 (it may change at a resume)")
+        warnings.warn(msg, stacklevel=2)
+        if self.writes:
+            self.run_dir.log(msg)
 
     def _guard_check(self) -> None:
         """Kish ESS of ``ess_guard`` samples; keep a copy of the state when it is the best so far.
