@@ -118,8 +118,8 @@ class TrainConfig:
     """Everything a training run needs besides the generator, energy and data.
 
     ess_guard > 0 protects the fine-tuning stage: before its first step and at every checkpoint the
-    Kish ESS of ``ess_guard`` fresh samples (of their Pareto-smoothed weights: less luck) is measured, and the stage ends with the generator state
-    that had the highest ESS (the pre-fine-tuning one included), so fine-tuning never lowers it.
+    Kish ESS of ``ess_guard`` fresh samples (of their Pareto-smoothed weights: less luck) is measured,
+    and the stage ends with the generator state that had the highest ESS (the pre-fine-tuning one included), so fine-tuning never lowers it.
     Large samples matter: batches of ~1e3 miss the heavy tail of the weights.
 
     finetune_min_ess (needs ess_guard > 0): when the guard's Kish ESS fraction of the maximum-likelihood
@@ -816,13 +816,13 @@ class Trainer:
         alanine dipeptide: 0.03-0.69 between neighbouring checkpoints) and picking their maximum picks
         luck; on common draws neighbouring generators are compared on the same configurations.
 
-        The guard ranks by the Kish ESS of the Pareto-smoothed weights (``kish_ess(..., smooth=True)``):
+        The guard ranks by the Kish ESS of the Pareto-smoothed weights (``core.weights.pareto_smooth``):
         with Pareto k ~0.5 (the peptides) a handful of draws hold most of sum w^2, and which of them a
         sample of 1e5 contains decides its plain Kish ESS (measured on alanine tetrapeptide: one generator's
         guard values 0.27 / 0.31 / 0.21 / 0.15 / 0.15 over 2 000 steps of fine-tuning, and the step it chose
         scored 0.10 on 4e5 other draws against 0.24 for a step it scored 0.15). The plain value and k are
         logged beside it."""
-        from ..core.weights import kish_ess, pareto_k
+        from ..core.weights import kish_ess, pareto_smooth
         from ..losses.base import sample_stats
 
         seed = int(self.config.seed) * 7_919 + 1  # the same draws at every check (per rank under DDP)
@@ -843,9 +843,9 @@ class Trainer:
             per_rank = self.dist.all_gather_object([t.cpu() for t in lws])
             lws = [t.to(self.device) for rank_lws in per_rank for t in rank_lws]
         lw = torch.cat(lws).detach().cpu().double().numpy() if lws else np.zeros(0)
-        ess = kish_ess(lw, smooth=True) / lw.size if lw.size else 0.0
+        smoothed, k = pareto_smooth(lw)  # one Pareto fit gives both the smoothed weights and k
+        ess = kish_ess(smoothed) / lw.size if lw.size else 0.0
         raw = kish_ess(lw) / lw.size if lw.size else 0.0
-        k = pareto_k(lw)
         guard = self._guard or {"best_ess": -1.0, "best_step": None, "best_state": None, "history": []}
         guard["history"].append({"step": self.step, "ess": ess, "ess_raw": raw,
                                  "pareto_k": k if math.isfinite(k) else None})
