@@ -30,18 +30,23 @@ constexpr int NT = 5;  // tangents: x, w_k, h_k, d_k, d_k+1 (x_k and y_k follow 
 
 // exp(x) for x <= 0, vectorisable (libm's exp is not vectorised without -ffast-math): x = n ln2 + r,
 // |r| <= ln2/2, exp(r) by its degree-13 Taylor polynomial (Horner), 2^n through the exponent bits.
-// Relative error ~1e-16; 0 below -700 (softmax logits after subtracting their maximum).
+// Relative error ~1e-16; 0 below -700 (softmax logits after subtracting their maximum). n is rounded and
+// turned into exponent bits by adding 1.5 * 2^52 (the double's low bits then hold n) and integer
+// arithmetic on the bits: no double <-> int64 conversion, which AVX2 lacks (it kept these loops scalar).
+constexpr double ROUND_SHIFT = 6755399441055744.0;  // 1.5 * 2^52
 inline double exp_nonpos(double x) {
   const bool tiny = x < -700.0;
   x = tiny ? 0.0 : x;
-  const double n = std::nearbyint(x * 1.4426950408889634074);
+  const double t = x * 1.4426950408889634074 + ROUND_SHIFT;  // n = round(x / ln 2) in t's low bits
+  const double n = t - ROUND_SHIFT;
   const double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
   // Horner written out (no inner loop, so that a loop over lanes calling this vectorises)
   const double p =
       1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (1.0 / 720 + r * (1.0 / 5040 +
       r * (1.0 / 40320 + r * (1.0 / 362880 + r * (1.0 / 3628800 + r * (1.0 / 39916800 + r * (1.0 / 479001600 +
       r * (1.0 / 6227020800.0)))))))))))));
-  const double scale = __builtin_bit_cast(double, static_cast<uint64_t>(static_cast<int64_t>(n) + 1023) << 52);
+  const uint64_t nb = __builtin_bit_cast(uint64_t, t) - __builtin_bit_cast(uint64_t, ROUND_SHIFT);  // n mod 2^64
+  const double scale = __builtin_bit_cast(double, (nb + 1023) << 52);
   return tiny ? 0.0 : p * scale;
 }
 
@@ -56,11 +61,13 @@ constexpr int W = 8;  // elements per block: one AVX-512 register of doubles per
 // not handled (the callers take logs of slopes >= min_derivative and of sums of them).
 inline double log_pos(double x) {
   const uint64_t bits = __builtin_bit_cast(uint64_t, x);
-  const int64_t eb = static_cast<int64_t>(bits >> 52) - 1023;  // x > 0: no sign bit
+  // the biased exponent (x > 0: no sign bit) as a double without an int64 -> double conversion (not in AVX2):
+  // 2^52 + e has e in its low mantissa bits
+  const double eb = __builtin_bit_cast(double, (bits >> 52) | 0x4330000000000000ULL) - 4503599627370496.0 - 1023.0;
   double m = __builtin_bit_cast(double, (bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL);  // in [1, 2)
   const bool big = m > 1.4142135623730951;
   m = big ? 0.5 * m : m;
-  const double e = static_cast<double>(eb) + (big ? 1.0 : 0.0);
+  const double e = eb + (big ? 1.0 : 0.0);
   const double s = (m - 1.0) / (m + 1.0);
   const double s2 = s * s;
   const double p = 1.0 + s2 * (1.0 / 3 + s2 * (1.0 / 5 + s2 * (1.0 / 7 + s2 * (1.0 / 9 + s2 * (1.0 / 11 + s2 * (1.0 / 13 +
