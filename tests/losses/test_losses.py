@@ -267,6 +267,17 @@ def test_chi2_data_gradient_is_the_exact_chi2_gradient_and_power_0_is_maximum_li
     klz(b, data[:500]).loss.backward()
     assert torch.allclose(a.mu.grad, b.mu.grad) and torch.allclose(a.log_s.grad, b.log_s.grad)
 
+    # ml_fraction f: the gradient is (1 - f) x chi-square's + f x maximum likelihood's on the same frames
+    grads = []
+    for kw in ({}, {"power": 0.0}, {"ml_fraction": 0.3}):
+        c = FixedGaussianGen(torch.zeros(1), 0.3, 1.5)
+        chi2_data(c, u, data[:500], **kw).loss.backward()
+        grads.append(torch.stack([c.mu.grad, c.log_s.grad]))
+    assert not torch.allclose(grads[0], grads[1], rtol=0.1)
+    assert torch.allclose(grads[2], 0.7 * grads[0] + 0.3 * grads[1])
+    with pytest.raises(InputError, match="ml_fraction"):
+        chi2_data(FixedGaussianGen(torch.zeros(1), 0.3, 1.5), u, data[:10], ml_fraction=1.5)
+
 
 def test_alpha2_resampling_follows_the_exact_alpha2_gradient():
     # resampling with probability w^2 / sum w^2 and taking -mean log q: in expectation the gradient is

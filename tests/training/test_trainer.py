@@ -364,6 +364,9 @@ def test_chi2_data_finetune_weights_the_frames_and_needs_them(tmp_path):
         Trainer(flow(), dw_energy, cfg("chi2_data", pretrain=StageConfig(loss="klz", steps=0, batch=64))).run()
     with pytest.raises(ConfigError, match="weight_power"):
         load_config(TrainConfig, overrides={"finetune.weight_power": 2.0})
+    with pytest.raises(ConfigError, match="ml_fraction"):
+        load_config(TrainConfig, overrides={"finetune.ml_fraction": -0.1})
+    assert load_config(TrainConfig, overrides={"finetune.ml_fraction": 0.5}).finetune.ml_fraction == 0.5
 
 
 def _ema_of(steps, ema: float) -> torch.Tensor:

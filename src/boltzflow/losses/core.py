@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from ..sampling.pool import PoolConfig, ReweightedPool
 from .base import EnergyFn, LossOutput, kish_ess, nan_loss, sample_stats
 
@@ -121,7 +122,7 @@ def klz_df(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None =
     return LossOutput(loss=loss, metrics=metrics, samples=x, log_w=log_w, energy_evals=n)
 
 
-def chi2_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, power: float = 1.0,
+def chi2_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, power: float = 1.0, ml_fraction: float = 0.0,
               generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
     """Chi-square divergence estimated on data: ``-sum_i v_i log p_G(x_i)`` over frames ``x_data: (batch, ...)``
     drawn from p_B, with detached weights ``v = softmax(power * (-u - log p_G))`` over the batch.
@@ -131,8 +132,10 @@ def chi2_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, power: float = 1.0
     to how much q under-fills p there, so the states that carry the weights' heavy tail pull hardest. Unlike
     ``alpha2`` and ``rwml`` (the same divergence estimated on the generator's draws), the frames of those
     states come from the data, not from the generator's few draws into them. ``power`` 0 is maximum
-    likelihood (``klz``); between, an interpolation. Costs ``batch`` energy evaluations (no forces).
-    Metrics: ``nll`` (unweighted, of the batch) and ``batch_ess`` (Kish fraction of v: the share of the
+    likelihood (``klz``); between, an interpolation. ``ml_fraction`` f in [0, 1] mixes the two objectives
+    instead: frame weights ``(1 - f) v + f / batch``, so a share f of every step's gradient is plain maximum
+    likelihood over the whole batch, which holds the bulk in place while the rest pulls on the tail.
+    Costs ``batch`` energy evaluations (no forces). Metrics: ``nll`` (unweighted, of the batch) and ``batch_ess`` (Kish fraction of v: the share of the
     batch that effectively counts)."""
     lp = gen.log_prob(x_data)
     with torch.no_grad():
@@ -143,7 +146,10 @@ def chi2_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, power: float = 1.0
         metrics.pop(k)
     if not valid.any():
         return LossOutput(_finish(nan_loss(lp), None, metrics), metrics, None, None, n)
-    v = torch.softmax(float(power) * log_w[valid].double(), 0).to(lp.dtype).detach()
+    if not 0.0 <= ml_fraction <= 1.0:
+        raise InputError(f"ml_fraction must be in [0, 1] (0: chi-square only, 1: maximum likelihood), got {ml_fraction}")
+    v = torch.softmax(float(power) * log_w[valid].double(), 0)
+    v = ((1.0 - ml_fraction) * v + ml_fraction / v.numel()).to(lp.dtype).detach()
     loss = -(v * lp[valid]).sum()
     metrics["nll"] = float(-lp[valid].detach().mean())
     metrics["batch_ess"] = kish_ess(float(power) * log_w[valid])

@@ -77,7 +77,9 @@ class StageConfig:
     penalty_weight: multiplies mean(gen.penalty(x)) (the MolecularGenerator's Cartesian alignment
     penalty already includes lambda_align = 10, so 1.0 applies felardos2023's setting; 0 = off);
     lr: overrides optimizer.lr for this stage when set; weight_power (loss "chi2_data" only): the
-    exponent of the frames' importance weights, 1 = chi-square divergence, 0 = maximum likelihood."""
+    exponent of the frames' importance weights, 1 = chi-square divergence, 0 = maximum likelihood;
+    ml_fraction (loss "chi2_data" only): the share of each step's gradient from plain maximum likelihood on
+    the same frames (0 = chi-square only)."""
 
     loss: str = "l2plus"
     steps: int = 0
@@ -85,11 +87,15 @@ class StageConfig:
     penalty_weight: float = 0.0
     lr: float | None = None
     weight_power: float = 1.0
+    ml_fraction: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.weight_power <= 1.0:
             raise ConfigError(f"weight_power must be in [0, 1] (1: chi-square divergence, 0: maximum likelihood), "
                               f"got {self.weight_power}")
+        if not 0.0 <= self.ml_fraction <= 1.0:
+            raise ConfigError(f"ml_fraction must be in [0, 1] (the share of maximum likelihood in chi2_data's "
+                              f"gradient; 0: chi-square only), got {self.ml_fraction}")
 
 
 @dataclass(frozen=True)
@@ -490,7 +496,7 @@ class Trainer:
             idx = torch.randint(0, self.data.shape[0], (st.batch,), generator=self.rng, device=self.device)[lo:hi]
             if stage == "finetune" and st.loss == "chi2_data":
                 return chi2_data(self.gen, self.energy, self.data[idx], power=st.weight_power,
-                                 generator=self.sample_rng, penalty_weight=st.penalty_weight)
+                                 ml_fraction=st.ml_fraction, generator=self.sample_rng, penalty_weight=st.penalty_weight)
             return klz(self.gen, self.data[idx], generator=self.sample_rng, penalty_weight=st.penalty_weight)
         if st.loss == "fab":
             return fab(self.gen, self.energy, hi - lo, self.ais, self.buffer, generator=self.sample_rng,
