@@ -1,6 +1,11 @@
 """Energy + force evaluations per second: native torch vs the OpenMM bridge, from one run.
 
     python benchmarks/energy_throughput.py [--quick] [--json] [--solvent vacuum|obc2] [--min-time S]
+    python benchmarks/energy_throughput.py --system alanine-tetrapeptide --baseline-source OLD.cpp --only-cpp --json
+
+``--baseline-source OLD.cpp`` (e.g. ``git show REV:src/boltzflow/energy/native_cpu.cpp > OLD.cpp``) also times
+that version of the C++ kernel, built with the same flags, in the same run (rows with ``"kernel": "cpp-baseline"``,
+``ratio_cpp_over_baseline_batch_1024``); ``--only-cpp`` skips the OpenMM and torch-kernel rows.
 
 Alanine dipeptide (shipped, CHARMM36m). Bridge (boltzflow.energy.openmm_bridge.OpenMMEnergy):
 batch 1, 64, 1024 with 1 and N = os.cpu_count() workers on every available OpenMM platform.
@@ -62,6 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="torch threads for the native rows (default: both 1 and os.cpu_count(); on a shared, loaded "
                          "machine more threads oversubscribe the cores and collapse throughput)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd native rows")
+    ap.add_argument("--system", default="alanine-dipeptide", help="built-in system (default alanine-dipeptide)")
+    ap.add_argument("--baseline-source", default=None,
+                    help="another version of native_cpu.cpp to time in the same run (built with the same flags)")
+    ap.add_argument("--only-cpp", action="store_true", help="only the C++ kernel rows (and the baseline's)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 2.0, quick 0.5), split into 5 windows; the best window counts")
     args = ap.parse_args(argv)
 
@@ -74,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     from boltzflow.systems.builtin import builtin_system
 
     min_time = args.min_time if args.min_time is not None else (0.5 if args.quick else 2.0)
-    ms = builtin_system("alanine-dipeptide", args.solvent)
+    ms = builtin_system(args.system, args.solvent)
     rng = np.random.default_rng(0)
 
     def confs(batch: int, dtype=torch.float64, device="cpu"):
@@ -86,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     platforms = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
     if args.quick:
         platforms = [p for p in platforms if p != "Reference"]
+    if args.only_cpp:
+        platforms = []
     bridge_batches = (1, 64, 1024)
     for plat in platforms:
         for workers in sorted({1, n_cpu}):
@@ -104,18 +115,32 @@ def main(argv: list[str] | None = None) -> dict:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     # (device, torch.compile, analytic forces, CPU kernel)
     variants = [("cpu", False, True, "cpp")] if native_cpu.load() is not None else []
-    variants += [(d, False, True, "torch") for d in devices]
-    variants += [] if args.no_compile else [(d, True, True, "torch") for d in devices]
-    variants.append(("cpu", False, False, "torch"))  # autograd path, for reference
-    if not variants[0][3] == "cpp":
+    if not variants:
         print(f"C++ kernel unavailable: {native_cpu.unavailable_reason()}", file=sys.stderr)
+    baseline = None
+    if args.baseline_source:
+        if not variants:
+            raise SystemExit("--baseline-source needs the C++ kernel")
+        baseline = native_cpu.load_source(args.baseline_source)
+        variants.append(("cpu", False, True, "cpp-baseline"))
+    if not args.only_cpp:
+        variants += [(d, False, True, "torch") for d in devices]
+        variants += [] if args.no_compile else [(d, True, True, "torch") for d in devices]
+        variants.append(("cpu", False, False, "torch"))  # autograd path, for reference
     thread_counts = [args.threads] if args.threads else sorted({1, n_cpu})
     for threads in thread_counts:
         torch.set_num_threads(max(1, threads))
         for device, compiled, analytic, kernel in variants:
             if device == "cuda" and threads != thread_counts[0]:
                 continue
-            native = NativeEnergy(ms, compile=compiled, analytic=analytic, cpu_kernel=kernel).to(device)
+            native = NativeEnergy(ms, compile=compiled, analytic=analytic,
+                                  cpu_kernel="cpp" if kernel == "cpp-baseline" else kernel).to(device)
+            if kernel == "cpp-baseline":  # the kernel object takes the library loaded at its first call
+                saved, native_cpu._lib = native_cpu._lib, baseline
+                try:
+                    _energy_and_forces(native, confs(8))()
+                finally:
+                    native_cpu._lib = saved
             for dtype in (torch.float32, torch.float64):
                 batches = (1024,) if (compiled and args.quick) or not analytic else (64, 1024, 8192)
                 for batch in batches:
@@ -146,10 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "ratio_native_over_openmm_batch_1024": best("native", "cpu") / best("openmm"),
         "ratio_torch_kernels_over_openmm_batch_1024": best("native", "cpu", kernel="torch") / best("openmm"),
-        "system": f"alanine-dipeptide ({args.solvent})",
+        "system": f"{args.system} ({args.solvent})",
         "n_cpu": n_cpu,
         "torch_threads": thread_counts,
     }
+    if baseline is not None:
+        out["ratio_cpp_over_baseline_batch_1024"] = best("native", "cpu", kernel="cpp") / best("native", "cpu", kernel="cpp-baseline")
+        out["baseline_source"] = str(args.baseline_source)
     if "cuda" in devices and any(r["backend"] == "openmm" and r["device"] == "cuda" for r in rows):
         out["ratio_cuda_native_over_openmm_cuda_batch_1024"] = best("native", "cuda") / best("openmm", "cuda")
     if args.json:
@@ -157,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         print(f"ratio native/openmm at batch 1024 (best of each): {out['ratio_native_over_openmm_batch_1024']:.1f}x "
               f"(torch kernels only: {out['ratio_torch_kernels_over_openmm_batch_1024']:.1f}x)")
+        if baseline is not None:
+            print(f"ratio C++ kernel / --baseline-source at batch 1024: {out['ratio_cpp_over_baseline_batch_1024']:.2f}x")
         if "ratio_cuda_native_over_openmm_cuda_batch_1024" in out:
             print(f"ratio on CUDA: {out['ratio_cuda_native_over_openmm_cuda_batch_1024']:.1f}x")
     return out

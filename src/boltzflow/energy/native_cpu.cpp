@@ -11,6 +11,7 @@
 // transposed into a component-major scratch pos[3][n_atoms][L], every term runs one loop over the
 // lanes (vectorised by the compiler), and gradients accumulate in grd[3][n_atoms][L] in cache.
 // Blocks are spread over OpenMP threads.
+#pragma GCC optimize("no-trapping-math")
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -126,6 +126,26 @@ def build_shared_library(cxx: str, source: Path) -> Path:
     return lib
 
 
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Set the kernel functions' ctypes signatures on ``lib``; returns it."""
+    for name in ("bf_energy_f64", "bf_energy_f32"):
+        f = getattr(lib, name)
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.POINTER(BfParams), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_double, ctypes.c_int]
+    return lib
+
+
+def load_source(source: str | os.PathLike) -> ctypes.CDLL:
+    """Build another version of the kernel's source with the same flags (e.g. an older commit's, to time
+    against; benchmarks/energy_throughput.py --baseline-source) and load it. RuntimeError when no
+    compiler is found or the build fails."""
+    cxx = find_compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (install g++ or set $CXX)")
+    return _declare(ctypes.CDLL(str(build_shared_library(cxx, Path(source)))))
+
+
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, building it on first use; None when disabled or unbuildable
     (see :func:`unavailable_reason`; a warning says why once)."""
@@ -142,13 +162,7 @@ def load() -> ctypes.CDLL | None:
             _reason = "no C++ compiler found (install g++ or set $CXX)"
         else:
             try:
-                lib = ctypes.CDLL(str(_build(cxx)))
-                for name, t in (("bf_energy_f64", ctypes.c_double), ("bf_energy_f32", ctypes.c_float)):
-                    f = getattr(lib, name)
-                    f.restype = ctypes.c_int
-                    f.argtypes = [ctypes.POINTER(BfParams), ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_double, ctypes.c_int]
-                _lib = lib
+                _lib = _declare(ctypes.CDLL(str(_build(cxx))))
             except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                 _reason = f"building the CPU kernel failed: {e}"
         if _lib is None and _reason is not None:
