@@ -29,3 +29,19 @@ def test_energy_benchmark_json_shape_and_ratio(capsys):
     ratio = out["ratio_native_over_openmm_batch_1024"]
     assert math.isfinite(ratio) and ratio > 1.0  # native beats the bridge even in a noisy 20 ms window
     assert '"ratio_native_over_openmm_batch_1024"' in capsys.readouterr().out
+
+
+def test_energy_benchmark_times_a_baseline_kernel_source_in_the_same_run(tmp_path):
+    """--baseline-source builds another kernel source and times it beside the current one (same source here:
+    both rows present, a finite ratio); --only-cpp leaves out the bridge and the torch kernels."""
+    src = Path(__file__).resolve().parents[2] / "src" / "boltzflow" / "energy" / "native_cpu.cpp"
+    old = tmp_path / "old.cpp"
+    old.write_text(src.read_text() + "\n// baseline copy\n")  # another source text: built as its own library
+    threads = torch.get_num_threads()
+    try:
+        out = et.main(["--only-cpp", "--threads", "1", "--min-time", "0.02", "--baseline-source", str(old)])
+    finally:
+        torch.set_num_threads(threads)
+    kernels = {r["kernel"] for r in out["rows"]}
+    assert kernels == {"cpp", "cpp-baseline"} and all(r["backend"] == "native" for r in out["rows"])
+    assert math.isfinite(out["ratio_cpp_over_baseline_batch_1024"]) and out["ratio_cpp_over_baseline_batch_1024"] > 0
