@@ -85,3 +85,15 @@ def test_run_config_defaults_match_the_augment_defaults():
     from boltzflow.training.augment import LangevinAugmentConfig
 
     assert DataConfig().augment_config() == LangevinAugmentConfig()
+
+
+def test_nonfinite_rows_flags_exactly_the_rows_with_a_nonfinite_energy_or_force():
+    from boltzflow.training.augment import _nonfinite_rows
+
+    u = torch.zeros(5)
+    f = torch.randn(5, 4, 3)
+    assert not _nonfinite_rows(u, f).any()
+    f[1, 2, 0] = float("nan")
+    f[3, 0, 1], f[3, 1, 1] = float("inf"), float("-inf")  # cancel to nan in the screening sum
+    u[4] = float("inf")
+    assert _nonfinite_rows(u, f).tolist() == [False, True, False, True, True]

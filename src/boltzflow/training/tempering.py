@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
-from .augment import _forces
+from .augment import _forces, _nonfinite_rows
 
 
 @dataclass(frozen=True)
@@ -156,13 +156,14 @@ class TemperingChains:
         c2 = math.sqrt(max(1.0 - c1 * c1, 0.0))
         x, v, f, u = self.x, self.v, self.f, self.u
         n_chain = x.shape[0]
+        kick = (0.5 * dt) / m  # v += kick * f: half a step of the force
         for _ in range(cfg.steps_per_swap):
-            v = v + (0.5 * dt) * f / m
+            v = torch.addcmul(v, f, kick)
             x = x + (0.5 * dt) * v
             v = c1 * v + c2 * sigma * self._noise()
             x = x + (0.5 * dt) * v
             f, u = _forces(energy, x, kT)
-            bad = ~torch.isfinite(u) | ~torch.isfinite(f).flatten(1).all(1)
+            bad = _nonfinite_rows(u, f)
             if bool(bad.any()):  # an exploded chain restarts from its start structure with fresh velocities
                 self.reset_chains += int(bad.sum())
                 b3 = bad[:, None, None]
@@ -172,7 +173,7 @@ class TemperingChains:
                 u = torch.where(bad, u2, u)
                 v = torch.where(b3, sigma * self._noise(), v)
                 self.energy_evals += n_chain
-            v = v + (0.5 * dt) * f / m
+            v = torch.addcmul(v, f, kick)
         self.energy_evals += n_chain * cfg.steps_per_swap
         if cfg.replicas > 1:
             x, v, u, f = _swap(x, v, u, f, self.rounds_done % 2, cfg.ladders, cfg.replicas, self.beta, self.ratio,
