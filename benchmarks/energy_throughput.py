@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only-cpp", action="store_true", help="only the C++ kernel rows (and the baseline's)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 2.0, quick 0.5), split into 5 windows; the best window counts")
     args = ap.parse_args(argv)
+    if args.baseline_source and not os.path.isfile(args.baseline_source):
+        ap.error(f"--baseline-source {args.baseline_source}: no such file (e.g. git show REV:src/boltzflow/energy/native_cpu.cpp > OLD.cpp)")
 
     import numpy as np
     import openmm
@@ -121,7 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.baseline_source:
         if not variants:
             raise SystemExit("--baseline-source needs the C++ kernel")
-        baseline = native_cpu.load_source(args.baseline_source)
+        try:
+            baseline = native_cpu.load_source(args.baseline_source)
+        except RuntimeError as e:
+            raise SystemExit(f"--baseline-source {args.baseline_source}: {e}") from None
         variants.append(("cpu", False, True, "cpp-baseline"))
     if not args.only_cpp:
         variants += [(d, False, True, "torch") for d in devices]

@@ -125,7 +125,8 @@ class TrainConfig:
 
     ess_guard > 0 protects the fine-tuning stage: before its first step and at every checkpoint the
     Kish ESS of ``ess_guard`` fresh samples (of their Pareto-smoothed weights: less luck) is measured,
-    and the stage ends with the generator state that had the highest ESS (the pre-fine-tuning one included), so fine-tuning never lowers it.
+    and the stage ends with the generator state that had the highest ESS (the pre-fine-tuning one included), so
+    fine-tuning never lowers it on those draws (fresh draws can still score the chosen state lower: docs/peptides.md).
     Large samples matter: batches of ~1e3 miss the heavy tail of the weights.
 
     finetune_min_ess (needs ess_guard > 0): when the guard's Kish ESS fraction of the maximum-likelihood
