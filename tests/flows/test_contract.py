@@ -60,6 +60,11 @@ def _case(name: str):
         return spline_flow(1, blocks=2, hidden=8, bins=4, bound=2.0, context_dim=2), [], 2
     if name == "spline-builder-circular":
         return spline_flow(DIM, blocks=2, hidden=16, bins=4, bound=2.0, circular=[1, 2]), [1, 2], 0
+    if name == "spline-blind":  # dims 0 and 2 pass through; only 0 is seen by the conditioner
+        return SplineCoupling(DIM, MASK, hidden=8, bins=4, bound=2.0, circular=[0], blind=[2]), [0], 0
+    if name == "spline-builder-lead":  # q(x_lead) q(x_rest | x_lead), lead dims circular
+        return spline_flow(DIM, blocks=2, hidden=8, bins=4, bound=2.0, circular=[1, 3], lead=[1, 3],
+                           lead_blocks=2), [1, 3], 0
     if name == "compose-mixed":
         # after Reverse the circular dim 4 sits at 0: the shift rotates it, the affine only reads it
         layers = [ActNorm(DIM, circular=[4]), SplineCoupling(DIM, MASK, hidden=8, circular=[4]), Reverse(DIM),
@@ -76,7 +81,7 @@ def _case(name: str):
 CASES = [
     "affine", "affine-conditional", "spline", "spline-circular", "spline-circular-noshift",
     "spline-circular-conditional", "spline-context-only", "affine-context-only-1d", "permute", "reverse", "actnorm", "circular-shift", "realnvp-builder",
-    "realnvp-builder-conditional", "spline-builder-1d-conditional", "spline-builder-circular", "compose-mixed", "inverse-spline", "inverse-compose",
+    "realnvp-builder-conditional", "spline-builder-1d-conditional", "spline-builder-circular", "spline-blind", "spline-builder-lead", "compose-mixed", "inverse-spline", "inverse-compose",
 ]
 PARAMETER_FREE = {"permute", "reverse"}
 

@@ -3,7 +3,8 @@
 * :func:`realnvp`: felardos2023's architecture, ``blocks`` coupling blocks of 4 affine couplings
   (CELU MLP conditioners). Toys: 8 x 4 couplings, hidden 64; molecules: 24 x 4, hidden 256.
 * :func:`spline_flow`: ``blocks`` blocks of 2 complementary RQ-spline couplings, circular splines on
-  periodic dims (internal-coordinate flows).
+  periodic dims (internal-coordinate flows); optionally autoregressive in a few ``lead`` dims
+  (q(x) = q(x_lead) q(x_rest | x_lead), e.g. a peptide's backbone torsions).
 * :func:`make_flow`: a :class:`~boltzflow.flows.base.Flow` with the right base distribution;
   ``make_flow(**config)`` is exactly what :func:`boltzflow.flows.checkpoint.load_model` rebuilds.
 
@@ -99,23 +100,56 @@ def spline_flow(
     activation: str = "celu",
     circular_shift: bool = True,
     seed: int = 0,
+    lead: Sequence[int] = (),
+    lead_blocks: int = 4,
 ) -> Compose:
     """Neural spline flow: ``blocks`` x 2 complementary RQ-spline couplings (random split per block).
 
     ``circular``: indices of periodic dims in ``[-pi, pi)`` (circular splines + learned rotation);
     other dims get splines on ``[-bound, bound]`` with identity tails. Every dimension is
     transformed once per block. Returns a :class:`Compose` acting on ``(batch, dim)``.
+
+    ``lead`` (indices, at least 2 and fewer than ``dim``): the flow factorises as
+    q(x_lead) q(x_rest | x_lead). First (in the sampling direction) ``lead_blocks`` x 2 couplings act on
+    the lead dims alone, blind to the rest; then the ``blocks`` x 2 couplings act on the rest, every one
+    of them conditioned on the final lead values (a peptide's backbone torsions: the multimodal
+    coordinates get a flow of their own, and every other coordinate's transform sees them).
     """
     _check_common(dim, blocks, context_dim)
     circ = as_mask(_indices(circular, dim), int(dim), "circular")
     g = torch.Generator().manual_seed(int(seed))
+    common = dict(hidden=hidden, depth=depth, bins=bins, bound=bound, circular=circ, context_dim=context_dim,
+                  activation=activation, circular_shift=circular_shift)
+    lead_m = as_mask(list(lead), int(dim), "lead")
+    if not bool(lead_m.any()):
+        layers = []
+        for _ in range(int(blocks)):
+            a, _b = _half_masks(int(dim), g)
+            for m in ((a, ~a) if int(dim) > 1 else (a, a)):
+                layers.append(SplineCoupling(dim, m, **common))
+        return Compose(layers)
+    n_lead = int(lead_m.sum())
+    if n_lead < 2 or n_lead >= int(dim):
+        raise InputError(f"lead needs at least 2 dims and fewer than dim={dim}, got {n_lead}")
+    if int(lead_blocks) < 1:
+        raise InputError(f"lead_blocks must be >= 1, got {lead_blocks}")
+    lead_idx = torch.nonzero(lead_m).flatten()
+    rest_idx = torch.nonzero(~lead_m).flatten()
+
+    def spread(sub: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(int(dim), dtype=torch.bool)
+        full[idx[sub]] = True
+        return full
+
     layers = []
-    for _ in range(int(blocks)):
-        a, _b = _half_masks(int(dim), g)
-        for m in ((a, ~a) if int(dim) > 1 else (a, a)):
-            layers.append(SplineCoupling(dim, m, hidden=hidden, depth=depth, bins=bins, bound=bound, circular=circ,
-                                         context_dim=context_dim, activation=activation,
-                                         circular_shift=circular_shift))
+    for _ in range(int(lead_blocks)):  # q(x_lead): lead dims only, blind to the rest
+        a, _b = _half_masks(n_lead, g)
+        for sub in (a, ~a):
+            layers.append(SplineCoupling(dim, ~lead_m | spread(sub, lead_idx), blind=~lead_m, **common))
+    for _ in range(int(blocks)):  # q(x_rest | x_lead): the lead dims condition every coupling
+        a, _b = _half_masks(len(rest_idx), g)
+        for sub in ((a, ~a) if len(rest_idx) > 1 else (a, a)):
+            layers.append(SplineCoupling(dim, lead_m | spread(sub, rest_idx), **common))
     return Compose(layers)
 
 

@@ -5,7 +5,9 @@ where ``mask`` is True *condition* the transform and pass through unchanged; the
 transformed elementwise with parameters predicted by an :class:`~boltzflow.flows.nn.MLP` from the
 conditioning dimensions (and an optional ``context``, concatenated to the MLP input). A
 conditional layer (``context_dim > 0``) may have an all-False mask: it then transforms every
-dimension, conditioned on the context only. The MLP's
+dimension, conditioned on the context only. An optional ``blind`` mask hides pass-through dimensions
+from the conditioner (autoregressive structure: a layer acting on a few "lead" dimensions that must
+not see the rest). The MLP's
 last layer is zero-initialised, so every coupling is the identity at initialisation.
 
 Circular (periodic, e.g. torsion) dimensions: :class:`SplineCoupling` transforms them with circular
@@ -67,7 +69,7 @@ def _check_context(context: torch.Tensor | None, batch: int, context_dim: int, n
 class _Coupling(Bijection):
     """Shared bookkeeping: index buffers, conditioner features and output assembly."""
 
-    def __init__(self, dim: int, mask, circular, context_dim: int):
+    def __init__(self, dim: int, mask, circular, context_dim: int, blind=None):
         super().__init__()
         dim = int(dim)
         self.context_dim = int(context_dim)
@@ -77,15 +79,19 @@ class _Coupling(Bijection):
             raise InputError(f"a coupling layer needs dim >= 1, got {dim}")
         mask = as_mask(mask, dim, "mask")
         circ = as_mask(circular, dim, "circular")
+        hidden_dims = as_mask(blind, dim, "blind")
+        if bool((hidden_dims & ~mask).any()):
+            raise InputError("a coupling's blind dims must be pass-through (mask True) dims")
         if bool(mask.all()):
             raise InputError("coupling mask marks every dimension as conditioning (True); leave some to transform")
-        if not bool(mask.any()) and self.context_dim == 0:
+        if not bool((mask & ~hidden_dims).any()) and self.context_dim == 0:
             raise InputError("coupling mask marks no dimension as conditioning (True); "
                              "that is only allowed for conditional layers (context_dim > 0)")
         self.dim = dim
         ar = torch.arange(dim)
-        cond_lin = ar[mask & ~circ]
-        cond_circ = ar[mask & circ]
+        seen = mask & ~hidden_dims
+        cond_lin = ar[seen & ~circ]
+        cond_circ = ar[seen & circ]
         trans_lin = ar[~mask & ~circ]
         trans_circ = ar[~mask & circ]
         self.register_buffer("mask", mask)
@@ -170,7 +176,8 @@ class SplineCoupling(_Coupling):
     spline on ``[-bound, bound]`` with identity tails; transformed ``circular`` dims (BoolTensor
     ``(dim,)`` or index list) get a circular RQ spline on ``[-pi, pi)`` followed by a learned,
     conditioner-predicted rotation (``circular_shift``), so the layer can move every point of the
-    circle. ``bins`` spline bins per dimension. Identity at initialisation.
+    circle. ``bins`` spline bins per dimension. ``blind``: pass-through dims the conditioner does not
+    see (default none). Identity at initialisation.
     ``forward(z: (batch, dim), context) -> (x, logdet: (batch,))``; circular outputs in ``[-pi, pi)``.
     """
 
@@ -186,8 +193,9 @@ class SplineCoupling(_Coupling):
         context_dim: int = 0,
         activation: str = "celu",
         circular_shift: bool = True,
+        blind: torch.Tensor | Sequence[int] | None = None,
     ):
-        super().__init__(dim, mask, circular, context_dim)
+        super().__init__(dim, mask, circular, context_dim, blind)
         if not 2 <= int(bins) <= 256:
             raise InputError(f"spline bins must be in [2, 256], got {bins}")
         if not bound > 0:

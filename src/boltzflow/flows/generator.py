@@ -47,6 +47,7 @@ PIPELINES = ("hnet", "conditional", "internal-all")
 REPRESENTATIONS = ("cartesian", "internal")
 FLOW_KINDS = ("auto", "realnvp", "spline")
 FIXED_TORSIONS = ("none", "improper", "isomer")
+LEADS = ("none", "backbone")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,10 @@ class GeneratorConfig:
     :func:`~boltzflow.transforms.internal.amide_torsions`: the generator keeps the input structure's
     cis/trans peptide bonds; see :meth:`MolecularGenerator.same_isomer`). whiten: decorrelate the non-periodic
     internal coordinates (bonds, angles, fixed torsions) with the Cholesky factor of their correlation
-    on the fitting data, so the flow starts from the data's Gaussian approximation. seed: masks.
+    on the fitting data, so the flow starts from the data's Gaussian approximation. lead: "none" or
+    "backbone" (internal-coordinate spline flows of peptides: the flow factorises as q(phi, psi) q(rest |
+    phi, psi), with ``lead_blocks`` x 2 couplings of its own for the backbone torsions and every other
+    coupling conditioned on them; see :func:`~boltzflow.flows.builders.spline_flow`). seed: masks.
     """
 
     pipeline: str = "hnet"
@@ -87,6 +91,8 @@ class GeneratorConfig:
     h_bins: int = 8
     fixed_torsions: str = "none"
     whiten: bool = False
+    lead: str = "none"
+    lead_blocks: int = 4
     seed: int = 0
 
     def __post_init__(self):
@@ -96,12 +102,18 @@ class GeneratorConfig:
             raise ConfigError(f"unknown representation {self.representation!r}; choose one of {', '.join(REPRESENTATIONS)}")
         if self.fixed_torsions not in FIXED_TORSIONS:
             raise ConfigError(f"unknown fixed_torsions {self.fixed_torsions!r}; choose one of {', '.join(FIXED_TORSIONS)}")
+        if self.lead not in LEADS:
+            raise ConfigError(f"unknown lead {self.lead!r}; choose one of {', '.join(LEADS)}")
+        if self.lead != "none" and (self.heavy_kind != "spline" or self.representation == "cartesian"
+                                    and self.pipeline != "internal-all"):
+            raise ConfigError("lead='backbone' needs internal coordinates and a spline flow "
+                              "(pipeline='internal-all', or representation='internal')")
         if self.flow not in FLOW_KINDS:
             raise ConfigError(f"unknown flow {self.flow!r}; choose one of {', '.join(FLOW_KINDS)}")
         if self.flow == "realnvp" and (self.representation == "internal" or self.pipeline == "internal-all"):
             raise ConfigError("internal coordinates have periodic torsions; use flow='spline' (or 'auto') with them")
         for name in ("blocks", "hidden", "depth", "bins", "hnet_hidden", "hnet_depth", "h_blocks", "h_hidden",
-                     "h_depth", "h_bins"):
+                     "h_depth", "h_bins", "lead_blocks"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lambda_align < 0 or not 0 < self.max_rotation <= math.pi:
@@ -120,6 +132,42 @@ class GeneratorConfig:
 FIT_MAX = 200_000
 #: frames per chunk where whole data sets are measured (isomer checks)
 CHUNK = 50_000
+
+
+def backbone_lead(ic: InternalCoordinates, topology) -> list[int]:
+    """Flow dims of ``ic`` (an :class:`InternalCoordinates` over atoms ``ic.atoms``) that carry the
+    backbone torsions phi / psi of every residue (:func:`~boltzflow.systems.torsions.backbone_torsions`),
+    in residue order. A torsion is the Z-matrix torsion about the same central bond, the exact
+    quadruple where the Z-matrix has it (another one about that bond differs from it by a nearly
+    constant offset). Raises ConfigError when fewer than 2 are found (not a peptide)."""
+    from ..systems.torsions import backbone_torsions
+
+    rows = ic.rows.cpu().numpy()
+    atoms = np.asarray(ic.atoms)
+    glob = np.where(rows >= 0, atoms[np.clip(rows, 0, None)], -1)
+    fixed = set() if ic.fixed_idx is None else {int(q) for q in ic.fixed_idx.cpu().tolist()}
+    m = ic.m
+    out: list[int] = []
+    for res in backbone_torsions(topology):
+        for name in ("phi", "psi"):
+            if name not in res:
+                continue
+            a, b, c, d = res[name]
+            best = None
+            for q in range(m - 3):
+                i, j, k, l = (int(v) for v in glob[q + 3])
+                if q in fixed or {j, k} != {b, c}:
+                    continue
+                if (i, j, k, l) in ((a, b, c, d), (d, c, b, a)):
+                    best = q
+                    break
+                best = q if best is None else best
+            if best is not None and 2 * m - 3 + best not in out:
+                out.append(2 * m - 3 + best)
+    if len(out) < 2:
+        raise ConfigError(f"lead='backbone' found {len(out)} backbone torsion(s) in this molecule; it is for "
+                          "peptides (residues with N, CA and a carbonyl C). Use lead='none'.")
+    return out
 
 
 class MolecularGenerator(nn.Module):
@@ -154,6 +202,8 @@ class MolecularGenerator(nn.Module):
             zm = all_atom_zmatrix(adj, heavy, system.hydrogen_indices, system.hydrogen_parents)
             self.all_ic = InternalCoordinates(zm, ref, atoms=np.arange(n), fixed_torsions=self._fixed(zm, adj),
                                               whiten=c.whiten)
+            if c.lead != "none":
+                kw.update(lead=backbone_lead(self.all_ic, system.topology), lead_blocks=c.lead_blocks)
             self.all_flow = make_flow(self.all_ic.dim, kind=kind, circular=self.all_ic.circular, **kw)
             self.to(torch.get_default_dtype())
             return
@@ -168,6 +218,8 @@ class MolecularGenerator(nn.Module):
             zm = build_zmatrix(adj, heavy)
             self.heavy_ic = InternalCoordinates(zm, ref[heavy], atoms=heavy, fixed_torsions=self._fixed(zm, adj),
                                                 whiten=c.whiten)
+            if c.lead != "none":
+                kw.update(lead=backbone_lead(self.heavy_ic, system.topology), lead_blocks=c.lead_blocks)
             self.heavy_flow = make_flow(self.heavy_ic.dim, kind=kind, circular=self.heavy_ic.circular, **kw)
         if c.pipeline == "hnet":
             self.hnet = HydrogenNet(system, hidden=c.hnet_hidden, depth=c.hnet_depth)
