@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -195,7 +195,7 @@ class MolecularGenerator(nn.Module):
         self._chiral = chiral_centers(adj, heavy)
         c = config
         kind = c.heavy_kind
-        kw = dict(blocks=c.blocks, hidden=c.hidden, depth=c.depth, seed=c.seed)
+        kw: dict[str, Any] = dict(blocks=c.blocks, hidden=c.hidden, depth=c.depth, seed=c.seed)
         if kind == "spline":
             kw["bins"] = c.bins
         if c.pipeline == "internal-all":
