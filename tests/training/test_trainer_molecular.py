@@ -9,6 +9,7 @@ import torch
 
 from boltzflow.core.rundir import RunDir
 from boltzflow.energy import Energy
+from boltzflow.errors import ConfigError
 from boltzflow.flows.generator import GeneratorConfig, build_generator
 from boltzflow.sampling.ais import AISConfig
 from boltzflow.systems.builtin import builtin_system
@@ -80,3 +81,39 @@ def test_rwml_with_resample_move_counts_the_moves_and_resumes(butane, tmp_path):
     gen_a = make()
     Trainer(gen_a, energy, cfg, RunDir(tmp_path / "c"), data).run()
     assert all(torch.equal(p, q) for p, q in zip(gen_a.parameters(), gen_c.parameters()))
+
+
+def test_state_balance_draws_frames_by_state(tmp_path):
+    """state_balance = 1 gives every whole-molecule combination of residue states the same share of the drawn
+    frames, 0 draws uniformly; without molecular modes it is refused with a message."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from boltzflow.errors import InputError
+    from boltzflow.sampling import SampleSet
+
+    system = builtin_system("alanine-tetrapeptide")
+    ref = Path(__file__).resolve().parents[2] / "systems" / "alanine-tetrapeptide" / "reference_300K.npz"
+    data = torch.as_tensor(np.asarray(SampleSet.load(ref).positions[:2000], dtype=np.float64))
+    st = system.modes.residue_states(data.numpy())
+    _, labels, counts = np.unique(st @ 3 ** np.arange(st.shape[1]), return_inverse=True, return_counts=True)
+    assert counts.min() < 0.05 * counts.max()  # rare and common states both present: the test can fail
+    gen = build_generator(system, GeneratorConfig(pipeline="internal-all", representation="internal", blocks=1,
+                                                  hidden=8), data)
+    n = 40_000
+    for power in (0.0, 1.0):
+        cfg = TrainConfig(pretrain=StageConfig("klz", 4, 64, state_balance=power), finetune=StageConfig("klz", 0, 16),
+                          progress=False)
+        trainer = Trainer(gen, lambda x: x.sum((1, 2)), cfg, RunDir(tmp_path / f"p{power}"), data, system.modes)
+        share = np.bincount(labels[trainer._frame_indices("pretrain", n).numpy()], minlength=len(counts)) / n
+        expected = np.full(len(counts), 1 / len(counts)) if power else counts / counts.sum()
+        assert np.abs(share - expected).max() < 4 * np.sqrt(expected.max() / n)
+        if power:
+            assert "frames drawn by state" in (tmp_path / f"p{power}" / "log.txt").read_text()
+    with pytest.raises(InputError, match="state_balance"):
+        Trainer(gen, lambda x: x.sum((1, 2)), TrainConfig(pretrain=StageConfig("klz", 4, 64, state_balance=0.5),
+                                                          finetune=StageConfig("klz", 0, 16), progress=False),
+                None, data, None)
+    with pytest.raises(ConfigError, match="state_balance"):
+        StageConfig("klz", 4, 64, state_balance=1.5)

@@ -79,7 +79,12 @@ class StageConfig:
     lr: overrides optimizer.lr for this stage when set; weight_power (loss "chi2_data" only): the
     exponent of the frames' importance weights, 1 = chi-square divergence, 0 = maximum likelihood;
     ml_fraction (loss "chi2_data" only): the share of each step's gradient from plain maximum likelihood on
-    the same frames (0 = chi-square only)."""
+    the same frames (0 = chi-square only); state_balance (stages that draw training frames: pre-training, and
+    "klz"/"chi2_data" fine-tuning): frames are drawn with probability proportional to n_s ** -state_balance,
+    n_s the number of training frames in the frame's conformational state (for peptides the combination of
+    every residue's backbone state, else the system's modes), so 0 draws uniformly (plain maximum likelihood)
+    and 1 gives every state the same share of the gradient; rare states then get more of the flow's capacity
+    (and more of its mass) than their Boltzmann weight asks for (docs/peptides.md)."""
 
     loss: str = "l2plus"
     steps: int = 0
@@ -88,8 +93,12 @@ class StageConfig:
     lr: float | None = None
     weight_power: float = 1.0
     ml_fraction: float = 0.0
+    state_balance: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.state_balance <= 1.0:
+            raise ConfigError(f"state_balance must be in [0, 1] (0: frames drawn uniformly, 1: every state the same "
+                              f"share), got {self.state_balance}")
         if not 0.0 <= self.weight_power <= 1.0:
             raise ConfigError(f"weight_power must be in [0, 1] (1: chi-square divergence, 0: maximum likelihood), "
                               f"got {self.weight_power}")
@@ -328,6 +337,13 @@ class Trainer:
         #: and the number of updates it has seen; None when off, or between a stage's end and the next one's first step
         self._ema: dict[str, torch.Tensor] | None = None
         self._ema_updates = 0
+        #: per stage, the cumulative distribution over training frames of ``state_balance`` > 0 (float64, (n,))
+        self._frame_cdf: dict[str, torch.Tensor] = {}
+        for stage in ("pretrain", "finetune"):
+            st = self._stage_cfg(stage)
+            draws_frames = stage == "pretrain" or st.loss in ("klz", "chi2_data")
+            if st.state_balance > 0 and st.steps > 0 and draws_frames and self.data is not None:
+                self._frame_cdf[stage] = self._balanced_cdf(st.state_balance, stage)
 
     @property
     def finished(self) -> bool:
@@ -484,6 +500,40 @@ class Trainer:
         return self.step
 
     # -- one step ----------------------------------------------------------------------------
+    def _balanced_cdf(self, power: float, stage: str) -> torch.Tensor:
+        """Cumulative probabilities ``(n_frames,)`` (float64) of drawing each training frame: ``n_s ** -power``
+        for a frame in state s, normalised (``StageConfig.state_balance``)."""
+        if self.modes is None or not getattr(self.modes, "molecular", False):
+            raise InputError(f"{stage}.state_balance > 0 needs the system's conformational states (molecular modes) "
+                             "to balance the training frames; this system declares none: set it to 0")
+        x = self.data.detach().cpu().double().numpy()
+        if hasattr(self.modes, "residue_states"):  # peptides: the combination of every residue's backbone state
+            st = np.asarray(self.modes.residue_states(x), dtype=np.int64)
+            labels = (st * (st.max() + 1) ** np.arange(st.shape[1])).sum(axis=1)
+        else:
+            labels = np.asarray(self.modes.assign(x), dtype=np.int64)
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        p = counts[inverse].astype(np.float64) ** -power
+        p /= p.sum()
+        shares = np.bincount(inverse, weights=p)
+        if self.writes:
+            rare = counts < 0.01 * len(labels)
+            self.run_dir.log(f"{stage}: frames drawn by state (state_balance {power}): {len(counts)} states; "
+                             f"those under 1 % of the frames ({int(counts[rare].sum())} frames) get "
+                             f"{shares[rare].sum():.3f} of the draws instead of {counts[rare].sum() / len(labels):.3f}")
+        cdf = torch.as_tensor(np.cumsum(p), device=self.device)
+        cdf[-1] = 1.0
+        return cdf
+
+    def _frame_indices(self, stage: str, n: int) -> torch.Tensor:
+        """``(n,)`` indices of training frames for one global batch, from the shared stream (the same on every
+        rank): uniform, or by ``state_balance``."""
+        cdf = self._frame_cdf.get(stage)
+        if cdf is None:
+            return torch.randint(0, self.data.shape[0], (n,), generator=self.rng, device=self.device)
+        u = torch.rand(n, generator=self.rng, device=self.device, dtype=torch.float64)
+        return torch.searchsorted(cdf, u).clamp_(max=self.data.shape[0] - 1)
+
     def _loss(self, stage: str):
         from ..losses import chi2_data, get_loss, klz, rwml
         from ..losses.fab import fab
@@ -494,7 +544,7 @@ class Trainer:
             raise InputError(f"finetune.loss {st.loss!r} needs data; pass data= or choose a data-free loss")
         if stage == "pretrain" or st.loss in ("klz", "chi2_data"):
             # the global batch's indices from the shared stream (the same on every rank), then this rank's shard
-            idx = torch.randint(0, self.data.shape[0], (st.batch,), generator=self.rng, device=self.device)[lo:hi]
+            idx = self._frame_indices(stage, st.batch)[lo:hi]
             if stage == "finetune" and st.loss == "chi2_data":
                 return chi2_data(self.gen, self.energy, self.data[idx], power=st.weight_power,
                                  ml_fraction=st.ml_fraction, generator=self.sample_rng, penalty_weight=st.penalty_weight)
@@ -878,6 +928,9 @@ class Trainer:
         cfg = self.config
         self.config = replace(cfg, finetune=cfg.fallback)
         self.fallback_used = True
+        self._frame_cdf.pop("finetune", None)
+        if cfg.fallback.state_balance > 0 and self.data is not None:
+            self._frame_cdf["finetune"] = self._balanced_cdf(cfg.fallback.state_balance, "fallback")
         self.pool = None  # the fallback's loss needs neither (checked in TrainConfig)
         self.buffer = None
         if log and self.writes:
