@@ -96,8 +96,8 @@ def test_state_balance_draws_frames_by_state(tmp_path):
     system = builtin_system("alanine-tetrapeptide")
     ref = Path(__file__).resolve().parents[2] / "systems" / "alanine-tetrapeptide" / "reference_300K.npz"
     data = torch.as_tensor(np.asarray(SampleSet.load(ref).positions[:2000], dtype=np.float64))
-    st = system.modes.residue_states(data.numpy())
-    _, labels, counts = np.unique(st @ 3 ** np.arange(st.shape[1]), return_inverse=True, return_counts=True)
+    _, labels, counts = np.unique(system.modes.combinations(data.numpy()), return_inverse=True, return_counts=True)
+    assert len(counts) > 10  # combinations of three residues' states, not the four whole-molecule states
     assert counts.min() < 0.05 * counts.max()  # rare and common states both present: the test can fail
     gen = build_generator(system, GeneratorConfig(pipeline="internal-all", representation="internal", blocks=1,
                                                   hidden=8), data)
@@ -117,3 +117,5 @@ def test_state_balance_draws_frames_by_state(tmp_path):
                 None, data, None)
     with pytest.raises(ConfigError, match="state_balance"):
         StageConfig("klz", 4, 64, state_balance=1.5)
+    with pytest.raises(ConfigError, match="draws none"):
+        TrainConfig(finetune=StageConfig("l2plus", 4, 64, state_balance=0.5))

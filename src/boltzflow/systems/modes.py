@@ -173,6 +173,12 @@ class PeptideModes:
         """``(batch, n_residues)`` int index into ``BACKBONE_STATES``."""
         return backbone_states(*self.torsions_deg(x))
 
+    def combinations(self, x) -> np.ndarray:
+        """``(batch,)`` int index of the combination of every residue's backbone state: sum over residues r of
+        ``state_r * 3 ** r`` (``BACKBONE_STATES`` order), e.g. 27 combinations for three residues."""
+        st = self.residue_states(x)
+        return st @ (len(BACKBONE_STATES) ** np.arange(st.shape[1], dtype=np.int64))
+
     def assign(self, x) -> np.ndarray:
         """Whole-molecule state index (into ``names``) per configuration, ``(batch,)`` int."""
         st = self.residue_states(x)

@@ -198,6 +198,10 @@ class TrainConfig:
         for name, st in (("pretrain", self.pretrain), ("finetune", self.finetune), ("fallback", self.fallback)):
             if st.steps < 0 or st.batch < 1:
                 raise ConfigError(f"{name}.steps must be >= 0 and {name}.batch >= 1")
+        for name, st in (("finetune", self.finetune), ("fallback", self.fallback)):
+            if st.state_balance > 0 and st.loss not in ("klz", "chi2_data"):
+                raise ConfigError(f"{name}.state_balance acts on the training frames a stage draws; {name}.loss "
+                                  f"{st.loss!r} draws none: set it to 0 (or use klz / chi2_data)")
         if self.fallback.steps > 0 and self.fallback.loss in ("rwml", "fab"):
             raise ConfigError(f"fallback.loss {self.fallback.loss!r} needs a pool or replay buffer set up before "
                               "training; choose another loss (e.g. chi2_data) or use it as finetune.loss")
@@ -506,12 +510,10 @@ class Trainer:
         if self.modes is None or not getattr(self.modes, "molecular", False):
             raise InputError(f"{stage}.state_balance > 0 needs the system's conformational states (molecular modes) "
                              "to balance the training frames; this system declares none: set it to 0")
-        x = self.data.detach().cpu().double().numpy()
-        if hasattr(self.modes, "residue_states"):  # peptides: the combination of every residue's backbone state
-            st = np.asarray(self.modes.residue_states(x), dtype=np.int64)
-            labels = (st * (st.max() + 1) ** np.arange(st.shape[1])).sum(axis=1)
-        else:
-            labels = np.asarray(self.modes.assign(x), dtype=np.int64)
+        # peptides: the combination of every residue's backbone state; other molecules: their modes
+        label_of = getattr(self.modes, "combinations", self.modes.assign)
+        labels = np.concatenate([np.asarray(label_of(self.data[i:i + 65_536].detach().cpu().double().numpy()),
+                                            dtype=np.int64) for i in range(0, self.data.shape[0], 65_536)])
         _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
         p = counts[inverse].astype(np.float64) ** -power
         p /= p.sum()
