@@ -247,16 +247,17 @@ class MolecularGenerator(nn.Module):
         n = len(x)
         if ic is None or ic.fixed_idx is None or n == 0:
             return np.ones(n, dtype=bool)
+        dev = ic.fixed_idx.device  # measured where the transform's index buffers live (a CUDA generator too)
         atoms = torch.as_tensor(ic.atoms)
-        ref = torch.as_tensor(np.array(self.system.positions, dtype=np.float64))[atoms][None]
-        idx = ic.fixed_idx.cpu()
+        ref = torch.as_tensor(np.array(self.system.positions, dtype=np.float64))[atoms][None].to(dev)
+        idx = ic.fixed_idx
         t0 = ic._measure(ref)[2][:, idx]
         out = np.empty(n, dtype=bool)
         for s in range(0, n, CHUNK):  # chunks: float64 torsions of a million frames would need ~10 GB at once
             xs = torch.as_tensor(np.asarray(x[s:s + CHUNK], dtype=np.float64) if not isinstance(x, torch.Tensor)
-                                 else x[s:s + CHUNK]).double().cpu()
-            dev = torch.remainder(ic._measure(xs[:, atoms])[2][:, idx] - t0 + math.pi, 2 * math.pi) - math.pi
-            out[s:s + CHUNK] = (dev.abs() < math.pi / 2).all(1).numpy()
+                                 else x[s:s + CHUNK]).double().to(dev)
+            off = torch.remainder(ic._measure(xs[:, atoms])[2][:, idx] - t0 + math.pi, 2 * math.pi) - math.pi
+            out[s:s + CHUNK] = (off.abs() < math.pi / 2).all(1).cpu().numpy()
         return out
 
     # ---- data ------------------------------------------------------------------------------------

@@ -173,12 +173,15 @@ class InternalCoordinates(Bijection):
         angles = bond_angle(x[:, i[2:]], x[:, j[2:]], x[:, k[2:]])
         tors = dihedral(x[:, i[3:]], x[:, j[3:]], x[:, k[3:]], x[:, l[3:]])
         # rigid dofs: position of atom 0, orientation (alpha, beta) of atom1 - atom0, psi of atom 2
-        x0, x1 = x[:, i[0]], x[:, i[1]]
+        # one-element slices, not 0-d tensor indices: those read the index back to the host (a device sync,
+        # which also breaks CUDA-graph capture of a training step)
+        x0, x1 = x[:, i[0:1]].squeeze(1), x[:, i[1:2]].squeeze(1)
         u = (x1 - x0) / _norm(x1 - x0).unsqueeze(-1)
         alpha = torch.acos(u[:, 2].clamp(-1.0, 1.0))
         beta = torch.atan2(u[:, 1], u[:, 0])
         e = self._perp(alpha, beta)
-        psi = dihedral(x[:, i[2]], x[:, j[2]], x[:, k[2]], x[:, k[2]] + e)
+        xk2 = x[:, k[2:3]].squeeze(1)
+        psi = dihedral(x[:, i[2:3]].squeeze(1), x[:, j[2:3]].squeeze(1), xk2, xk2 + e)
         rigid = torch.cat([x0, alpha[:, None], beta[:, None], psi[:, None]], dim=-1)
         return bonds, angles, tors, rigid
 
