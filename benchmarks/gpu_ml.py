@@ -118,64 +118,26 @@ def _unpack(b: dict, name: str, seed: int):
 
 
 # ---- there: grow ------------------------------------------------------------------------------------
-def _forces(energy, x):
-    x = x.detach().requires_grad_(True)
-    u = energy(x)
-    (g,) = torch.autograd.grad(u.sum(), x)
-    return -g.detach(), u.detach()
-
-
 def grow(args) -> None:
+    """Langevin growth of the bundle's seed frames on the device (:func:`boltzflow.training.augment.langevin_augment`,
+    every chain in one batch): frames of p stay samples of p."""
+    from boltzflow.training.augment import LangevinAugmentConfig, langevin_augment
+
     dev = torch.device(args.device)
     torch.set_num_threads(args.threads)
     b = torch.load(args.bundle, map_location="cpu", weights_only=False)
     energy = b["energy"].to(dev)
-    if dev.type == "cuda":
-        energy.chunk_size = max(int(energy.chunk_size), int(b["seeds"].shape[0]))  # one batch of every chain
     x0 = b["seeds"].to(dev, torch.float32)
-    kT = float(b["kT"])  # kJ/mol; the energy returns u in kT
-    m = b["masses"].to(dev, torch.float32)[None, :, None]
-    dt = args.timestep_fs * 1e-3
-    c1 = math.exp(-args.friction * dt)
-    c2 = math.sqrt(1 - c1 * c1)
-    sigma = torch.sqrt(kT / m)
+    if dev.type == "cuda":
+        energy.chunk_size = max(int(energy.chunk_size), int(x0.shape[0]))  # one batch of every chain
+    cfg = LangevinAugmentConfig(frames_per_start=args.frames_per_seed, burnin=args.burnin, stride=args.stride,
+                                timestep_fs=args.timestep_fs, friction_per_ps=args.friction, batch=int(x0.shape[0]))
     gen = torch.Generator(device=dev).manual_seed(args.seed)
-    frames: list[torch.Tensor] = []
-    t0 = time.perf_counter()
-    x = x0.clone()  # all chains as one batch
-    v = sigma * torch.randn(x.shape, generator=gen, device=dev)
-    f, u = _forces(energy, x)
-    f = f * kT  # kJ/mol/nm
-    bad = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
-    kick = 0.5 * dt / m
-    total = args.burnin + args.frames_per_seed * args.stride
-    for step in range(1, total + 1):
-        v = v + kick * f                  # B
-        x = x + 0.5 * dt * v              # A
-        v = c1 * v + c2 * sigma * torch.randn(x.shape, generator=gen, device=dev)  # O
-        x = x + 0.5 * dt * v              # A
-        f, u = _forces(energy, x)
-        f = f * kT
-        v = v + kick * f                  # B
-        bad |= ~torch.isfinite(u)
-        if step > args.burnin and (step - args.burnin) % args.stride == 0:
-            frames.append(x.to("cpu", copy=True))
-            if len(frames) % 4 == 0:
-                _log(f"grow: step {step}, {len(frames)} frames per chain, mean u {float(u[~bad].mean()):.2f} kT, "
-                     f"{time.perf_counter() - t0:.0f} s")
-            if time.perf_counter() - t0 > args.max_seconds:
-                _log(f"grow: time cap of {args.max_seconds} s reached")
-                break
-        if step == 10:
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            _log(f"grow: {(time.perf_counter() - t0) / 10 * 1e3:.1f} ms per step for {x.shape[0]} chains")
-    keep = ~bad.cpu()
-    if not bool(keep.all()):
-        _log(f"grow: {int((~keep).sum())} chains went non-finite (their frames are dropped)")
-    out = torch.cat([fr[keep] for fr in frames])
-    torch.save(out, args.output)
-    _log(f"grow: {out.shape[0]} frames in {time.perf_counter() - t0:.0f} s -> {args.output}")
+    res = langevin_augment(energy, x0, b["masses"].numpy(), float(b["kT"]), cfg, generator=gen)
+    torch.save(torch.from_numpy(res.positions), args.output)
+    _log(f"grow: {len(res.positions)} frames ({cfg.steps} steps of {x0.shape[0]} chains, {res.dropped_chains} "
+         f"dropped) in {res.wall_s:.0f} s, {res.wall_s / max(cfg.steps, 1) * 1e3:.1f} ms per step, mean u "
+         f"{res.reduced_energy.mean():.2f} kT -> {args.output}")
 
 
 # ---- there: train -----------------------------------------------------------------------------------
@@ -375,7 +337,6 @@ def main(argv=None) -> None:
     p.add_argument("bundle")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--max-seconds", type=float, default=120.0, help="stop collecting after this long")
     p.add_argument("--burnin", type=int, default=300, help="steps before the first frame")
     p.add_argument("--stride", type=int, default=100, help="steps between frames")
     p.add_argument("--frames-per-seed", type=int, default=24)

@@ -9,7 +9,7 @@ BUNDLE=${1:?bundle}; VARIANT=${2:-relay}; BUDGET=${3:-240}; EXTRA=${4:-}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 G=benchmarks/gpu_ml.py; L=${OUT:?OUT is the device tool\'s output folder}/log.txt
 date >> "$L"
-python3 $G grow "$BUNDLE" -o /tmp/frames.pt --burnin 200 --stride 50 --frames-per-seed 32 --max-seconds 90 \
+python3 $G grow "$BUNDLE" -o /tmp/frames.pt --burnin 200 --stride 50 --frames-per-seed 32 \
   --threads 8 >> "$L" 2>&1 || { echo "grow failed" >> "$L"; exit 1; }
 C="--half --with-seeds --evals 8 -o $OUT $EXTRA"
 python3 $G train "$BUNDLE" /tmp/frames.pt --variant "$VARIANT" --budget "$BUDGET" --graph $C >> "$L" 2>&1 \

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from boltzflow.core.weights import kish_ess
 from boltzflow.pipeline import load_trained
 
 
@@ -43,9 +44,9 @@ def draw(run: str, n: int, seeds: list[int]) -> dict[int, tuple[np.ndarray, np.n
 
 def kish(lw: np.ndarray, log_r: np.ndarray | None = None) -> float:
     """Kish ESS fraction of q' ~ q r from draws of q with log weights lw (log r per draw; None: q itself)."""
-    w = np.exp(lw - lw.max())
     if log_r is None:
-        return float(w.mean() ** 2 / np.mean(w * w))
+        return kish_ess(lw) / len(lw)
+    w = np.exp(lw - lw.max())
     r = np.exp(log_r)
     return float(w.mean() ** 2 / (r.mean() * np.mean(w * w / r)))
 

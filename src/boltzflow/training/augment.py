@@ -118,7 +118,7 @@ def langevin_augment(energy: Callable[[torch.Tensor], torch.Tensor], x0, masses,
     for s in range(0, x0.shape[0], config.batch):
         x = x0[s:s + config.batch].to(dtype).clone()
         b = x.shape[0]
-        m = masses.to(dtype)[None, :, None]
+        m = masses.to(dtype=dtype, device=x.device)[None, :, None]  # x0 may live on a GPU
         sigma = torch.sqrt(kT / m)
         kick = (0.5 * dt) / m  # v += kick * f: half a step of the force
         noise = lambda: torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)  # noqa: E731
