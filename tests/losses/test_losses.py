@@ -11,7 +11,7 @@ from loss_helpers import affine_flow
 from torch import nn
 
 from boltzflow.errors import InputError
-from boltzflow.losses import LOSSES, chi2_data, fab, get_loss, klx, klx_path, klz, klz_df
+from boltzflow.losses import DATA_LOSSES, LOSSES, chi2_data, fab, get_loss, klx, klx_path, klz, klz_df, logvar_data
 from boltzflow.sampling.ais import AISConfig
 
 LOG2PI = math.log(2 * math.pi)
@@ -162,7 +162,8 @@ def test_invalid_samples_are_dropped_and_counted():
 
 def test_registry():
     assert set(LOSSES) == {"klz", "klx", "klx_path", "klz_df", "l2plus", "l2plus_nomask", "l2plus_nodetach", "fab", "alpha2",
-                           "rwml", "chi2_data"}
+                           "rwml", "chi2_data", "logvar_data"}
+    assert set(DATA_LOSSES) <= set(LOSSES) and {"klz", "chi2_data", "logvar_data"} == set(DATA_LOSSES)
     assert get_loss("fab") is fab
     with pytest.raises(InputError, match="unknown loss"):
         get_loss("kl")
@@ -176,7 +177,7 @@ def gauss_kl(flow, m_p, s_p) -> float:
 
 
 @pytest.mark.parametrize("name", ["klz", "klx", "klx_path", "klz_df", "l2plus", "l2plus_nomask", "fab", "alpha2", "rwml",
-                                  "chi2_data"])
+                                  "chi2_data", "logvar_data"])
 def test_each_loss_moves_gaussian_flow_to_target(name):
     m_p = torch.tensor([1.0, -0.5], dtype=torch.float64)
     s_p = torch.tensor([0.6, 1.8], dtype=torch.float64)
@@ -192,8 +193,8 @@ def test_each_loss_moves_gaussian_flow_to_target(name):
     for step in range(150):
         if name == "klz":
             out = klz(flow, data[torch.randint(0, 4096, (256,), generator=g)])
-        elif name == "chi2_data":
-            out = chi2_data(flow, u, data[torch.randint(0, 4096, (256,), generator=g)])
+        elif name in ("chi2_data", "logvar_data"):
+            out = LOSSES[name](flow, u, data[torch.randint(0, 4096, (256,), generator=g)])
         elif name == "fab":
             out = fab(flow, u, 256, AISConfig(step_size=0.3), generator=g)
         else:
@@ -277,6 +278,57 @@ def test_chi2_data_gradient_is_the_exact_chi2_gradient_and_power_0_is_maximum_li
     assert torch.allclose(grads[2], 0.7 * grads[0] + 0.3 * grads[1])
     with pytest.raises(InputError, match="ml_fraction"):
         chi2_data(FixedGaussianGen(torch.zeros(1), 0.3, 1.5), u, data[:10], ml_fraction=1.5)
+
+
+def test_logvar_data_gradient_is_half_the_variance_gradient_and_ml_fraction_1_is_maximum_likelihood():
+    """On frames from p, logvar_data's gradient estimates that of Var_p[log w] / 2, log w = -u - log q (exact
+    by quadrature for q = N(mu, s^2), p = N(1, 0.8^2)); ml_fraction 1 is klz on the same frames, between a mix."""
+    m_p, s_p = 1.0, 0.8
+
+    def u(x):
+        return 0.5 * ((x[:, 0] - m_p) / s_p) ** 2 + 3.0  # the offset (unknown log Z) must not matter
+
+    g = torch.Generator().manual_seed(6)
+    data = m_p + s_p * torch.randn(400000, 1, generator=g, dtype=torch.float64)
+    gen = FixedGaussianGen(torch.zeros(1), -0.2, 1.5)
+    out = logvar_data(gen, u, data, clip=1e9)  # no clipping: the plain estimator
+    assert out.energy_evals == 400000 and "ess" not in out.metrics
+    out.loss.backward()
+    got = torch.stack([gen.mu.grad, gen.log_s.grad])
+
+    ref = FixedGaussianGen(torch.zeros(1), -0.2, 1.5)
+    t = torch.linspace(-12.0, 14.0, 200001, dtype=torch.float64)[:, None]
+    dt = float(t[1, 0] - t[0, 0])
+    p = torch.exp(-0.5 * ((t[:, 0] - m_p) / s_p) ** 2) / (s_p * math.sqrt(2 * math.pi))
+    lw = -u(t) - ref.log_prob(t)
+    mean = (p * lw).sum() * dt
+    var = (p * (lw - mean) ** 2).sum() * dt
+    assert abs(float(var) - out.metrics["var_log_w"]) < 0.02 * float(var)
+    (0.5 * var).backward()
+    exact = torch.stack([ref.mu.grad, ref.log_s.grad])
+    assert exact.abs().min() > 0.1
+    assert torch.allclose(got, exact, rtol=0.03, atol=0.01), (got, exact)
+
+    grads = []
+    for kw in ({}, {"ml_fraction": 1.0}, {"ml_fraction": 0.3}):
+        c = FixedGaussianGen(torch.zeros(1), -0.2, 1.5)
+        logvar_data(c, u, data[:500], **kw).loss.backward()
+        grads.append(torch.stack([c.mu.grad, c.log_s.grad]))
+    b = FixedGaussianGen(torch.zeros(1), -0.2, 1.5)
+    klz(b, data[:500]).loss.backward()
+    assert torch.allclose(grads[1], torch.stack([b.mu.grad, b.log_s.grad]))
+    assert not torch.allclose(grads[0], grads[1], rtol=0.1)
+    assert torch.allclose(grads[2], 0.7 * grads[0] + 0.3 * grads[1])
+    # the clip bounds what one far-off frame can do: with clip 0.5 no frame weighs more than 0.5
+    far = torch.cat([data[:499], torch.tensor([[9.0]], dtype=torch.float64)])
+    d = FixedGaussianGen(torch.zeros(1), -0.2, 1.5)
+    e = FixedGaussianGen(torch.zeros(1), -0.2, 1.5)
+    logvar_data(d, u, far, clip=0.5).loss.backward()
+    logvar_data(e, u, far, clip=1e9).loss.backward()
+    assert not torch.allclose(d.log_s.grad, e.log_s.grad, rtol=0.1)
+    for bad in ({"ml_fraction": -0.1}, {"clip": 0.0}):
+        with pytest.raises(InputError):
+            logvar_data(FixedGaussianGen(torch.zeros(1), -0.2, 1.5), u, data[:10], **bad)
 
 
 def test_alpha2_resampling_follows_the_exact_alpha2_gradient():

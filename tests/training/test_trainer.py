@@ -345,23 +345,31 @@ def test_holdout_guard_undoes_overfitting_of_maximum_likelihood(tmp_path):
         assert _nll(gen_u, hold) == pytest.approx(nlls[-1], abs=1e-4)
 
 
-def test_chi2_data_finetune_weights_the_frames_and_needs_them(tmp_path):
-    """Fine-tuning with the chi-square divergence on the data frames (chi2_data) after maximum likelihood
-    raises the generator's Kish ESS on the double well; it needs frames, and weight_power is checked."""
-    c = cfg("chi2_data", pretrain=StageConfig(loss="klz", steps=150, batch=256),
-            finetune=StageConfig(loss="chi2_data", steps=150, batch=512, lr=2e-3), optimizer=OptimConfig(lr=1e-2),
+@pytest.mark.parametrize("loss", ["chi2_data", "logvar_data"])
+def test_data_energy_finetune_weights_the_frames_and_needs_them(tmp_path, loss):
+    """Fine-tuning with the chi-square divergence (chi2_data) or the log-variance (logvar_data) on the data
+    frames after maximum likelihood raises the generator's Kish ESS on the double well; both need frames, and
+    weight_power and ml_fraction are checked."""
+    c = cfg(loss, pretrain=StageConfig(loss="klz", steps=150, batch=256),
+            finetune=StageConfig(loss=loss, steps=150, batch=512, lr=2e-3), optimizer=OptimConfig(lr=1e-2),
             checkpoint_every=50)
     gen = flow()
-    tr = Trainer(gen, dw_energy, c, run_dir=RunDir(tmp_path / "c"), data=data(4096))
+    tr = Trainer(gen, dw_energy, c, run_dir=RunDir(tmp_path / "c"), data=data(4096), holdout=data(1024)[512:])
     tr.run(max_steps=150)
     before = _kish(gen)
     tr.run()
     rows = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     late = [r for r in rows if r["stage"] == "finetune"]
-    assert late and all(0 < r["batch_ess"] <= 1 and r["energy_evals"] > 0 for r in late)
+    metric = "batch_ess" if loss == "chi2_data" else "var_log_w"  # the loss's own metric: it ran
+    assert late and all(0 < r[metric] and r["energy_evals"] > 0 for r in late)
+    # the held-out frames' fit is logged at each of the stage's checkpoints (steps 200, 250, 300)
+    held = [r for r in late if "var_log_w_holdout" in r]
+    assert [r["step"] for r in held] == [200, 250, 300] and all(r["var_log_w_holdout"] > 0 for r in held)
+    if loss == "logvar_data":
+        assert held[-1]["var_log_w_holdout"] < held[0]["var_log_w_holdout"]
     assert _kish(gen) > before + 0.02, (before, _kish(gen))
     with pytest.raises(InputError, match="needs data"):
-        Trainer(flow(), dw_energy, cfg("chi2_data", pretrain=StageConfig(loss="klz", steps=0, batch=64))).run()
+        Trainer(flow(), dw_energy, cfg(loss, pretrain=StageConfig(loss="klz", steps=0, batch=64))).run()
     with pytest.raises(ConfigError, match="weight_power"):
         load_config(TrainConfig, overrides={"finetune.weight_power": 2.0})
     with pytest.raises(ConfigError, match="ml_fraction"):

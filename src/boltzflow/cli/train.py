@@ -31,7 +31,7 @@ EXAMPLE = """\
 #: the fine-tuning losses of boltzflow.losses.LOSSES, listed here so that `--help` does not import torch
 #: (tests/cli checks the two lists agree)
 FINETUNE_LOSSES = ("klx_path", "rwml", "klx", "klz_df", "alpha2", "fab", "l2plus", "l2plus_nomask", "l2plus_nodetach",
-                   "klz", "chi2_data")
+                   "klz", "chi2_data", "logvar_data")
 
 
 def parse_set(items: list[str] | None) -> dict:

@@ -14,10 +14,22 @@ from __future__ import annotations
 
 from ..errors import InputError
 from .base import LossOutput, kish_ess
-from .core import alpha2_resampled, chi2_data, klx, klx_path, klz, klz_df, l2plus, l2plus_nodetach, l2plus_nomask, rwml
+from .core import (
+    alpha2_resampled,
+    chi2_data,
+    klx,
+    klx_path,
+    klz,
+    klz_df,
+    l2plus,
+    l2plus_nodetach,
+    l2plus_nomask,
+    logvar_data,
+    rwml,
+)
 from .fab import fab
 
-#: name -> loss function. "klz" and "chi2_data" need data (the trainer passes them frames); all others
+#: name -> loss function. The :data:`DATA_LOSSES` need data (the trainer passes them frames); all others
 #: are data-free.
 LOSSES = {
     "klz": klz,
@@ -31,7 +43,11 @@ LOSSES = {
     "alpha2": alpha2_resampled,
     "rwml": rwml,
     "chi2_data": chi2_data,
+    "logvar_data": logvar_data,
 }
+
+#: the losses the trainer passes training frames (``x_data``) instead of a sample count
+DATA_LOSSES = ("klz", "chi2_data", "logvar_data")
 
 
 def get_loss(name: str):
@@ -41,5 +57,6 @@ def get_loss(name: str):
     return LOSSES[name]
 
 
-__all__ = ["LOSSES", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "chi2_data", "l2plus",
+__all__ = ["LOSSES", "DATA_LOSSES", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "chi2_data",
+           "logvar_data", "l2plus",
            "l2plus_nomask", "l2plus_nodetach", "fab", "rwml"]

@@ -157,6 +157,48 @@ def chi2_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, power: float = 1.0
     return LossOutput(loss=loss, metrics=metrics, samples=None, log_w=None, energy_evals=n)
 
 
+#: logvar_data clips each frame's centred log weight to +-this many nats: a frame far out in the tail pulls
+#: like one at the clip, so single frames cannot steer a step (the loss stays a regression, not a max)
+LOGVAR_CLIP = 4.0
+
+
+def logvar_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, ml_fraction: float = 0.0, clip: float = LOGVAR_CLIP,
+                generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
+    """Log-variance divergence on data: the gradient of ``Var_p[log w] / 2``, ``log w = -u - log p_G``, over
+    frames ``x_data: (batch, ...)`` drawn from p_B, as ``-mean_i c_i log p_G(x_i)`` with detached
+    ``c = log w - mean(log w)`` clipped to +-``clip`` nats.
+
+    ``Var_p[log w]`` is 0 only for p_G = p_B, and for near-log-normal weights the Kish ESS fraction is
+    ``exp(-Var[log w])``, so this regresses log p_G onto -u where the frames are: frames where q under-fills p
+    (c > 0) are pulled up and frames where it over-fills (c < 0) pushed down, each in proportion to its misfit.
+    It is the first-order expansion of :func:`chi2_data` (weights ``softmax(log w) ~ (1 + c) / batch``) and
+    keeps the whole batch counting where chi2_data's exponential weights rest on a handful of frames.
+    ``ml_fraction`` f mixes in maximum likelihood: frame weights ``f + (1 - f) c`` (f = 0.5: ML plus the
+    log-variance at equal scale). Costs ``batch`` energy evaluations (no forces). Metrics: ``nll``
+    (unweighted) and ``var_log_w`` (of the batch; its decrease is what the loss buys)."""
+    if not 0.0 <= ml_fraction <= 1.0:
+        raise InputError(f"ml_fraction must be in [0, 1] (0: log-variance only, 1: maximum likelihood), got {ml_fraction}")
+    if not clip > 0:
+        raise InputError(f"clip must be > 0 nats, got {clip}")
+    lp = gen.log_prob(x_data)
+    with torch.no_grad():
+        u = energy(x_data)
+    valid, log_w, metrics = sample_stats(u, lp)
+    n = x_data.shape[0]
+    for k in ("ess", "log_z"):  # of data frames, not of the generator's draws: not comparable, not logged
+        metrics.pop(k)
+    if not valid.any():
+        return LossOutput(_finish(nan_loss(lp), None, metrics), metrics, None, None, n)
+    lw = log_w[valid].double()
+    c = (lw - lw.mean()).clamp(-clip, clip)
+    v = (ml_fraction + (1.0 - ml_fraction) * c).to(lp.dtype).detach()
+    loss = -(v * lp[valid]).mean()
+    metrics["nll"] = float(-lp[valid].detach().mean())
+    metrics["var_log_w"] = float(lw.var()) if lw.numel() > 1 else float("nan")
+    loss = _finish(loss, _generated_penalty(gen, n, generator, penalty_weight), metrics)
+    return LossOutput(loss=loss, metrics=metrics, samples=None, log_w=None, energy_evals=n)
+
+
 def l2plus(
     gen,
     energy: EnergyFn,

@@ -78,13 +78,14 @@ class StageConfig:
     penalty already includes lambda_align = 10, so 1.0 applies felardos2023's setting; 0 = off);
     lr: overrides optimizer.lr for this stage when set; weight_power (loss "chi2_data" only): the
     exponent of the frames' importance weights, 1 = chi-square divergence, 0 = maximum likelihood;
-    ml_fraction (loss "chi2_data" only): the share of each step's gradient from plain maximum likelihood on
-    the same frames (0 = chi-square only); state_balance (stages that draw training frames: pre-training, and
-    "klz"/"chi2_data" fine-tuning): frames are drawn with probability proportional to n_s ** -state_balance,
-    n_s the number of training frames in the frame's conformational state (for peptides the combination of
-    every residue's backbone state, else the system's modes), so 0 draws uniformly (plain maximum likelihood)
-    and 1 gives every state the same share of the gradient; rare states then get more of the flow's capacity
-    (and more of its mass) than their Boltzmann weight asks for (docs/peptides.md)."""
+    ml_fraction (losses "chi2_data" and "logvar_data"): the share of each step's gradient from plain maximum
+    likelihood on the same frames (0 = chi-square / log-variance only); state_balance (stages that draw
+    training frames: pre-training, and fine-tuning by a loss of ``boltzflow.losses.DATA_LOSSES``): frames are
+    drawn with probability proportional to n_s ** -state_balance, n_s the number of training frames in the
+    frame's conformational state (for peptides the combination of every residue's backbone state, else the
+    system's modes), so 0 draws uniformly (plain maximum likelihood) and 1 gives every state the same share of
+    the gradient; rare states then get more of the flow's capacity (and more of its mass) than their Boltzmann
+    weight asks for (docs/peptides.md)."""
 
     loss: str = "l2plus"
     steps: int = 0
@@ -103,8 +104,8 @@ class StageConfig:
             raise ConfigError(f"weight_power must be in [0, 1] (1: chi-square divergence, 0: maximum likelihood), "
                               f"got {self.weight_power}")
         if not 0.0 <= self.ml_fraction <= 1.0:
-            raise ConfigError(f"ml_fraction must be in [0, 1] (the share of maximum likelihood in chi2_data's "
-                              f"gradient; 0: chi-square only), got {self.ml_fraction}")
+            raise ConfigError(f"ml_fraction must be in [0, 1] (the share of maximum likelihood in the "
+                              f"gradient of chi2_data / logvar_data; 0: none), got {self.ml_fraction}")
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class TrainConfig:
 
     def __post_init__(self):
         from ..flows.nn import CONDITIONER_DTYPES
-        from ..losses import LOSSES
+        from ..losses import DATA_LOSSES, LOSSES
 
         if self.conditioner_dtype not in CONDITIONER_DTYPES:
             raise ConfigError(f"conditioner_dtype must be one of {', '.join(CONDITIONER_DTYPES)}, got {self.conditioner_dtype!r}")
@@ -199,9 +200,9 @@ class TrainConfig:
             if st.steps < 0 or st.batch < 1:
                 raise ConfigError(f"{name}.steps must be >= 0 and {name}.batch >= 1")
         for name, st in (("finetune", self.finetune), ("fallback", self.fallback)):
-            if st.state_balance > 0 and st.loss not in ("klz", "chi2_data"):
+            if st.state_balance > 0 and st.loss not in DATA_LOSSES:
                 raise ConfigError(f"{name}.state_balance acts on the training frames a stage draws; {name}.loss "
-                                  f"{st.loss!r} draws none: set it to 0 (or use klz / chi2_data)")
+                                  f"{st.loss!r} draws none: set it to 0 (or use one of {', '.join(DATA_LOSSES)})")
         if self.fallback.steps > 0 and self.fallback.loss in ("rwml", "fab"):
             raise ConfigError(f"fallback.loss {self.fallback.loss!r} needs a pool or replay buffer set up before "
                               "training; choose another loss (e.g. chi2_data) or use it as finetune.loss")
@@ -221,6 +222,9 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.pretrain.steps + self.finetune.steps
 
+
+#: fine-tuning losses that train on frames with their energies: their stage logs the held-out frames' fit
+ENERGY_DATA_LOSSES = ("chi2_data", "logvar_data")
 
 #: at most this many held-out frames are scored by the holdout guard (an even subsample of more)
 HOLDOUT_MAX = 10_000
@@ -343,9 +347,11 @@ class Trainer:
         self._ema_updates = 0
         #: per stage, the cumulative distribution over training frames of ``state_balance`` > 0 (float64, (n,))
         self._frame_cdf: dict[str, torch.Tensor] = {}
+        from ..losses import DATA_LOSSES
+
         for stage in ("pretrain", "finetune"):
             st = self._stage_cfg(stage)
-            draws_frames = stage == "pretrain" or st.loss in ("klz", "chi2_data")
+            draws_frames = stage == "pretrain" or st.loss in DATA_LOSSES
             if st.state_balance > 0 and st.steps > 0 and draws_frames and self.data is not None:
                 self._frame_cdf[stage] = self._balanced_cdf(st.state_balance, stage)
 
@@ -537,19 +543,22 @@ class Trainer:
         return torch.searchsorted(cdf, u).clamp_(max=self.data.shape[0] - 1)
 
     def _loss(self, stage: str):
-        from ..losses import chi2_data, get_loss, klz, rwml
+        from ..losses import DATA_LOSSES, chi2_data, get_loss, klz, logvar_data, rwml
         from ..losses.fab import fab
 
         st = self._stage_cfg(stage)
         lo, hi = self.dist.shard(st.batch)  # this rank's part of the global batch ([0, batch) in one process)
-        if stage == "finetune" and st.loss in ("klz", "chi2_data") and self.data is None:
+        if stage == "finetune" and st.loss in DATA_LOSSES and self.data is None:
             raise InputError(f"finetune.loss {st.loss!r} needs data; pass data= or choose a data-free loss")
-        if stage == "pretrain" or st.loss in ("klz", "chi2_data"):
+        if stage == "pretrain" or st.loss in DATA_LOSSES:
             # the global batch's indices from the shared stream (the same on every rank), then this rank's shard
             idx = self._frame_indices(stage, st.batch)[lo:hi]
             if stage == "finetune" and st.loss == "chi2_data":
                 return chi2_data(self.gen, self.energy, self.data[idx], power=st.weight_power,
                                  ml_fraction=st.ml_fraction, generator=self.sample_rng, penalty_weight=st.penalty_weight)
+            if stage == "finetune" and st.loss == "logvar_data":
+                return logvar_data(self.gen, self.energy, self.data[idx], ml_fraction=st.ml_fraction,
+                                   generator=self.sample_rng, penalty_weight=st.penalty_weight)
             return klz(self.gen, self.data[idx], generator=self.sample_rng, penalty_weight=st.penalty_weight)
         if st.loss == "fab":
             return fab(self.gen, self.energy, hi - lo, self.ais, self.buffer, generator=self.sample_rng,
@@ -722,15 +731,20 @@ class Trainer:
                 out, grad_norm, _ = self.train_step()
                 stage_end = self.step == cfg.pretrain.steps or self.step == total
                 nll_holdout = nll_raw = None
-                if (stage == "pretrain" and cfg.holdout_guard and self.holdout is not None
-                        and (self.step % cfg.checkpoint_every == 0 or stage_end)):
+                held_fit: dict[str, float] | None = None
+                checkpoint_step = self.step % cfg.checkpoint_every == 0 or stage_end
+                if stage == "pretrain" and cfg.holdout_guard and self.holdout is not None and checkpoint_step:
                     nll_holdout, nll_raw = self._holdout_check()
-                if self.step % cfg.log_every == 0 or stage_end or self.step == 1 or nll_holdout is not None:
+                if (stage == "finetune" and self._stage_cfg(stage).loss in ENERGY_DATA_LOSSES
+                        and self.holdout is not None and checkpoint_step):
+                    held_fit = self._holdout_fit()
+                if self.step % cfg.log_every == 0 or stage_end or self.step == 1 or nll_holdout is not None or held_fit:
                     row = self._row(out, stage, grad_norm, t0)
                     if nll_holdout is not None:
                         row["nll_holdout"] = nll_holdout
                     if nll_raw is not None:
                         row["nll_holdout_raw"] = nll_raw
+                    row.update(held_fit or {})
                     self.last_row = row
                     self.history.append(row)
                     if self.writes:
@@ -827,6 +841,28 @@ class Trainer:
         self.gen.train(was_training)
         lq = lq[torch.isfinite(lq)]
         return float(-lq.mean()) if len(lq) else math.inf
+
+    @torch.no_grad()
+    def _holdout_fit(self) -> dict[str, float]:
+        """Fit of the held-out frames under the averaged parameters, logged at the checkpoints of a fine-tuning
+        stage that trains on frames with their energies (``chi2_data``, ``logvar_data``): ``nll_holdout`` and
+        ``var_log_w_holdout``, the variance of ``log w = -u - log q`` over the frames (what ``logvar_data``
+        lowers; for log-normal weights the Kish ESS fraction is ``exp(-variance)``). A diagnostic without the
+        ESS guard's sampling noise, blind to where q puts mass that no frame covers."""
+        bs = max(1, int(self.config.eval_batch))
+        was_training = self.gen.training
+        self.gen.eval()
+        with self.averaged():
+            lq = torch.cat([self.gen.log_prob(self.holdout[i:i + bs]) for i in range(0, len(self.holdout), bs)])
+        self.gen.train(was_training)
+        u = torch.cat([self.energy(self.holdout[i:i + bs]) for i in range(0, len(self.holdout), bs)])
+        lw = (-u.double() - lq.double())
+        ok = torch.isfinite(lw)
+        nll, var = float(-lq.double()[ok].mean()), float(lw[ok].var())
+        if self.writes:
+            self.run_dir.log(f"held-out frames at step {self.step}: NLL {nll:.3f}, variance of log w {var:.4f} "
+                             f"({int(ok.sum())} frames)")
+        return {"nll_holdout": nll, "var_log_w_holdout": var}
 
     def _holdout_check(self) -> tuple[float, float | None]:
         """Held-out NLL of the generator (its averaged parameters when ``config.ema`` > 0) and of the raw
