@@ -26,8 +26,8 @@ def test_recipes_load_and_differ_in_their_data():
     for cfg in (energy, data):
         assert cfg.generator.pipeline == "internal-all" and cfg.generator.fixed_torsions == "isomer"
         assert not cfg.generator.whiten and cfg.training.pretrain.steps > 0
-    # below the ESS floor the energy recipe fine-tunes with chi2_data on its frames; the data recipe stops there
-    assert energy.training.finetune_min_ess > 0 and energy.training.fallback.loss == "chi2_data"
+    # below the ESS floor the energy recipe fine-tunes with logvar_data on its frames; the data recipe stops there
+    assert energy.training.finetune_min_ess > 0 and energy.training.fallback.loss == "logvar_data"
     assert energy.training.fallback.steps > 0 and data.training.fallback.steps == 0
     over = pipeline.recipe_config("energy", {"training.pretrain.steps": 7})
     assert over.training.pretrain.steps == 7 and over.tempering == energy.tempering

@@ -144,7 +144,8 @@ class TrainConfig:
     the run ends there; resuming with a lower value fine-tunes after all). Measured: energy-based
     fine-tuning took alanine dipeptide from 0.44-0.59 to 0.63-0.81, and lowered alanine tetrapeptide's ESS
     from every start tried (0.03, 0.1, 0.23), costing ~1 300 s each time, while ``chi2_data`` on the
-    training frames raised it (0.11 -> 0.21 on 4e5 draws; docs/peptides.md, "Fitting the tail").
+    training frames raised it (0.11 -> 0.21 on 4e5 draws; docs/peptides.md, "Fitting the tail") and
+    ``logvar_data`` more (0.29 -> 0.33 where chi2_data gave 0.30; "The log-variance of the weights on the frames").
     fallback: the stage run in ``finetune``'s place below ``finetune_min_ess`` (never with
     finetune_min_ess = 0); its loss must not need a pool or replay buffer (not "rwml" or "fab").
 
@@ -171,7 +172,7 @@ class TrainConfig:
     eval_batch: int = 1024
     ess_guard: int = 0
     finetune_min_ess: float = 0.0
-    fallback: StageConfig = StageConfig(loss="chi2_data", steps=0, batch=1024, lr=1e-5)
+    fallback: StageConfig = StageConfig(loss="logvar_data", steps=0, batch=512, lr=2e-5, ml_fraction=0.5)
     holdout_guard: bool = True
     ema: float = 0.0
     ais: AISConfig = AISConfig()
