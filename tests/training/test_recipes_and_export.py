@@ -104,8 +104,7 @@ def test_cli_train_default_recipe_is_energy(tmp_path):
     assert [h["step"] for h in guard["history"]] == [40, 60] and guard["best_step"] in (40, 60)
 
 
-@pytest.mark.parametrize("system,shipped", [("alanine-dipeptide", "energy"), ("alanine-tetrapeptide", "default"),
-                                            ("alanine-tetrapeptide", "relay-d")])
+@pytest.mark.parametrize("system,shipped", [("alanine-dipeptide", "energy"), ("alanine-tetrapeptide", "default")])
 def test_shipped_generators_sample_from_a_copy(tmp_path, system, shipped):
     """The generators in systems/<name>/generators/ are self-contained: a copy samples with finite
     weights, and its reweighted draws put most mass in the states the reference has (not a broken file)."""
