@@ -122,6 +122,19 @@ def klz_df(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None =
     return LossOutput(loss=loss, metrics=metrics, samples=x, log_w=log_w, energy_evals=n)
 
 
+def _scored_frames(gen, energy: EnergyFn, x_data: torch.Tensor):
+    """The first step of the losses on data frames with their energies: ``(log q (n,) with gradient, valid mask,
+    detached log w, metrics)``; the metrics leave out ``ess`` and ``log_z`` (of frames, not of the generator's
+    draws: not comparable, not logged)."""
+    lp = gen.log_prob(x_data)
+    with torch.no_grad():
+        u = energy(x_data)
+    valid, log_w, metrics = sample_stats(u, lp)
+    for k in ("ess", "log_z"):
+        metrics.pop(k)
+    return lp, valid, log_w, metrics
+
+
 def chi2_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, power: float = 1.0, ml_fraction: float = 0.0,
               generator: torch.Generator | None = None, penalty_weight: float = 0.0) -> LossOutput:
     """Chi-square divergence estimated on data: ``-sum_i v_i log p_G(x_i)`` over frames ``x_data: (batch, ...)``
@@ -137,13 +150,8 @@ def chi2_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, power: float = 1.0
     likelihood over the whole batch, which holds the bulk in place while the rest pulls on the tail.
     Costs ``batch`` energy evaluations (no forces). Metrics: ``nll`` (unweighted, of the batch) and ``batch_ess`` (Kish fraction of v: the share of the
     batch that effectively counts)."""
-    lp = gen.log_prob(x_data)
-    with torch.no_grad():
-        u = energy(x_data)
-    valid, log_w, metrics = sample_stats(u, lp)
+    lp, valid, log_w, metrics = _scored_frames(gen, energy, x_data)
     n = x_data.shape[0]
-    for k in ("ess", "log_z"):  # of data frames, not of the generator's draws: not comparable, not logged
-        metrics.pop(k)
     if not valid.any():
         return LossOutput(_finish(nan_loss(lp), None, metrics), metrics, None, None, n)
     if not 0.0 <= ml_fraction <= 1.0:
@@ -180,13 +188,8 @@ def logvar_data(gen, energy: EnergyFn, x_data: torch.Tensor, *, ml_fraction: flo
         raise InputError(f"ml_fraction must be in [0, 1] (0: log-variance only, 1: maximum likelihood), got {ml_fraction}")
     if not clip > 0:
         raise InputError(f"clip must be > 0 nats, got {clip}")
-    lp = gen.log_prob(x_data)
-    with torch.no_grad():
-        u = energy(x_data)
-    valid, log_w, metrics = sample_stats(u, lp)
+    lp, valid, log_w, metrics = _scored_frames(gen, energy, x_data)
     n = x_data.shape[0]
-    for k in ("ess", "log_z"):  # of data frames, not of the generator's draws: not comparable, not logged
-        metrics.pop(k)
     if not valid.any():
         return LossOutput(_finish(nan_loss(lp), None, metrics), metrics, None, None, n)
     lw = log_w[valid].double()
