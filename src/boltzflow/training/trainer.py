@@ -206,7 +206,7 @@ class TrainConfig:
                                   f"{st.loss!r} draws none: set it to 0 (or use one of {', '.join(DATA_LOSSES)})")
         if self.fallback.steps > 0 and self.fallback.loss in ("rwml", "fab"):
             raise ConfigError(f"fallback.loss {self.fallback.loss!r} needs a pool or replay buffer set up before "
-                              "training; choose another loss (e.g. chi2_data) or use it as finetune.loss")
+                              "training; choose another loss (e.g. logvar_data) or use it as finetune.loss")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("log_every and checkpoint_every must be >= 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
