@@ -58,5 +58,4 @@ def get_loss(name: str):
 
 
 __all__ = ["LOSSES", "DATA_LOSSES", "LossOutput", "get_loss", "kish_ess", "klz", "klx", "klx_path", "klz_df", "chi2_data",
-           "logvar_data", "l2plus",
-           "l2plus_nomask", "l2plus_nodetach", "fab", "rwml"]
+           "logvar_data", "l2plus", "l2plus_nomask", "l2plus_nodetach", "fab", "rwml"]

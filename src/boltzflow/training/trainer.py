@@ -299,6 +299,8 @@ class Trainer:
             holdout = gen.prepare_data(holdout)
         #: held-out frames (n, ...) of the maximum-likelihood stage's holdout guard, or None
         self.holdout = None if holdout is None or len(holdout) == 0 else torch.as_tensor(holdout).to(self.device, self.dtype)
+        #: reduced energies (n,) of the held-out frames, computed at the first held-out fit (:meth:`_holdout_fit`)
+        self._holdout_u: torch.Tensor | None = None
         self.rng = torch.Generator(device=self.device).manual_seed(int(self.config.seed))
         #: draws of the generator's samples: the shared rng in one process, a per-rank stream under DDP
         self.sample_rng = self.rng
@@ -856,8 +858,10 @@ class Trainer:
         with self.averaged():
             lq = torch.cat([self.gen.log_prob(self.holdout[i:i + bs]) for i in range(0, len(self.holdout), bs)])
         self.gen.train(was_training)
-        u = torch.cat([self.energy(self.holdout[i:i + bs]) for i in range(0, len(self.holdout), bs)])
-        lw = (-u.double() - lq.double())
+        if self._holdout_u is None:  # the frames are fixed: their energies once per run
+            self._holdout_u = torch.cat([self.energy(self.holdout[i:i + bs])
+                                         for i in range(0, len(self.holdout), bs)]).double()
+        lw = -self._holdout_u - lq.double()
         ok = torch.isfinite(lw)
         nll, var = float(-lq.double()[ok].mean()), float(lw[ok].var())
         if self.writes:
