@@ -388,11 +388,42 @@ def _load_init(gen, system, init: str) -> None:
     src = load_generator(path, system)
     mine, theirs = to_dict(gen.config), to_dict(src.config)
     differ = sorted(k for k in set(mine) | set(theirs) if k != "seed" and mine.get(k) != theirs.get(k))
+    if differ == ["blocks"] and int(mine["blocks"]) > int(theirs["blocks"]):
+        _grow_from(gen, src, init)
+        return
     if differ:
         raise InputError(f"init: the generator at '{init}' has other [generator] settings ("
                          + ", ".join(f"{k} = {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differ)
-                         + "); set them to its values or start from random weights")
+                         + "); set them to its values (generator.blocks may be larger: the added couplings start "
+                         "as the identity) or start from random weights")
     gen.load_state_dict(src.state_dict())
+
+
+def _grow_from(gen, src, init: str) -> None:
+    """Load ``src`` (a generator with fewer main-flow ``blocks``) into ``gen``: its couplings take ``src``'s
+    weights and the couplings ``gen`` appends at the data end stay as built, the identity (zero last layers), so
+    ``gen`` starts as the same density with more couplings to train."""
+    missing, unexpected = gen.load_state_dict(src.state_dict(), strict=False)
+    n_old: dict[str, int] = {}
+    for prefix, i in _flow_layers(src):
+        n_old[prefix] = max(n_old.get(prefix, 0), i + 1)
+    new = {f"{prefix}.{i}." for prefix, i in _flow_layers(gen) if i >= n_old.get(prefix, 0)}
+    stray = [k for k in missing if not any(k.startswith(p) for p in new)]
+    if unexpected or stray:
+        raise InputError(f"init: cannot grow the generator at '{init}' into this one (keys it lacks: {stray[:3]}, "
+                         f"keys this one lacks: {unexpected[:3]}); start from random weights")
+
+
+def _flow_layers(gen):
+    """(prefix, index) of every coupling of a generator's flows, e.g. ("all_flow.bijection.layers", 8)."""
+    import re
+
+    seen = set()
+    for k in gen.state_dict():
+        m = re.match(r"(.*\.bijection\.layers)\.(\d+)\.", k)
+        if m and (m.group(1), int(m.group(2))) not in seen:
+            seen.add((m.group(1), int(m.group(2))))
+            yield m.group(1), int(m.group(2))
 
 
 def _summary_of(run_dir: Path) -> dict[str, Any] | None:

@@ -69,10 +69,12 @@ def test_init_starts_from_a_trained_generator(tmp_path):
             "training.finetune.steps": 0}
     pipeline.train(system, pipeline.recipe_config("data", over), tmp_path / "a", progress=False)
     nll = {}
-    for name, steps in (("a", None), ("b0", 0), ("b", 20), ("fresh", 20)):
+    grown = {"generator.blocks": QUICK["generator.blocks"] + 2}  # 2 more coupling blocks, appended as the identity
+    for name, steps, more in (("a", None, {}), ("b0", 0, {}), ("b", 20, {}), ("fresh", 20, {}), ("g0", 0, grown),
+                              ("g", 20, grown)):
         if steps is not None:
             init = {} if name == "fresh" else {"init": str(tmp_path / "a")}
-            cfg = pipeline.recipe_config("data", {**over, **init, "data.reference": str(tmp_path / "b.npz"),
+            cfg = pipeline.recipe_config("data", {**over, **init, **more, "data.reference": str(tmp_path / "b.npz"),
                                                   "training.pretrain.steps": steps, "seed": 3})
             pipeline.train(system, cfg, tmp_path / name, progress=False)
         gen = pipeline.load_trained(tmp_path / name)[2]
@@ -80,6 +82,13 @@ def test_init_starts_from_a_trained_generator(tmp_path):
             nll[name] = float(-gen.log_prob(x).double().mean())
     assert nll["b0"] == pytest.approx(nll["a"], abs=1e-6)  # seed 3 would have given other weights
     assert nll["b"] < nll["a"] < nll["fresh"]  # 20 more steps improve on a; 20 from random weights do not reach it
+    assert nll["g0"] == pytest.approx(nll["a"], abs=1e-4)  # the grown flow starts as a's density ...
+    assert nll["g"] < nll["a"]  # ... and trains on from it
+    g = pipeline.load_trained(tmp_path / "g")[2]
+    assert len(g.all_flow.bijection.layers) == len(pipeline.load_trained(tmp_path / "a")[2].all_flow.bijection.layers) + 4
+    shrink = pipeline.recipe_config("data", {**over, "init": str(tmp_path / "g"), "training.pretrain.steps": 0})
+    with pytest.raises(InputError, match="blocks = 3 there, 1 here"):
+        pipeline.train(system, shrink, tmp_path / "bad0", progress=False)
     bad = pipeline.recipe_config("data", {**over, "init": str(tmp_path / "a" / "generator.pt"), "generator.hidden": 16})
     with pytest.raises(InputError, match="hidden"):
         pipeline.train(system, bad, tmp_path / "bad", progress=False)
