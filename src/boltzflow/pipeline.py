@@ -403,6 +403,8 @@ def _grow_from(gen, src, init: str) -> None:
     """Load ``src`` (a generator with fewer main-flow ``blocks``) into ``gen``: its couplings take ``src``'s
     weights and the couplings ``gen`` appends at the data end stay as built, the identity (zero last layers), so
     ``gen`` starts as the same density with more couplings to train."""
+    import torch
+
     missing, unexpected = gen.load_state_dict(src.state_dict(), strict=False)
     n_old: dict[str, int] = {}
     for prefix, i in _flow_layers(src):
@@ -412,6 +414,12 @@ def _grow_from(gen, src, init: str) -> None:
     if unexpected or stray:
         raise InputError(f"init: cannot grow the generator at '{init}' into this one (keys it lacks: {stray[:3]}, "
                          f"keys this one lacks: {unexpected[:3]}); start from random weights")
+    with torch.no_grad():  # the grown generator must be the same density: check it on draws of the original
+        x, _ = src.sample_and_log_prob(64, generator=torch.Generator().manual_seed(0))
+        gap = float((gen.log_prob(x).double() - src.log_prob(x).double()).abs().max())
+    if not gap < 1e-3:
+        raise InputError(f"init: growing the generator at '{init}' changed its density (by up to {gap:.3g} nats); "
+                         "start from random weights or keep its generator.blocks")
 
 
 def _flow_layers(gen):
