@@ -83,7 +83,14 @@ class DataConfig:
     lighter-tailed weights (the samples are reweighted to the system temperature afterwards, so the
     data need not carry its exact populations). Counted in the training cost (energy evaluations,
     wall time). A few thousand frames are far too few for maximum likelihood (the flow over-fits);
-    see docs/pipelines.md, "Training data"."""
+    see docs/pipelines.md, "Training data".
+
+    extra: further training frames, SampleSet .npz files of this system (e.g. Langevin frames started from a
+    generator's heaviest draws), added to the training frames after the held-out split (never held out) and
+    counted in the training cost by their provenance (``energy_evals``, ``wall_s``). The energy-weighted losses
+    (``logvar_data``, ``chi2_data``) need frames that cover the Boltzmann distribution, not frames drawn from
+    it, so frames added where the generator is too thin sharpen the fit there; maximum likelihood would fit
+    their distribution instead."""
 
     source: str = "reference"
     reference: str = ""
@@ -95,6 +102,7 @@ class DataConfig:
     md_timestep_fs: float = 1.0
     md_friction: float = 5.0
     md_temperatures: tuple[float, ...] = ()
+    extra: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.source not in DATA_SOURCES:
@@ -318,6 +326,8 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     from .training.trainer import Trainer
 
     dist = dist or distributed.current()
+    init_src = _init_source(system, config) if config.init and not resume else None  # checked before any data
+    extra_x, extra_info = _extra_frames(system, config.data)
     rd = RunDir(run_dir)
     if resume and not rd.latest_checkpoint.is_file():
         raise InputError(f"nothing to resume in '{rd.path}' (no checkpoints/latest.pt); start without --resume")
@@ -339,13 +349,16 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
     if config.data.md_frames > 0:
         train_x, aug = distributed.rank0_first(
             dist, lambda: _augmented_data(system, config, rd, train_x, ref.reduced_energy, train_idx))
+    if len(extra_x):
+        train_x = np.concatenate([np.asarray(train_x, dtype=np.float32), extra_x])
+        log(f"added {len(extra_x)} training frames from data.extra ({', '.join(config.data.extra)})")
     train_x, n_other = _keep_isomer(system, config, train_x)
     if n_other:
         log(f"dropped {n_other} training frames of another isomer (generator.fixed_torsions = "
             f"'{config.generator.fixed_torsions}': cis/trans amide or handedness unlike the input structure)")
     gen, energy = build(system, config, train_x)
-    if config.init and not resume:  # a resume restores the weights from its checkpoint
-        _load_init(gen, system, config.init)
+    if init_src is not None:  # a resume restores the weights from its checkpoint
+        _load_init(gen, init_src, config.init)
         log(f"starting from the weights of {config.init}")
     device, dtype = resolve_device(config.device), _dtype(config.dtype)
     data = torch.as_tensor(train_x, dtype=dtype, device=device)
@@ -371,32 +384,63 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
         return rd.read_summary()
     try:
         return _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, test_idx, data, aug,
-                                tempering, t0)
+                                tempering, extra_info, t0)
     finally:
         dist.barrier()
 
 
-def _load_init(gen, system, init: str) -> None:
-    """Copy the weights (and internal-coordinate standardisation) of the generator at ``init`` into ``gen``."""
+def _init_source(system, config: "RunConfig"):
+    """The generator at ``config.init``, checked against ``config.generator`` before any training data is made:
+    InputError unless every [generator] setting is the same (``blocks`` may be larger here: growth)."""
     from .flows.generator import load_generator
 
+    init = config.init
     path = Path(init).expanduser()
     path = path / "generator.pt" if path.is_dir() else path
     if not path.is_file():
         raise InputError(f"init: no trained generator at '{init}' (expected a run directory with generator.pt, "
                          "or a generator.pt file)")
     src = load_generator(path, system)
-    mine, theirs = to_dict(gen.config), to_dict(src.config)
+    mine, theirs = to_dict(config.generator), to_dict(src.config)
     differ = sorted(k for k in set(mine) | set(theirs) if k != "seed" and mine.get(k) != theirs.get(k))
-    if differ == ["blocks"] and int(mine["blocks"]) > int(theirs["blocks"]):
-        _grow_from(gen, src, init)
-        return
-    if differ:
+    if differ and not (differ == ["blocks"] and int(mine["blocks"]) > int(theirs["blocks"])):
         raise InputError(f"init: the generator at '{init}' has other [generator] settings ("
                          + ", ".join(f"{k} = {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differ)
                          + "); set them to its values (generator.blocks may be larger: the added couplings start "
                          "as the identity) or start from random weights")
+    return src
+
+
+def _load_init(gen, src, init: str) -> None:
+    """Copy the weights (and internal-coordinate standardisation) of ``src`` (from :func:`_init_source`) into
+    ``gen``, growing it when ``gen`` has more blocks."""
+    if int(gen.config.blocks) > int(src.config.blocks):
+        _grow_from(gen, src, init)
+        return
     gen.load_state_dict(src.state_dict())
+
+
+def _extra_frames(system, cfg: DataConfig) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
+    """The frames of ``cfg.extra`` ((n, n_atoms, 3) float32 nm, all files joined) and one record per file
+    (path, frames, energy_evals and wall_s from its provenance); ``(empty, None)`` without any."""
+    from .sampling import SampleSet
+
+    xs, info = [], []
+    for f in cfg.extra:
+        path = Path(f).expanduser()
+        if not path.is_file():
+            raise InputError(f"data.extra: no file '{f}' (expected a SampleSet .npz of this system's frames)")
+        s = SampleSet.load(path)
+        system.check_coordinates(s.positions, what=f"data.extra '{f}'")
+        if s.temperature is not None and abs(s.temperature - system.temperature) > 1e-6:
+            raise InputError(f"data.extra '{f}' is at {s.temperature} K but the system is at {system.temperature} K")
+        xs.append(np.asarray(s.positions, dtype=np.float32))
+        prov = s.provenance or {}
+        info.append({"path": str(f), "frames": int(len(s)), "energy_evals": int(prov.get("energy_evals") or 0),
+                     "wall_s": float(prov.get("wall_s") or 0.0)})
+    if not xs:
+        return np.zeros((0, system.n_atoms, 3), dtype=np.float32), None
+    return np.concatenate(xs), info
 
 
 def _grow_from(gen, src, init: str) -> None:
@@ -468,21 +512,22 @@ def _init_data(init: str) -> dict[str, Any]:
     """The ``data_tempering`` / ``data_augmentation`` records of the ``init`` generator's summary.json
     (empty without one): frames it was trained on, whose cost its own cost already holds."""
     s = _summary_of(_init_dir(init)) or {}
-    return {k: s[k] for k in ("data_tempering", "data_augmentation") if s.get(k)}
+    return {k: s[k] for k in ("data_tempering", "data_augmentation", "data_extra") if s.get(k)}
 
 
 def _data_cost(aug: dict | None, tempering: dict | None, init: dict | None,
-               init_data: dict[str, Any]) -> tuple[int, float]:
+               init_data: dict[str, Any], extra: list[dict] | None = None) -> tuple[int, float]:
     """(energy evaluations, wall s) a run's training data and its ``init`` generator cost, each counted once:
-    Langevin growth (``aug``) or tempering frames the init generator was itself trained on (``init_data``,
-    from :func:`_init_data`) are already inside the init's cost."""
+    Langevin growth (``aug``), tempering frames or ``data.extra`` files (``extra``: one record per file) the init
+    generator was itself trained on (``init_data``, from :func:`_init_data`) are already inside the init's cost."""
     own = [d for d, key in ((aug, "data_augmentation"), (tempering, "data_tempering")) if d and init_data.get(key) != d]
+    own += [d for d in extra or () if d not in (init_data.get("data_extra") or ())]
     parts = [*own, init] if init else own
     return sum(int(d["energy_evals"]) for d in parts), sum(float(d["wall_s"]) for d in parts)
 
 
 def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, test_idx, data, aug, tempering,
-                     t0) -> dict[str, Any]:
+                     extra, t0) -> dict[str, Any]:
     """Rank 0's end of :func:`train`: generator.pt, held-out log-likelihood, summary.json."""
     from .flows.generator import save_generator
 
@@ -497,13 +542,13 @@ def _finish_training(system, config, rd, gen, trainer, summary, ref, ref_path, t
     rd.log("log-likelihood per frame: training data {train:.2f}, held-out reference frames {holdout:.2f} "
            "(a large gap means over-fitting)".format(**fit) if fit else "no held-out frames")
     init = _init_cost(config.init) if config.init else None
-    data_evals, data_wall = _data_cost(aug, tempering, init, _init_data(config.init) if config.init else {})
+    data_evals, data_wall = _data_cost(aug, tempering, init, _init_data(config.init) if config.init else {}, extra)
     rd.update_summary(init=init, system=system.name, temperature_k=system.temperature, pipeline=config.generator.pipeline,
                       recipe=config.recipe, training_steps=trainer.step, training_finished=finished,
                       reference_path=str(ref_path), reference_mode_fractions=ref_modes,
                       energy_evals_training=int(trainer.counters.energy_evals) + data_evals,
                       training_wall_s=float(trainer.counters.wall_s) + data_wall,
-                      data_augmentation=aug, data_tempering=tempering, log_likelihood=fit,
+                      data_augmentation=aug, data_tempering=tempering, data_extra=extra, log_likelihood=fit,
                       skipped_steps=int(trainer.counters.skipped_steps), training=summary)
     return rd.read_summary()
 

@@ -92,6 +92,7 @@ def test_init_starts_from_a_trained_generator(tmp_path):
     bad = pipeline.recipe_config("data", {**over, "init": str(tmp_path / "a" / "generator.pt"), "generator.hidden": 16})
     with pytest.raises(InputError, match="hidden"):
         pipeline.train(system, bad, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before the run directory (and any training data) was made
     with pytest.raises(InputError, match="no trained generator"):
         pipeline.train(system, pipeline.recipe_config("data", {**over, "init": str(tmp_path / "nowhere")}),
                        tmp_path / "bad2", progress=False)
@@ -107,3 +108,37 @@ def test_frames_an_init_generator_was_trained_on_are_counted_once():
     assert pipeline._data_cost(None, temp, None, {}) == (1000, 5.0)
     aug = {"frames": 3, "energy_evals": 7, "wall_s": 1.0}
     assert pipeline._data_cost(aug, temp, init, {"data_tempering": {**temp, "frames": 11}}) == (2507, 15.0)
+
+
+def test_extra_frames_join_the_training_data_and_count_in_its_cost(tmp_path):
+    """data.extra: the frames of a SampleSet file are added to the training frames (not the held-out ones),
+    their provenance's evaluations and wall time count in the training cost, and a bad file is refused before
+    the run directory is made."""
+    from boltzflow.errors import InputError
+    from boltzflow.systems.builtin import builtin_system
+
+    system = builtin_system("alanine-dipeptide")
+    ref = SampleSet.load(ROOT / "systems" / "alanine-dipeptide" / "reference_300K.npz")
+    ref.subset(np.arange(0, 400)).save(tmp_path / "a.npz")
+    extra = ref.subset(np.arange(400, 450))
+    SampleSet(extra.positions, extra.reduced_energy, None, None, extra.temperature,
+              {"sampler": "test", "energy_evals": 123, "wall_s": 2.5}).save(tmp_path / "extra.npz")
+    over = {**QUICK, "data.reference": str(tmp_path / "a.npz"), "data.holdout": 0.2, "data.md_frames": 0,
+            "training.finetune.steps": 0, "training.pretrain.steps": 2}
+    plain = pipeline.train(system, pipeline.recipe_config("data", over), tmp_path / "plain", progress=False)
+    more = pipeline.train(system, pipeline.recipe_config("data", {**over, "data.extra": [str(tmp_path / "extra.npz")]}),
+                          tmp_path / "more", progress=False)
+    assert more["data_extra"] == [{"path": str(tmp_path / "extra.npz"), "frames": 50, "energy_evals": 123,
+                                   "wall_s": 2.5}]
+    assert more["energy_evals_training"] == plain["energy_evals_training"] + 123
+    assert "320 training frames" in (tmp_path / "plain" / "log.txt").read_text()
+    assert "370 training frames" in (tmp_path / "more" / "log.txt").read_text()  # 400 - 80 held out + 50
+    assert pipeline._data_cost(None, None, None, {"data_extra": more["data_extra"]}, more["data_extra"]) == (0, 0.0)
+    for bad, message in (("nowhere.npz", "no file"), ("a.npz", None)):
+        if message is None:  # frames of another system
+            SampleSet(np.zeros((3, 5, 3), dtype=np.float32)).save(tmp_path / "other.npz")
+            bad, message = "other.npz", "data.extra"
+        cfg = pipeline.recipe_config("data", {**over, "data.extra": [str(tmp_path / bad)]})
+        with pytest.raises(InputError, match=message):
+            pipeline.train(system, cfg, tmp_path / "bad", progress=False)
+        assert not (tmp_path / "bad").exists()
