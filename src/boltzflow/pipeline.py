@@ -422,7 +422,8 @@ def _load_init(gen, src, init: str) -> None:
 
 def _extra_frames(system, cfg: DataConfig) -> tuple[np.ndarray, list[dict[str, Any]] | None]:
     """The frames of ``cfg.extra`` ((n, n_atoms, 3) float32 nm, all files joined) and one record per file
-    (path, frames, energy_evals and wall_s from its provenance); ``(empty, None)`` without any."""
+    (path, frames, temperature_k, energy_evals and wall_s from its provenance); ``(empty, None)`` without any.
+    Frames at any temperature are accepted: the energy-weighted losses need frames that cover p."""
     from .sampling import SampleSet
 
     xs, info = [], []
@@ -431,13 +432,11 @@ def _extra_frames(system, cfg: DataConfig) -> tuple[np.ndarray, list[dict[str, A
         if not path.is_file():
             raise InputError(f"data.extra: no file '{f}' (expected a SampleSet .npz of this system's frames)")
         s = SampleSet.load(path)
-        system.check_coordinates(s.positions, what=f"data.extra '{f}'")
-        if s.temperature is not None and abs(s.temperature - system.temperature) > 1e-6:
-            raise InputError(f"data.extra '{f}' is at {s.temperature} K but the system is at {system.temperature} K")
+        system.check_coordinates(s.positions, what=f"data.extra '{f}'")  # any temperature: they need only cover p
         xs.append(np.asarray(s.positions, dtype=np.float32))
         prov = s.provenance or {}
-        info.append({"path": str(f), "frames": int(len(s)), "energy_evals": int(prov.get("energy_evals") or 0),
-                     "wall_s": float(prov.get("wall_s") or 0.0)})
+        info.append({"path": str(f), "frames": int(len(s)), "temperature_k": s.temperature,
+                     "energy_evals": int(prov.get("energy_evals") or 0), "wall_s": float(prov.get("wall_s") or 0.0)})
     if not xs:
         return np.zeros((0, system.n_atoms, 3), dtype=np.float32), None
     return np.concatenate(xs), info

@@ -128,8 +128,8 @@ def test_extra_frames_join_the_training_data_and_count_in_its_cost(tmp_path):
     plain = pipeline.train(system, pipeline.recipe_config("data", over), tmp_path / "plain", progress=False)
     more = pipeline.train(system, pipeline.recipe_config("data", {**over, "data.extra": [str(tmp_path / "extra.npz")]}),
                           tmp_path / "more", progress=False)
-    assert more["data_extra"] == [{"path": str(tmp_path / "extra.npz"), "frames": 50, "energy_evals": 123,
-                                   "wall_s": 2.5}]
+    assert more["data_extra"] == [{"path": str(tmp_path / "extra.npz"), "frames": 50, "temperature_k": 300.0,
+                                   "energy_evals": 123, "wall_s": 2.5}]
     assert more["energy_evals_training"] == plain["energy_evals_training"] + 123
     assert "320 training frames" in (tmp_path / "plain" / "log.txt").read_text()
     assert "370 training frames" in (tmp_path / "more" / "log.txt").read_text()  # 400 - 80 held out + 50
