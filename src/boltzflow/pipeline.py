@@ -508,7 +508,7 @@ def _init_cost(init: str) -> dict[str, Any]:
 
 
 def _init_data(init: str) -> dict[str, Any]:
-    """The ``data_tempering`` / ``data_augmentation`` records of the ``init`` generator's summary.json
+    """The ``data_tempering`` / ``data_augmentation`` / ``data_extra`` records of the ``init`` generator's summary.json
     (empty without one): frames it was trained on, whose cost its own cost already holds."""
     s = _summary_of(_init_dir(init)) or {}
     return {k: s[k] for k in ("data_tempering", "data_augmentation", "data_extra") if s.get(k)}
