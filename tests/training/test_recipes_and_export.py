@@ -20,7 +20,7 @@ from generator_quality import QUICK  # noqa: E402
 
 
 def test_recipes_load_and_differ_in_their_data():
-    assert names() == ["data", "energy"]
+    assert names() == ["data", "energy", "peptide"]
     energy, data = pipeline.recipe_config("energy"), pipeline.recipe_config("data")
     assert energy.data.source == "tempering" and data.data.source == "reference" and data.data.md_frames > 0
     for cfg in (energy, data):
@@ -33,6 +33,22 @@ def test_recipes_load_and_differ_in_their_data():
     assert over.training.pretrain.steps == 7 and over.tempering == energy.tempering
     with pytest.raises(ConfigError, match="unknown recipe"):
         pipeline.recipe_config("nope")
+    # the peptide recipe: the shipped tetrapeptide generator's flow and stages, fine-tuning whatever the start
+    pep = pipeline.recipe_config("peptide")
+    assert pep.generator.lead == "backbone" and pep.data.source == "tempering" and pep.tempering.keep_replicas == 1
+    assert pep.training.finetune.loss == "logvar_data" and pep.training.finetune_min_ess == 0.0
+    assert pep.training.pretrain.state_balance > 0 and pep.training.fallback.steps == 0
+
+
+def test_peptide_recipe_trains_a_tetrapeptide_at_toy_size(tmp_path):
+    from boltzflow.systems.builtin import builtin_system
+
+    cfg = pipeline.recipe_config("peptide", {**QUICK, "generator.lead_blocks": 1})
+    summary = pipeline.train(builtin_system("alanine-tetrapeptide"), cfg, tmp_path / "run", progress=False)
+    assert summary["training_finished"] and summary["data_tempering"]["energy_evals"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["loss_name"] for r in rows if r["stage"] == "finetune"} == {"logvar_data"}
+    assert "frames drawn by state" in (tmp_path / "run" / "log.txt").read_text()  # state_balance acted
 
 
 def test_energy_recipe_trains_from_the_structure_and_export_samples_anywhere(tmp_path):

@@ -60,7 +60,9 @@ def register(sub) -> None:
     p.add_argument("--recipe", default="auto",
                    help="the recipe the run starts from (--config and --set apply on top): 'energy' (no reference data: "
                    "parallel tempering from the input structure, maximum likelihood on its frames, then reweighted "
-                   "maximum likelihood on importance-resampled pools of the generator's own samples), 'data' (the same on reference frames grown by Langevin dynamics), 'auto' (the "
+                   "maximum likelihood on importance-resampled pools of the generator's own samples), 'data' (the same on reference frames grown by Langevin dynamics), 'peptide' (peptides: a backbone-lead flow, "
+                   "maximum likelihood on 300 K tempering frames, then the log-variance of the weights on them; the "
+                   "shipped tetrapeptide generator's stages in one run), 'auto' (the "
                    "default: 'data' when data.reference is given, else 'energy'), or 'none' (bare defaults, every "
                    "stage configured by hand)")
     p.add_argument("--config", help="TOML configuration (see --print-config)")

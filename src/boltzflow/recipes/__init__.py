@@ -5,8 +5,11 @@
   frames, every energy evaluation counted. What a chemist runs on their own molecule.
 * ``data``: the data route. Maximum likelihood on the system's reference frames (``data.reference``)
   grown by Langevin dynamics.
+* ``peptide``: the energy route for peptides as the shipped tetrapeptide generator was made: a flow whose first
+  couplings model the backbone torsions (``generator.lead = "backbone"``), maximum likelihood on 300 K
+  tempering frames with rare backbone states drawn more often, then ``logvar_data`` on the same frames.
 
-Both use the all-atom internal-coordinate generator with improper torsions as standardised
+All use the all-atom internal-coordinate generator with improper torsions as standardised
 coordinates (docs/pipelines.md, "Recipes"). A ``--config`` file and
 ``--set`` overrides apply on top of the recipe.
 
