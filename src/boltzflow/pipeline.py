@@ -391,7 +391,8 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
 
 def _init_source(system, config: "RunConfig"):
     """The generator at ``config.init``, checked against ``config.generator`` before any training data is made:
-    InputError unless every [generator] setting is the same (``blocks`` may be larger here: growth)."""
+    InputError unless every [generator] setting is the same (``blocks`` may be larger here: growth; ``base_tail``,
+    which has no weights, may differ)."""
     from .flows.generator import load_generator
 
     init = config.init
@@ -402,7 +403,7 @@ def _init_source(system, config: "RunConfig"):
                          "or a generator.pt file)")
     src = load_generator(path, system)
     mine, theirs = to_dict(config.generator), to_dict(src.config)
-    differ = sorted(k for k in set(mine) | set(theirs) if k != "seed" and mine.get(k) != theirs.get(k))
+    differ = sorted(k for k in set(mine) | set(theirs) if k not in ("seed", "base_tail") and mine.get(k) != theirs.get(k))
     if differ and not (differ == ["blocks"] and int(mine["blocks"]) > int(theirs["blocks"])):
         raise InputError(f"init: the generator at '{init}' has other [generator] settings ("
                          + ", ".join(f"{k} = {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differ)

@@ -56,7 +56,8 @@ def test_holdout_guard_in_a_data_run_and_ml_fit_in_nats(tmp_path):
 
 def test_init_starts_from_a_trained_generator(tmp_path):
     """RunConfig.init: a run that starts from another run's generator holds its density before any step, and
-    continues training from it; other [generator] settings are refused with the differing key named."""
+    continues training from it; other [generator] settings are refused with the differing key named, except
+    ``base_tail`` (no weights): a run may give the init's flow a tailed base."""
     from boltzflow.errors import InputError
     from boltzflow.systems.builtin import builtin_system
 
@@ -71,7 +72,7 @@ def test_init_starts_from_a_trained_generator(tmp_path):
     nll = {}
     grown = {"generator.blocks": QUICK["generator.blocks"] + 2}  # 2 more coupling blocks, appended as the identity
     for name, steps, more in (("a", None, {}), ("b0", 0, {}), ("b", 20, {}), ("fresh", 20, {}), ("g0", 0, grown),
-                              ("g", 20, grown)):
+                              ("g", 20, grown), ("t0", 0, {"generator.base_tail": 3.0})):
         if steps is not None:
             init = {} if name == "fresh" else {"init": str(tmp_path / "a")}
             cfg = pipeline.recipe_config("data", {**over, **init, **more, "data.reference": str(tmp_path / "b.npz"),
@@ -84,6 +85,9 @@ def test_init_starts_from_a_trained_generator(tmp_path):
     assert nll["b"] < nll["a"] < nll["fresh"]  # 20 more steps improve on a; 20 from random weights do not reach it
     assert nll["g0"] == pytest.approx(nll["a"], abs=1e-4)  # the grown flow starts as a's density ...
     assert nll["g"] < nll["a"]  # ... and trains on from it
+    t0 = pipeline.load_trained(tmp_path / "t0")[2]
+    assert t0.all_flow.base.tail == 3.0 and t0.config.base_tail == 3.0
+    assert nll["t0"] != nll["a"] and nll["t0"] == pytest.approx(nll["a"], abs=0.1)  # a's density, tails aside
     g = pipeline.load_trained(tmp_path / "g")[2]
     assert len(g.all_flow.bijection.layers) == len(pipeline.load_trained(tmp_path / "a")[2].all_flow.bijection.layers) + 4
     shrink = pipeline.recipe_config("data", {**over, "init": str(tmp_path / "g"), "training.pretrain.steps": 0})

@@ -153,10 +153,12 @@ def spline_flow(
     return Compose(layers)
 
 
-def make_flow(dim: int, kind: str = "realnvp", circular: Sequence[int] = (), **kw) -> Flow:
+def make_flow(dim: int, kind: str = "realnvp", circular: Sequence[int] = (), base_tail: float = 0.0, **kw) -> Flow:
     """A :class:`Flow` over ``(batch, dim)``: ``kind`` "realnvp" or "spline" (keywords go to the
     builder). Base: :class:`MixedBase` (uniform on ``[-pi, pi)`` for ``circular`` dims) when there
-    are circular dims, else :class:`StandardNormal`. RealNVP cannot handle circular dims."""
+    are circular dims, else :class:`StandardNormal`; ``base_tail`` > 0 gives their normal dims exponential
+    tails beyond ``|z| > base_tail`` (:func:`~boltzflow.flows.base.tailed_normal_log_prob`). RealNVP cannot
+    handle circular dims."""
     circular = _indices(circular, dim)
     builder = {"realnvp": realnvp, "spline": spline_flow}.get(kind)
     if builder is not None:
@@ -172,7 +174,7 @@ def make_flow(dim: int, kind: str = "realnvp", circular: Sequence[int] = (), **k
         bij = spline_flow(dim, circular=circular, **kw)
     else:
         raise InputError(f"unknown flow kind {kind!r}; choose one of {FLOW_KINDS}")
-    base = MixedBase(dim, circular) if circular else StandardNormal(dim)
+    base = MixedBase(dim, circular, tail=base_tail) if circular else StandardNormal(dim, tail=base_tail)
     return Flow(base, bij)
 
 

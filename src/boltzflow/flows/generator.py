@@ -71,7 +71,12 @@ class GeneratorConfig:
     on the fitting data, so the flow starts from the data's Gaussian approximation. lead: "none" or
     "backbone" (internal-coordinate spline flows of peptides: the flow factorises as q(phi, psi) q(rest |
     phi, psi), with ``lead_blocks`` x 2 couplings of its own for the backbone torsions and every other
-    coupling conditioned on them; see :func:`~boltzflow.flows.builders.spline_flow`). seed: masks.
+    coupling conditioned on them; see :func:`~boltzflow.flows.builders.spline_flow`). base_tail: 0 (the main
+    flow's base is N(0, 1) on its non-periodic dims) or the ``|z|`` beyond which that base density decays
+    exponentially instead (:func:`~boltzflow.flows.base.tailed_normal_log_prob`; 3 on peptides): splines end at
+    ``|z|`` = 5, beyond which a Gaussian base fixes the tails of bond lengths, angles and fixed torsions to be
+    Gaussian, too light for the tetrapeptide's rare strained frames (docs/peptides.md). It has no parameters:
+    set on a trained generator's config it changes that generator's density in the tails only. seed: masks.
     """
 
     pipeline: str = "hnet"
@@ -93,6 +98,7 @@ class GeneratorConfig:
     whiten: bool = False
     lead: str = "none"
     lead_blocks: int = 4
+    base_tail: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -116,6 +122,9 @@ class GeneratorConfig:
                      "h_depth", "h_bins", "lead_blocks"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.base_tail == 0 or (math.isfinite(self.base_tail) and self.base_tail > 0)):
+            raise ConfigError(f"base_tail must be 0 (Gaussian base) or the |z| > 0 where exponential tails start, "
+                              f"got {self.base_tail}")
         if self.lambda_align < 0 or not 0 < self.max_rotation <= math.pi:
             raise ConfigError("lambda_align must be >= 0 and max_rotation in (0, pi]")
 
@@ -195,7 +204,7 @@ class MolecularGenerator(nn.Module):
         self._chiral = chiral_centers(adj, heavy)
         c = config
         kind = c.heavy_kind
-        kw: dict[str, Any] = dict(blocks=c.blocks, hidden=c.hidden, depth=c.depth, seed=c.seed)
+        kw: dict[str, Any] = dict(blocks=c.blocks, hidden=c.hidden, depth=c.depth, seed=c.seed, base_tail=c.base_tail)
         if kind == "spline":
             kw["bins"] = c.bins
         if c.pipeline == "internal-all":
