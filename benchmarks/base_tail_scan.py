@@ -2,6 +2,7 @@
 tails at once, from one set of draws of the generator as it is; and where its heaviest draws sit in the base.
 
     python benchmarks/base_tail_scan.py RUN -n 100000 --seeds 1 2 3 4 --tails 2.5 3 3.5 4 [--json]
+    python benchmarks/base_tail_scan.py RUN ... --frames RUN/data/tempering.npz [--max-frames 200000]
 
 The generator's splines end at ``|z|`` = 5; beyond, the main flow is the identity and its base fixes the tails of
 the non-periodic coordinates (bond lengths, angles, fixed torsions). With a Gaussian base those tails are Gaussian,
@@ -16,9 +17,16 @@ Prints one JSON object: ``kish`` per tail (``"0"``: the generator as it is), per
 the heaviest draws' log weight above the median with their largest ``|u|`` over the non-periodic base dims
 (a heavy draw at ``|u|`` > 4 is a base-tail draw).
 
+``--frames F.npz`` (repeatable; SampleSets of frames drawn from p with their reduced energies, e.g. the run's
+training frames) adds ``frames``: per file, the Kish ESS estimated from p's side, ``1 / E_p[w / Z]`` (the same
+quantity, ``E_q[w^2] / Z^2 = E_p[w / Z]``, with Z from the draws), for each tail, and the largest
+``log w - log Z`` of a frame. Draws rarely reach a region where q under-fills p by many nats; frames of p do.
+Frames of another isomer than the generator's are left out, as training does.
+
 Measured (2026-12-05, twenty-ninth session; the tetrapeptide generator of the twenty-eighth session, F, seeds 1-16
 x 1e5 draws): Gaussian 0.389; tails 2.5 / 3 / 3.5 / 4 / 4.5: 0.391 / 0.410 / 0.407 / 0.400 / 0.393. Drawn with
-the tail 3 base (new draws, ``benchmarks/kish_seeds.py``): 0.402.
+the tail 3 base (new draws, ``benchmarks/kish_seeds.py``): 0.402 on seeds 1-16, 0.353 on seeds 17-32: the plain
+Kish of 1.6e6 draws moves by more than the tails give (docs/peptides.md, "Base tails").
 """
 
 from __future__ import annotations
@@ -78,12 +86,40 @@ def scan(gen, energy, n: int, seeds: list[int], tails: list[float], top: int = 1
     ok = np.isfinite(lw)
     med = float(np.median(lw[ok]))
     order = np.argsort(np.where(ok, lw, -np.inf))[::-1][:top]
-    return {"n": int(len(lw)), "seeds": seeds,
+    return {"n": int(len(lw)), "seeds": seeds, "log_z": float(logsumexp(lw[ok]) - np.log(ok.sum())),
             "kish": {"0": reweighted_kish(lw, np.zeros(len(lw))),
                      **{str(t): reweighted_kish(lw, np.concatenate(deltas[t])) for t in tails}},
             "per_seed": per_seed,
             "top": [{"log_w_above_median": round(float(lw[i]) - med, 3), "max_abs_u": round(float(um[i]), 3)}
                     for i in order]}
+
+
+def frames_kish(gen, energy, positions: np.ndarray, log_z: float, tails: list[float], batch: int = 5000) -> dict:
+    """p-side Kish ESS fractions ``1 / mean(exp(log w - log Z))`` of frames ``positions: (n, n_atoms, 3)`` nm
+    (assumed drawn from p) for the Gaussian base (``"0"``) and each tail, and the largest ``log w - log Z``."""
+    flow = gen.all_flow
+    circ = flow.base.circular_mask.cpu().numpy()
+    keep = np.flatnonzero(gen.same_isomer(positions))
+    r0, d = [], {t: [] for t in tails}
+    dtype = next(gen.parameters()).dtype
+    with torch.no_grad():
+        for i in range(0, len(keep), batch):
+            x = torch.as_tensor(positions[keep[i:i + batch]], dtype=dtype)
+            z, ld_ic = gen.all_ic.inverse(gen._as_x(x))
+            u, ld_flow = flow.bijection.inverse(z)
+            log_q = flow.base.log_prob(u).double() + ld_flow.double() + ld_ic.double()
+            r0.append((-energy(x.double()).double() - log_q).cpu().numpy() - log_z)
+            ua = np.abs(u.double().cpu().numpy()[:, ~circ])
+            for t in tails:
+                d[t].append(tail_delta(ua, t))
+    r0 = np.concatenate(r0)
+    out = {"frames": int(len(keep)), "other_isomer": int(len(positions) - len(keep))}
+    for t, r in [(0.0, r0)] + [(t, r0 - np.concatenate(d[t])) for t in tails]:
+        ok = np.isfinite(r)
+        key = "0" if t == 0.0 else str(t)
+        out[key] = {"kish_p": float(np.exp(-(logsumexp(r[ok]) - np.log(ok.sum())))),
+                    "max_log_w_minus_log_z": round(float(r[ok].max()), 3)}
+    return out
 
 
 def main(argv=None) -> None:
@@ -95,6 +131,10 @@ def main(argv=None) -> None:
     ap.add_argument("-n", type=int, default=100_000, help="draws per seed (default 1e5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--tails", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0])
+    ap.add_argument("--frames", action="append", default=[], metavar="FILE.npz",
+                    help="SampleSet of frames from p: add the p-side Kish ESS per tail (repeatable)")
+    ap.add_argument("--max-frames", type=int, default=0, help="score at most this many frames per file "
+                    "(an evenly spaced subset; 0: all)")
     ap.add_argument("--json", action="store_true", help="(the output is always JSON; accepted for symmetry)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -109,6 +149,15 @@ def main(argv=None) -> None:
         raise InputError(f"--tails must be > 0, got {args.tails}")
     t0 = time.time()
     out = scan(gen, energy, args.n, args.seeds, args.tails)
+    if args.frames:
+        from boltzflow.core.sampleset import SampleSet
+
+        out["frames"] = {}
+        for f in args.frames:
+            pos = SampleSet.load(f).positions
+            if args.max_frames and len(pos) > args.max_frames:
+                pos = pos[np.linspace(0, len(pos) - 1, args.max_frames).astype(int)]
+            out["frames"][f] = frames_kish(gen, energy, np.asarray(pos), out["log_z"], args.tails)
     out["run"], out["wall_s"] = args.run, round(time.time() - t0, 1)
     json.dump(out, sys.stdout)
     print()

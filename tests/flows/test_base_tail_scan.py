@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from base_tail_scan import reweighted_kish, scan, tail_delta  # noqa: E402
+from base_tail_scan import frames_kish, reweighted_kish, scan, tail_delta  # noqa: E402
 
 from boltzflow.flows.base import tailed_normal_log_prob  # noqa: E402
 
@@ -48,3 +48,19 @@ def test_scan_runs_on_the_shipped_dipeptide_generator():
     assert 0.0 < out["kish"]["3.0"] <= 1.0 and 0.0 < out["kish"]["0"] <= 1.0
     assert out["per_seed"][0]["0"] == pytest.approx(out["kish"]["0"], abs=1e-4)
     assert len(out["top"]) == 3 and out["top"][0]["log_w_above_median"] >= out["top"][1]["log_w_above_median"]
+
+
+def test_frames_kish_is_the_p_side_estimate_of_the_generators_own_density():
+    from boltzflow.core.sampleset import SampleSet
+    from boltzflow.pipeline import load_trained
+
+    _, _, gen, energy = load_trained(ROOT / "systems" / "alanine-dipeptide" / "generators" / "energy")
+    x = np.asarray(SampleSet.load(ROOT / "systems" / "alanine-dipeptide" / "reference_300K.npz").positions[:500])
+    out = frames_kish(gen, energy, x, log_z=-10.0, tails=[3.0], batch=128)
+    with torch.no_grad():
+        xt = torch.as_tensor(x, dtype=next(gen.parameters()).dtype)
+        r = (-energy(xt.double()).double() - gen.log_prob(xt).double()).numpy() + 10.0
+    assert out["frames"] + out["other_isomer"] == 500
+    assert out["0"]["kish_p"] == pytest.approx(1.0 / np.mean(np.exp(r)), rel=1e-6)
+    assert out["0"]["max_log_w_minus_log_z"] == pytest.approx(r.max(), abs=1e-3)
+    assert out["3.0"]["kish_p"] > 0.0

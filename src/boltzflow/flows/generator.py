@@ -73,10 +73,11 @@ class GeneratorConfig:
     phi, psi), with ``lead_blocks`` x 2 couplings of its own for the backbone torsions and every other
     coupling conditioned on them; see :func:`~boltzflow.flows.builders.spline_flow`). base_tail: 0 (the main
     flow's base is N(0, 1) on its non-periodic dims) or the ``|z|`` beyond which that base density decays
-    exponentially instead (:func:`~boltzflow.flows.base.tailed_normal_log_prob`; 3 on peptides): splines end at
-    ``|z|`` = 5, beyond which a Gaussian base fixes the tails of bond lengths, angles and fixed torsions to be
-    Gaussian, too light for the tetrapeptide's rare strained frames (docs/peptides.md). It has no parameters:
-    set on a trained generator's config it changes that generator's density in the tails only. seed: masks.
+    exponentially instead (:func:`~boltzflow.flows.base.tailed_normal_log_prob`; 3 tried on the
+    tetrapeptide): splines end at ``|z|`` = 5, beyond which a Gaussian base fixes the tails of bond lengths,
+    angles and fixed torsions to be Gaussian, too light for the tetrapeptide's rare strained frames
+    (docs/peptides.md, "Base tails"). It has no parameters: given to a trained generator (an ``init`` run may
+    differ in it) it changes that generator's density in the tails only. seed: masks.
     """
 
     pipeline: str = "hnet"
