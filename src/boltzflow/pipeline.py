@@ -198,24 +198,26 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def load_run_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                    recipe: str | None = None) -> RunConfig:
-    """Defaults, updated by a named recipe (:mod:`boltzflow.recipes`: "energy", "data", or "auto":
-    "data" when the TOML or overrides name reference frames, else "energy"; None or "none": no recipe),
-    a TOML file and dotted-key overrides (``{"training.finetune.steps": 10}``), in that order."""
+                    recipe: str | None = None, system=None) -> RunConfig:
+    """Defaults, updated by a named recipe (:mod:`boltzflow.recipes`: "energy", "data", "peptide", or "auto":
+    "data" when the TOML or overrides name reference frames, else "peptide" for a peptide ``system`` and
+    "energy" otherwise; None or "none": no recipe), a TOML file and dotted-key overrides
+    (``{"training.finetune.steps": 10}``), in that order."""
     from .recipes import recipe_data, resolve
 
     data = read_config_data(path, overrides)
-    name = resolve(recipe, data)
+    name = resolve(recipe, data, system)
     if name:
         data = merge_dicts(recipe_data(name), data)
         data.setdefault("recipe", name)
     return run_config_from_dict(data)
 
 
-def recipe_config(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+def recipe_config(name: str, overrides: dict[str, Any] | None = None, system=None) -> RunConfig:
     """The RunConfig of a named recipe ("energy": from the input structure alone; "data": maximum
-    likelihood on reference frames), with optional dotted-key overrides."""
-    return load_run_config(None, overrides, recipe=name)
+    likelihood on reference frames; "peptide"; "auto" resolved for ``system``), with optional dotted-key
+    overrides."""
+    return load_run_config(None, overrides, recipe=name, system=system)
 
 
 def default_config_toml() -> str:

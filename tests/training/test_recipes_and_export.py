@@ -95,6 +95,17 @@ def test_recipe_resolution():
     assert resolve("auto", {"data": {"reference": "pt/samples.npz"}}) == "data"
     assert resolve("auto", {"data": {"source": "reference"}}) == "data"
     assert resolve("auto", {"data": {"source": "tempering"}}) == "energy"
+    # from the structure alone: "peptide" for peptides of >= 2 residues with phi and psi, "energy" otherwise
+    from boltzflow.recipes import peptide_residues
+    from boltzflow.systems.builtin import builtin_system
+
+    tetra, di, butane = (builtin_system(n) for n in ("alanine-tetrapeptide", "alanine-dipeptide", "butane"))
+    assert [peptide_residues(s) for s in (tetra, di, butane)] == [3, 1, 0]
+    assert resolve("auto", {}, tetra) == "peptide" and resolve("auto", {}, di) == "energy"
+    assert resolve("auto", {}, butane) == "energy"
+    assert resolve("auto", {"data": {"reference": "pt/samples.npz"}}, tetra) == "data"
+    assert pipeline.load_run_config(None, {}, "auto", tetra).generator.lead == "backbone"
+    assert pipeline.load_run_config(None, {}, "energy", tetra).generator.lead == "none"
     assert resolve("none", {"data": {"reference": "x.npz"}}) is None and resolve(None) is None
     assert resolve("data") == "data"
     with pytest.raises(ConfigError, match="auto, none"):

@@ -16,6 +16,7 @@ EXAMPLE = """\
   boltzflow train my_peptide/ -o runs/mine               # the default recipe: from the structure alone
   boltzflow train my_peptide/ -o runs/mine2 --set data.reference="runs/pt/samples.npz"   # on your frames
   boltzflow train --print-config > train.toml           # the default recipe, every option written out
+  boltzflow train my_peptide/ --print-config            # the recipe auto picks for this molecule, in full
   boltzflow train alanine-dipeptide --config train.toml -o runs/adp
   boltzflow train alanine-dipeptide --recipe data -o runs/adp-data  # on the shipped reference frames
   boltzflow train alanine-dipeptide --recipe none -o runs/quick --pretrain-steps 200 --finetune-steps 500 --loss l2plus
@@ -63,8 +64,8 @@ def register(sub) -> None:
                    "maximum likelihood on importance-resampled pools of the generator's own samples), 'data' (the same on reference frames grown by Langevin dynamics), 'peptide' (peptides: a backbone-lead flow, "
                    "maximum likelihood on 300 K tempering frames, then the log-variance of the weights on them; the "
                    "shipped tetrapeptide generator's stages in one run), 'auto' (the "
-                   "default: 'data' when data.reference is given, else 'energy'), or 'none' (bare defaults, every "
-                   "stage configured by hand)")
+                   "default: 'data' when data.reference is given, else 'peptide' for a peptide of >= 2 residues with "
+                   "phi and psi, else 'energy'), or 'none' (bare defaults, every stage configured by hand)")
     p.add_argument("--config", help="TOML configuration (see --print-config)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--print-config", action="store_true", help="print the full default configuration and exit")
@@ -101,7 +102,8 @@ def run(args) -> int:
     if args.print_config:
         from ..config import dump_toml
 
-        cfg = pipeline.load_run_config(args.config, overrides_from_args(args), recipe=args.recipe)
+        system = load_system(args.system) if args.system and args.recipe == "auto" else None
+        cfg = pipeline.load_run_config(args.config, overrides_from_args(args), recipe=args.recipe, system=system)
         print(dump_toml(cfg, show_unset=True), end="")
         return 0
     from ..systems.particles import PARTICLE_SYSTEMS
@@ -128,7 +130,7 @@ def run(args) -> int:
 
         check_output_dir(args.output, "training run", args.overwrite)
         system = load_system(args.system)
-        config = pipeline.load_run_config(args.config, overrides_from_args(args), recipe=args.recipe)
+        config = pipeline.load_run_config(args.config, overrides_from_args(args), recipe=args.recipe, system=system)
         with main_rank_only(dist, args.output):
             summary = pipeline.train(system, config, args.output, progress=False if args.no_progress else None,
                                      dist=dist)
