@@ -119,9 +119,15 @@ def tailed_normal_sample(n: int, dim: int, tail: float, generator: torch.Generat
     return torch.where(u[0] < p_core, inner, outer).to(dtype)
 
 
+def valid_tail(tail: float) -> bool:
+    """Whether ``tail`` is a base tail :func:`tailed_normal_log_prob` accepts: 0 (Gaussian) or finite > 0."""
+    tail = float(tail)
+    return tail == 0 or (math.isfinite(tail) and tail > 0)
+
+
 def _check_tail(tail: float) -> float:
     tail = float(tail)
-    if not (tail == 0 or (math.isfinite(tail) and tail > 0)):
+    if not valid_tail(tail):
         raise InputError(f"base tail must be 0 (Gaussian) or a positive |z| where the exponential tails start, got {tail}")
     return tail
 

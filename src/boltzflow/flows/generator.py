@@ -42,6 +42,7 @@ from ..transforms.internal import (
     mirror_image_mask,
 )
 from ..transforms.zmatrix import all_atom_zmatrix, bond_graph, build_zmatrix
+from .base import valid_tail
 
 PIPELINES = ("hnet", "conditional", "internal-all")
 REPRESENTATIONS = ("cartesian", "internal")
@@ -123,7 +124,7 @@ class GeneratorConfig:
                      "h_depth", "h_bins", "lead_blocks"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.base_tail == 0 or (math.isfinite(self.base_tail) and self.base_tail > 0)):
+        if not valid_tail(self.base_tail):
             raise ConfigError(f"base_tail must be 0 (Gaussian base) or the |z| > 0 where exponential tails start, "
                               f"got {self.base_tail}")
         if self.lambda_align < 0 or not 0 < self.max_rotation <= math.pi:
