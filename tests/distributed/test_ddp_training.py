@@ -1,5 +1,6 @@
 """Data-parallel training (torchrun, gloo): 2 ranks reproduce the one-process loss curve, rank 0 alone
-writes, a stopped 2-rank run resumes to the same parameters, launch errors are one line."""
+writes, a stopped 2-rank run resumes to the same parameters (also on another number of ranks), launch errors
+are one line."""
 
 from __future__ import annotations
 
@@ -77,13 +78,47 @@ def test_two_rank_run_resumes_to_the_same_parameters(two_rank_run):
     assert [r["loss"] for r in out["resumed"]["rows"]] == [r["loss"] for r in out["full"]["rows"]]
 
 
-def test_resume_needs_the_same_number_of_ranks(two_rank_run):
-    d, _ = two_rank_run
+def test_resume_on_another_number_of_ranks_continues_the_run(two_rank_run, tmp_path):
+    """A 2-rank checkpoint resumes in one process (and a one-process one on 2 ranks): the same parameters at the
+    checkpoint, then the rest of the run; each rank's sample stream starts anew, so only the data-driven
+    pre-training steps repeat the uninterrupted curve."""
+    d, out = two_rank_run
     ckpt = torch.load(d / "run" / "checkpoints" / "latest.pt", weights_only=False)
     assert ckpt["world_size"] == 2 and len(ckpt["ranks"]) == 2
     assert ckpt["ranks"][0]["sample_rng"].tolist() != ckpt["ranks"][1]["sample_rng"].tolist()  # distinct streams
-    with pytest.raises(CheckpointError, match="written by 2 process"):
-        ddp_worker.train(d / "run", resume=True)
+    full = {r["step"]: r for r in out["full"]["rows"]}
+    # 2 ranks stopped at step 8 (a checkpoint), then one process
+    proc = torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path / "two"), str(tmp_path / "two.json"),
+                    "--max-steps", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trainer, _ = ddp_worker.train(tmp_path / "two", resume=True)
+    rows = trainer.run_dir.read_metrics()
+    assert [r["step"] for r in rows] == list(range(1, 19))
+    for r in rows:
+        if r["step"] <= 12:  # pre-training: the same global batches as the uninterrupted 2-rank run
+            assert r["loss"] == pytest.approx(full[r["step"]]["loss"], rel=LOSS_RTOL)
+        assert torch.isfinite(torch.tensor(r["loss"]))
+    assert "resuming a run of 2 process(es) on 1" in (tmp_path / "two" / "log.txt").read_text()
+    # one process stopped at step 8, then 2 ranks
+    ddp_worker.train(tmp_path / "one", max_steps=8)
+    proc = torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path / "one"), str(tmp_path / "one.json"), "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "one.json").read_text())["full"]["rows"]
+    assert [r["step"] for r in rows] == list(range(1, 19))
+    for r in rows:
+        if r["step"] <= 12:
+            assert r["loss"] == pytest.approx(full[r["step"]]["loss"], rel=LOSS_RTOL)
+    ckpt = torch.load(tmp_path / "one" / "checkpoints" / "latest.pt", weights_only=False)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 18
+
+
+def test_resume_on_another_number_of_ranks_is_refused_with_a_split_pool(tmp_path):
+    """Reweighted maximum likelihood's pool is split over the ranks: such a run resumes on its own number only."""
+    proc = torchrun(2, str(HERE / "ddp_worker.py"), str(tmp_path / "run"), str(tmp_path / "out.json"),
+                    "--loss", "rwml", "--max-steps", "16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.raises(CheckpointError, match="written by 2 process.*pool is split"):
+        ddp_worker.train(tmp_path / "run", resume=True, loss="rwml")
 
 
 def test_verbs_without_torchrun_support_refuse_it(monkeypatch, capsys):

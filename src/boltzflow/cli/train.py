@@ -24,7 +24,7 @@ EXAMPLE = """\
   boltzflow train my_peptide/ -o runs/more --set init=runs/mine2 --set data.reference=more.npz   # from mine2's weights
   boltzflow train my_system/ -o runs/x --set generator.hidden=128 --set training.optimizer.lr=5e-4
   torchrun --nproc_per_node 2 -m boltzflow train alanine-dipeptide -o runs/ddp   # data-parallel (DDP)
-  torchrun --nproc_per_node 2 -m boltzflow train --resume runs/ddp                # same number of ranks
+  torchrun --nproc_per_node 2 -m boltzflow train --resume runs/ddp                # or one process: boltzflow train --resume
   boltzflow train dw4 -o runs/dw4 --set generator.layers=6 --set training.steps=3000   # E(n)-free-form flow
 """
 

@@ -22,7 +22,8 @@ their samples (and run their AIS chains, and fill their replay buffer) per rank 
 generator; batch statistics inside a loss (L2+'s K, KLz-df's self-normalised weights) are then
 per shard, as batch norm is under DDP. A step is skipped on every rank when any rank's loss is not
 finite. Rank 0 alone writes the run directory; checkpoints hold every rank's random state, so a
-resume needs the same number of ranks.
+resume on the same number of ranks is bitwise; on another number each rank's sample stream starts anew
+(refused when a pool or replay buffer is split over the ranks).
 """
 
 from __future__ import annotations
@@ -463,10 +464,14 @@ class Trainer:
             raise CheckpointError(f"checkpoint was written with a different configuration (differs in: "
                                   f"{', '.join(diff)}); use the original config or a new run directory")
         theirs_world = int(state.get("world_size", 1))
-        if theirs_world != self.dist.world_size:
+        #: another number of processes than the checkpoint's: parameters, optimizer, data order and EMA carry
+        #: over (they are the same on every rank); each rank's sample stream starts anew from (seed, rank, step)
+        regrouped = theirs_world != self.dist.world_size
+        if regrouped and (self.pool is not None or self.buffer is not None):
+            held = "reweighted maximum likelihood's pool" if self.pool is not None else "the replay buffer"
             raise CheckpointError(f"checkpoint was written by {theirs_world} process(es) but this run has "
-                                  f"{self.dist.world_size}; resume with the same number "
-                                  f"(torchrun --nproc_per_node {theirs_world}, or one process for 1)")
+                                  f"{self.dist.world_size}, and {held} is split over the processes; resume with "
+                                  f"the same number (torchrun --nproc_per_node {theirs_world}, or one process for 1)")
         try:
             self.gen.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -489,7 +494,15 @@ class Trainer:
         if self.buffer is not None and state.get("buffer") is not None:
             self.buffer.load_state_dict(state["buffer"])
         pool_state = state.get("pool")
-        if state.get("ranks"):
+        if regrouped:
+            if self.dist.active:  # a fresh stream per rank, distinct from the streams of steps before
+                seed = _rank_seed(int(self.config.seed), self.dist.rank, self.step)
+                self.sample_rng.manual_seed(seed)
+                torch.manual_seed(seed)
+            if self.writes and self.run_dir is not None:
+                self.run_dir.log(f"resuming a run of {theirs_world} process(es) on {self.dist.world_size}: same "
+                                 f"parameters, optimizer and data order; each rank's sample stream starts anew")
+        elif state.get("ranks"):
             mine = state["ranks"][self.dist.rank]
             self.sample_rng.set_state(mine["sample_rng"])
             torch.set_rng_state(mine["torch_rng"])
@@ -1009,11 +1022,13 @@ class Trainer:
         self.save_checkpoint()
 
 
-def _rank_seed(seed: int, rank: int) -> int:
-    """A seed of rank ``rank``'s own stream, derived from the run's seed (distinct per rank, reproducible)."""
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed of rank ``rank``'s own stream, derived from the run's seed (distinct per rank, reproducible);
+    ``step`` > 0: the stream of a run resumed at that step on another number of processes."""
     import numpy as np
 
-    return int(np.random.SeedSequence([int(seed) % 2**63, int(rank)]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+    key = [int(seed) % 2**63, int(rank)] + ([int(step)] if step else [])
+    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] % 2**63)
 
 
 class _StageLoss(torch.nn.Module):
