@@ -38,6 +38,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--neval", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--grad-max", type=float, default=None,
+                    help="klx_path: cap on each sample's path gradient norm |d(u + log q)/dx| (kT/nm)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     system, config, gen, energy = pipeline.load_trained(a.run)
@@ -58,9 +60,11 @@ def main(argv=None) -> dict:
 
     t0 = time.time()
     curve = [{"step": 0, "ess": ess(), "wall_s": 0.0}]
+    print(json.dumps(curve[0]), flush=True)
     for step in range(1, a.steps + 1):
         opt.zero_grad()
-        out = loss_fn(gen, energy, a.batch, generator=g)
+        kw = {"grad_max": a.grad_max} if a.loss == "klx_path" else {}
+        out = loss_fn(gen, energy, a.batch, generator=g, **kw)
         loss = out.loss
         if data is not None:
             idx = torch.randint(0, len(data), (a.dbatch,), generator=g)
@@ -70,7 +74,8 @@ def main(argv=None) -> dict:
         opt.step()
         if step % a.every == 0:
             row = {"step": step, "ess": ess(), "wall_s": time.time() - t0, "grad_norm": gn,
-                   "kl": out.metrics.get("kl", out.metrics.get("loss")), "path_grad_rms": out.metrics.get("path_grad_rms")}
+                   "kl": out.metrics.get("kl", out.metrics.get("loss")), "path_grad_rms": out.metrics.get("path_grad_rms"),
+                   "path_grad_capped": out.metrics.get("path_grad_capped")}
             curve.append(row)
             print(json.dumps(row), flush=True)
     result = dict(vars(a), curve=curve)
