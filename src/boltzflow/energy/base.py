@@ -68,12 +68,17 @@ class _CapGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        flat = g.reshape(g.shape[0], -1)
-        norm = flat.norm(dim=1).clamp_min(1e-30)
-        scale = torch.clamp(ctx.max_norm / norm, max=1.0)
-        scale = torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
-        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-        return g * scale.view(-1, *([1] * (g.dim() - 1))), None
+        return cap_norm(g, ctx.max_norm), None
+
+
+def cap_norm(g: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Each sample ``g[i]`` (batch first, any trailing shape) rescaled to norm <= ``max_norm``; a sample
+    with a non-finite norm becomes zero."""
+    norm = g.reshape(g.shape[0], -1).norm(dim=1).clamp_min(1e-30)
+    scale = torch.clamp(max_norm / norm, max=1.0)
+    scale = torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
+    g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    return g * scale.view(-1, *([1] * (g.dim() - 1)))
 
 
 def cap_gradient(x: torch.Tensor, max_norm: float | None) -> torch.Tensor:

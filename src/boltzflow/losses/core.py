@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..energy.base import cap_norm
 from ..errors import InputError
 from ..sampling.pool import PoolConfig, ReweightedPool
 from .base import EnergyFn, LossOutput, kish_ess, nan_loss, sample_stats
@@ -105,8 +106,7 @@ def klx_path(gen, energy: EnergyFn, n: int, *, generator: torch.Generator | None
     g = g.detach()
     gnorm = g.flatten(1).norm(dim=1)
     if grad_max is not None:
-        scale = torch.clamp(grad_max / gnorm.clamp_min(1e-30), max=1.0)
-        g = g * scale.view(-1, *([1] * (g.dim() - 1)))
+        g = cap_norm(g, grad_max)
         metrics["path_grad_capped"] = float((gnorm[valid] > grad_max).float().mean()) if valid.any() else float("nan")
     per = (g * x).flatten(1).sum(1)
     loss = per[valid].sum() / max(int(valid.sum()), 1) if valid.any() else nan_loss(per)
