@@ -144,7 +144,7 @@ class TrainConfig:
     generator is below it, the ``fallback`` stage runs instead of ``finetune`` (or, with fallback.steps = 0,
     the run ends there; resuming with a lower value fine-tunes after all). Measured: energy-based
     fine-tuning took alanine dipeptide from 0.44-0.59 to 0.63-0.81, and lowered alanine tetrapeptide's ESS
-    from every start tried (0.03, 0.1, 0.23), costing ~1 300 s each time, while ``chi2_data`` on the
+    from every start tried (0.03, 0.1, 0.23; reverse KL also from 0.44), costing ~1 300 s each time, while ``chi2_data`` on the
     training frames raised it (0.11 -> 0.21 on 4e5 draws; docs/peptides.md, "Fitting the tail") and
     ``logvar_data`` more (0.29 -> 0.33 where chi2_data gave 0.30; "The log-variance of the weights on the frames").
     fallback: the stage run in ``finetune``'s place below ``finetune_min_ess`` (never with
