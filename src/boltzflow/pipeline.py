@@ -787,8 +787,9 @@ def export_generator(run_dir: str | Path, dest: str | Path, note: str = "", weig
     """Copy a trained run's self-contained part (:data:`EXPORTED`: config, weights, system, summary, training
     log and metrics; a few MB) to ``dest``, a new directory: ``boltzflow sample DEST -n N`` works on it
     wherever it is copied. ``note`` (markdown: how it was made) goes into DEST/README.md.
-    ``weights_dtype="float16"`` stores the flow's parameters rounded to half precision (half the size; a
-    slightly different generator, so measure the exported one's ESS, e.g. with ``boltzflow sample DEST``)."""
+    ``weights_dtype="float16"`` stores the flow's parameters rounded to half precision (half the size;
+    "int8": weight matrices per row in int8, a quarter; each a slightly different generator, so measure the
+    exported one's ESS, e.g. with ``boltzflow sample DEST``)."""
     import shutil
 
     from .core.rundir import RunDir

@@ -119,4 +119,31 @@ def test_half_precision_weights_halve_the_file_and_load_in_the_model_dtype(weigh
     assert diff.abs().max() > 0  # a (slightly) different flow
     assert diff.abs().max() < 0.1  # measured 0.003 (float16) and 0.02 (bfloat16)
     with pytest.raises(InputError, match="weights_dtype"):
-        save_model(tmp_path / "bad.pt", flow, "flow", cfg, weights_dtype="int8")
+        save_model(tmp_path / "bad.pt", flow, "flow", cfg, weights_dtype="int4")
+
+
+def test_int8_weights_quarter_the_file_with_per_row_scales(tmp_path):
+    cfg = flow_config(6, "spline", circular=[1, 4], blocks=2, hidden=256, bins=5, seed=3)
+    flow = _trained_like(cfg, scale=0.02)
+    full = save_model(tmp_path / "full.pt", flow, "flow", cfg)
+    q8 = save_model(tmp_path / "q8.pt", flow, "flow", cfg, weights_dtype="int8")
+    assert q8.stat().st_size < 0.35 * full.stat().st_size
+    assert read_model_info(q8)["weights_dtype"] == "int8"
+    loaded = load_model(q8)
+    ref = dict(flow.named_parameters())
+    for name, p in loaded.named_parameters():
+        w = ref[name].detach()
+        assert p.dtype == torch.float32
+        if w.dim() >= 2:  # each row within half a step of its own scale, max|w_row| / 127
+            step = w.reshape(w.shape[0], -1).abs().amax(1) / 127
+            err = (p.detach() - w).reshape(w.shape[0], -1).abs().amax(1)
+            assert torch.all(err <= 0.5 * step + 1e-7) and torch.any(err > 0)
+            # the largest entry of each row is exact up to float32
+            i = w.reshape(w.shape[0], -1).abs().argmax(1)
+            assert torch.allclose(p.detach().reshape(w.shape[0], -1).gather(1, i[:, None]),
+                                  w.reshape(w.shape[0], -1).gather(1, i[:, None]), rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(p.detach(), w.half().float())
+    x = flow.sample(256, generator=torch.Generator().manual_seed(0)).detach()
+    diff = (loaded.log_prob(x) - flow.log_prob(x)).detach()
+    assert 0 < diff.abs().max() < 0.2

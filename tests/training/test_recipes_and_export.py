@@ -75,17 +75,23 @@ def test_energy_recipe_trains_from_the_structure_and_export_samples_anywhere(tmp
     assert (half / "generator.pt").stat().st_size < 0.7 * (dest / "generator.pt").stat().st_size
     assert json.loads((half / "summary.json").read_text())["exported_weights_dtype"] == "float16"
     assert main(["export", str(run), str(tmp_path / "half")]) == 2  # never overwrites
+    assert main(["export", str(run), str(tmp_path / "q8"), "--weights-dtype", "int8"]) == 0
+    assert (tmp_path / "q8" / "generator.pt").stat().st_size < 0.8 * (half / "generator.pt").stat().st_size
     moved = tmp_path / "elsewhere" / "gen"
     shutil.copytree(dest, moved)
     shutil.copytree(half, tmp_path / "elsewhere" / "half")
+    shutil.copytree(tmp_path / "q8", tmp_path / "elsewhere" / "q8")
     shutil.rmtree(run)  # nothing of the training run is needed any more
     assert main(["sample", str(moved), "-n", "300"]) == 0
     assert main(["sample", str(tmp_path / "elsewhere" / "half"), "-n", "300"]) == 0
+    assert main(["sample", str(tmp_path / "elsewhere" / "q8"), "-n", "300"]) == 0
     s = SampleSet.load(moved / "samples" / "generated.npz")
     h = SampleSet.load(tmp_path / "elsewhere" / "half" / "samples" / "generated.npz")
     assert len(s) == 300 and np.isfinite(s.log_weights).all()
     # the same latent draws through the rounded flow: log q moves by rounding error only
     assert np.abs(np.asarray(h.log_q) - np.asarray(s.log_q)).max() < 0.5
+    q8 = SampleSet.load(tmp_path / "elsewhere" / "q8" / "samples" / "generated.npz")
+    assert np.isfinite(q8.log_weights).all() and np.abs(np.asarray(q8.log_q) - np.asarray(s.log_q)).max() < 2.0
 
 
 def test_recipe_resolution():

@@ -7,6 +7,7 @@ from .common import add_verb
 EXAMPLE = """\
   boltzflow export runs/adp shipped/adp                      # config, weights, system, summary, log, metrics
   boltzflow export runs/adp shipped/adp --weights-dtype float16 --note HOW.md   # half the size
+  boltzflow export runs/adp shipped/adp8 --weights-dtype int8       # a quarter (per-row int8 matrices)
   boltzflow sample shipped/adp -n 100000                     # works wherever the directory is copied
 """
 
@@ -16,9 +17,10 @@ def register(sub) -> None:
                  EXAMPLE, run)
     p.add_argument("run_dir", help="a trained run directory (with generator.pt)")
     p.add_argument("dest", help="new (or empty) destination directory")
-    p.add_argument("--weights-dtype", choices=["float16", "bfloat16"], default=None,
-                   help="store the flow's parameters rounded to this type (half the file; a slightly different "
-                        "generator: measure its ESS, e.g. with `boltzflow sample DEST`)")
+    p.add_argument("--weights-dtype", choices=["float16", "bfloat16", "int8"], default=None,
+                   help="store the flow's parameters rounded to this type (float16/bfloat16: half the file; int8: "
+                        "weight matrices per row, a quarter; a slightly different generator, exact log q for "
+                        "itself: measure its ESS, e.g. with `boltzflow sample DEST`)")
     p.add_argument("--note", metavar="FILE.md", help="markdown saying how the generator was made -> DEST/README.md")
 
 

@@ -24,7 +24,37 @@ from ..io import atomic_torch_save
 FORMAT = "boltzflow-model"
 VERSION = 1
 #: storage types of :func:`save_model`'s ``weights_dtype`` (None: the model's own)
-WEIGHT_DTYPES = (None, "float16", "bfloat16")
+WEIGHT_DTYPES = (None, "float16", "bfloat16", "int8")
+
+
+def quantize_rows(w: Any) -> tuple[Any, Any]:
+    """Symmetric per-row int8 of a weight matrix ``w: (rows, ...)``: ``(q int8, scale float32 (rows, 1, ...))``
+    with ``w ~ q * scale`` and ``scale = max|w_row| / 127`` (1 where a row is zero)."""
+    import torch
+
+    flat = w.detach().reshape(w.shape[0], -1).float()
+    scale = flat.abs().amax(1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(flat / scale).clamp(-127, 127).to(torch.int8)
+    return q.reshape(w.shape), scale.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+
+
+def _store(state: dict, params: set, weights_dtype: str | None) -> tuple[dict, dict]:
+    """``state`` with its trainable float parameters in ``weights_dtype``, and the int8 row scales (if int8:
+    matrices per row, vectors in float16)."""
+    import torch
+
+    if weights_dtype is None:
+        return state, {}
+    out, scales = {}, {}
+    for k, v in state.items():
+        if k not in params or not v.is_floating_point():
+            out[k] = v
+        elif weights_dtype == "int8" and v.dim() >= 2:
+            out[k], scales[k] = quantize_rows(v)
+        else:
+            out[k] = v.to(torch.float16 if weights_dtype == "int8" else getattr(torch, weights_dtype))
+    return out, scales
 
 
 def _build_flow(config: dict, **build_kwargs) -> Any:
@@ -65,8 +95,10 @@ def save_model(
 
     ``extra``: optional plain-data metadata (e.g. training step), returned by :func:`read_model_info`.
     ``weights_dtype``: "float16" or "bfloat16" stores the trainable parameters rounded to that type (half
-    the file; buffers such as coordinate statistics stay exact). The model is loaded back in its own
-    dtype with the rounded values, so it is a slightly different flow: measure its ESS, not the original's.
+    the file; buffers such as coordinate statistics stay exact); "int8" stores weight matrices as int8 with
+    one float32 scale per row (:func:`quantize_rows`; a quarter of float32) and vectors in float16. The model
+    is loaded back in its own dtype with the rounded values, so it is a slightly different flow whose log q is
+    still exact for itself: measure its ESS, not the original's.
     """
     if kind not in _BUILDERS:
         raise InputError(f"no builder registered for kind {kind!r} (known: {registered_kinds()}); "
@@ -80,15 +112,12 @@ def save_model(
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     floats = [v.dtype for v in state.values() if v.is_floating_point()]
     dtype = str(floats[0]).replace("torch.", "") if floats else None
-    if weights_dtype is not None:
-        import torch
-
-        params = {name for name, _ in model.named_parameters()}
-        state = {k: (v.to(getattr(torch, weights_dtype)) if k in params and v.is_floating_point() else v)
-                 for k, v in state.items()}
+    state, scales = _store(state, {name for name, _ in model.named_parameters()}, weights_dtype)
     payload = {"format": FORMAT, "version": VERSION, "kind": kind, "config": dict(config),
                "fingerprint": fingerprint, "extra": dict(extra or {}), "dtype": dtype,
                "weights_dtype": weights_dtype, "state_dict": state}
+    if scales:
+        payload["int8_scales"] = scales
     return atomic_torch_save(path, payload)
 
 
@@ -147,8 +176,12 @@ def load_model(path: str | os.PathLike, expected_fingerprint: str | None = None,
         import torch
 
         model = model.to(getattr(torch, dtype))
+    state = p["state_dict"]
+    scales = p.get("int8_scales") or {}
+    if scales:  # int8 rows back to floats: w = q * scale (the model's dtype follows in load_state_dict)
+        state = {k: (v.float() * scales[k] if k in scales else v) for k, v in state.items()}
     try:
-        model.load_state_dict(p["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path}: weights do not fit the rebuilt {kind!r} model ({exc}); "
                               "the architecture changed since it was saved") from exc

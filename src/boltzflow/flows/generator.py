@@ -576,7 +576,7 @@ def register() -> None:
 def save_generator(path: str | Path, gen, extra: dict | None = None,
                    weights_dtype: str | None = None) -> Path:
     """Atomically save weights, config and the system fingerprint. weights_dtype: "float16" stores the
-    parameters rounded (half the file; see :func:`~boltzflow.flows.checkpoint.save_model`)."""
+    parameters rounded (half the file; "int8" a quarter; see :func:`~boltzflow.flows.checkpoint.save_model`)."""
     from .checkpoint import save_model
 
     register()
