@@ -475,3 +475,48 @@ def test_ema_restarts_with_each_stage_and_the_ess_guard_scores_it(tmp_path):
     assert "pre-training ends with the moving average" in log and "fine-tuning ends with the moving average" in log
     g = json.loads((tmp_path / "f" / "summary.json").read_text())["ess_guard"]
     assert [h["step"] for h in g["history"]] == [4, 6, 9, 10]
+
+
+def test_diverged_maximum_likelihood_rolls_back_with_half_the_learning_rate(tmp_path):
+    """Parameters thrown far off after step 120 (as a diverging run's are): the check at step 150 finds the
+    held-out NLL over divergence_nats above the best, restores the best state (step 100) with a fresh Adam
+    and half the learning rate, logs and counts it; a resume keeps the halved rate; 0 turns it off."""
+    from dataclasses import replace
+
+    class Kicked(Trainer):
+        def train_step(self):
+            out = super().train_step()
+            if self.step == 120:
+                with torch.no_grad():
+                    for p in self.gen.parameters():
+                        p.add_(3.0 * torch.randn_like(p))
+            return out
+
+    def spline():
+        return make_flow(2, "spline", blocks=2, hidden=32, seed=0)
+
+    hold = data(400)
+    c = cfg("klx", pretrain=StageConfig(loss="klz", steps=200, batch=64), finetune=StageConfig(loss="klx", steps=0, batch=8),
+            optimizer=OptimConfig(lr=5e-3, schedule="constant", warmup_steps=0), checkpoint_every=50, log_every=50)
+    gen = spline()
+    run = RunDir(tmp_path / "g")
+    t = Kicked(gen, dw_energy, c, run_dir=run, data=data(512), holdout=hold)
+    summary = t.run()
+    assert summary["rollbacks"] == 1 and t.counters.rollbacks == 1
+    h = json.loads((tmp_path / "g" / "summary.json").read_text())["holdout_guard"]
+    at = {r["step"]: r for r in h["history"]}
+    assert at[150]["rolled_back_to"] == 100 and at[150]["nll"] > at[100]["nll"] + 5.0
+    assert at[200]["nll"] < at[100]["nll"] + 1.0  # training went on from the restored state
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+    assert "maximum likelihood diverged" in (tmp_path / "g" / "log.txt").read_text()
+    # interrupted after the rollback and resumed: the halved rate carries over
+    run2 = RunDir(tmp_path / "g2")
+    Kicked(spline(), dw_energy, c, run_dir=run2, data=data(512), holdout=hold).run(max_steps=150)
+    t2 = Trainer(spline(), dw_energy, c, run_dir=run2, data=data(512), holdout=hold)
+    t2.run(resume=True)
+    assert t2.counters.rollbacks == 1 and t2.optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+    # off: the kicked run goes on from where it was thrown
+    t3 = Kicked(spline(), dw_energy, replace(c, divergence_nats=0.0), run_dir=None, data=data(512), holdout=hold)
+    assert t3.run()["rollbacks"] == 0
+    with pytest.raises(ConfigError, match="divergence_nats"):
+        replace(c, divergence_nats=-1.0)
