@@ -277,7 +277,7 @@ CASES = [
     ("export-no-run", ["export", "{w}/nowhere", "{w}/dest"], "nowhere"),
     ("export-replica-run", ["export", "{w}/pt", "{w}/dest"], "generator.pt"),
     ("export-missing-note", ["export", "{w}/run", "{w}/dest", "--note", "{w}/nope.md"], "--note"),
-    ("export-bad-dtype", ["export", "{w}/run", "{w}/dest", "--weights-dtype", "int8"], "int8"),
+    ("export-bad-dtype", ["export", "{w}/run", "{w}/dest", "--weights-dtype", "int4"], "int4"),
     # the command line itself
     ("unknown-verb", ["transmogrify"], "transmogrify"),
     ("unknown-option", ["estimate", "{w}/toy.npz", "--frobnicate"], "--frobnicate"),
