@@ -6,11 +6,13 @@ writes OUT.json with the logged loss curve and the final parameters."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from double_well_2d import data, dw_energy  # noqa: E402
@@ -56,19 +58,27 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     ctx = distributed.init_distributed(device="cpu")
     try:
-        trainer, _ = train(a.run_dir, a.max_steps, a.resume, a.loss, dist=ctx)
-        out = {"full": result(trainer), "world_size": ctx.world_size}
-        if a.stop_at:
-            stopped = a.run_dir.rstrip("/") + "-stopped"
-            train(stopped, a.stop_at, False, a.loss, dist=ctx)
-            resumed, _ = train(stopped, None, True, a.loss, dist=ctx)
-            out["resumed"] = result(resumed)
+        out = work(a, ctx)
+        # DDP wrappers hold the process group: none may outlive Trainer.run (one torn down at interpreter exit,
+        # after the group, aborted the process now and then)
+        out["ddp_alive"] = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
         if ctx.is_main:
             with open(a.out, "w") as fh:
                 json.dump(out, fh)
     finally:
         distributed.shutdown()
     return 0
+
+
+def work(a: argparse.Namespace, ctx: distributed.DistContext) -> dict:
+    trainer, _ = train(a.run_dir, a.max_steps, a.resume, a.loss, dist=ctx)
+    out = {"full": result(trainer), "world_size": ctx.world_size}
+    if a.stop_at:
+        stopped = a.run_dir.rstrip("/") + "-stopped"
+        train(stopped, a.stop_at, False, a.loss, dist=ctx)
+        resumed, _ = train(stopped, None, True, a.loss, dist=ctx)
+        out["resumed"] = result(resumed)
+    return out
 
 
 if __name__ == "__main__":

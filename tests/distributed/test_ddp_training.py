@@ -57,6 +57,7 @@ def two_rank_run(tmp_path_factory):
 def test_two_ranks_give_the_one_process_loss_curve(tmp_path, two_rank_run):
     d, out = two_rank_run
     assert out["world_size"] == 2
+    assert out["ddp_alive"] == 0  # Trainer.run let its DDP wrappers (which hold the process group) go
     trainer, _ = ddp_worker.train(tmp_path / "one")
     one = ddp_worker.result(trainer)
     two = out["full"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
@@ -735,6 +736,8 @@ class Trainer:
         end = min(total, limit)
         if end > self.step:
             self._warn_slow_bfloat16()
+            if self.dist.active and self._ddp is None:  # released by an earlier run(); a collective
+                self._ddp = _wrap_ddp(self, self.dist)
         bar = progress_bar(total, initial=self.step, desc="train", enabled=self.show_progress)
         t0 = time.perf_counter()
         try:
@@ -792,6 +795,10 @@ class Trainer:
                 bar.update(1)
         finally:
             bar.close()
+            # the DDP wrapper holds the process group: let it go now, not whenever the trainer goes (a frame kept by
+            # a cached exception can keep the trainer until interpreter exit, after the group is destroyed, and a
+            # gloo group torn down then aborted the process: "terminate called without an active exception")
+            self._ddp = None
         self.counters.wall_s += time.perf_counter() - t0
         summary = {
             "step": self.step, "total_steps": total, "stage": self.stage_of(max(self.step - 1, 0)),
@@ -1074,10 +1081,16 @@ class _StageLoss(torch.nn.Module):
     def __init__(self, trainer: "Trainer"):
         super().__init__()
         self.gen = trainer.gen
-        self._trainer = [trainer]  # a list: not a sub-module
+        # a weak reference: no sub-module, and no cycle trainer -> DDP -> trainer, so the DDP wrapper (and the
+        # process group it holds) goes as soon as the trainer does, not at some later garbage collection after
+        # the group is destroyed (a gloo group torn down at interpreter exit aborted the process)
+        self._trainer = weakref.ref(trainer)
 
     def forward(self, stage: str):
-        out = self._trainer[0]._loss(stage)
+        trainer = self._trainer()
+        if trainer is None:
+            raise RuntimeError("the Trainer of this DDP loss no longer exists")
+        out = trainer._loss(stage)
         if bool(torch.isfinite(out.loss)) and out.loss.requires_grad:
             return out.loss, out
         zero = sum((p.sum() * 0.0 for p in self.gen.parameters() if p.requires_grad), torch.zeros((), device=out.loss.device))
