@@ -48,7 +48,9 @@ def test_peptide_recipe_trains_a_tetrapeptide_at_toy_size(tmp_path):
     assert summary["training_finished"] and summary["data_tempering"]["energy_evals"] > 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["loss_name"] for r in rows if r["stage"] == "finetune"} == {"logvar_data"}
-    assert "frames drawn by state" in (tmp_path / "run" / "log.txt").read_text()  # state_balance acted
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "frames drawn by state" in log  # state_balance acted
+    assert "torchrun --nproc_per_node 2" in log  # one process: the log points at both cores
 
 
 def test_energy_recipe_trains_from_the_structure_and_export_samples_anywhere(tmp_path):
