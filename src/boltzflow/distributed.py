@@ -215,7 +215,6 @@ def check_same_versions(ctx: DistContext) -> None:
 def shutdown() -> None:
     """Leave the process group (call once at the end of a distributed CLI verb)."""
     global _CONTEXT
-    import gc
     import sys
 
     _CONTEXT = None
@@ -224,9 +223,6 @@ def shutdown() -> None:
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
-        # wrappers no longer reachable (a DistributedDataParallel in a reference cycle) go first, while the
-        # group they hold is alive; one left to the interpreter's exit aborted the process like the below
-        gc.collect()
         # every rank arrives before any tears down: a rank destroying its gloo pairs while another still
         # talks to it aborted the process ("terminate called without an active exception", exit -6) on a
         # loaded machine
