@@ -520,3 +520,51 @@ def test_diverged_maximum_likelihood_rolls_back_with_half_the_learning_rate(tmp_
     assert t3.run()["rollbacks"] == 0
     with pytest.raises(ConfigError, match="divergence_nats"):
         replace(c, divergence_nats=-1.0)
+
+
+def test_warm_restarts_start_over_from_the_guards_best_state_and_resume_bitwise(tmp_path):
+    """finetune.restarts: at each restart the stage goes back to the ESS guard's best state with a fresh Adam,
+    and the learning rate's warm-up and cosine start over; a run stopped at a restart resumes bitwise."""
+    from dataclasses import replace
+
+    c = cfg("klx", pretrain=StageConfig(loss="klz", steps=150, batch=256),
+            finetune=StageConfig(loss="klx", steps=12, batch=256, lr=3.0, restarts=(4, 8)),
+            optimizer=OptimConfig(lr=1e-2, warmup_steps=2), checkpoint_every=100, grad_clip=None, ess_guard=4000)
+    gen = flow()
+    tr = Trainer(gen, dw_energy, c, run_dir=RunDir(tmp_path / "w"), data=data(2048))
+    tr.run(max_steps=150)
+    start = params(gen)
+    lrs = []
+    for _ in range(12):
+        tr.run(max_steps=1)
+        lrs.append(tr.optimizer.param_groups[0]["lr"])
+        if tr.step in (154, 158):  # reverse KL at lr 3 wrecks the flow: every restart goes back to step 150's state
+            assert all(torch.equal(a, b) for a, b in zip(params(gen), start)) and not tr.optimizer.state
+    # the lr after each step: three cycles of warm-up (2 steps) and cosine, the next cycle's warm-up at 4 and 8
+    assert lrs[0:3] == pytest.approx(lrs[4:7]) and lrs[0:3] == pytest.approx(lrs[8:11])
+    assert lrs[3] == lrs[7] == pytest.approx(1.5) and lrs[0:2] == pytest.approx([3.0, 3.0]) and lrs[2] < 3.0
+    guard = json.loads((tmp_path / "w" / "summary.json").read_text())["ess_guard"]
+    assert [h["step"] for h in guard["history"]] == [150, 154, 158, 162] and guard["best_step"] == 150
+    log = (tmp_path / "w" / "log.txt").read_text()
+    assert "warm restart of fine-tuning at step 154 from the generator of step 150" in log
+    assert "cosine to step 158" in log and "cosine to step 162" in log
+    # without the wreck: stopped at the first restart and resumed by a new process gives the same parameters
+    c2 = replace(c, finetune=replace(c.finetune, lr=3e-3), pretrain=replace(c.pretrain, steps=20))
+    ref = flow()
+    Trainer(ref, dw_energy, c2, run_dir=RunDir(tmp_path / "ref"), data=data(2048)).run()
+    part = flow()
+    Trainer(part, dw_energy, c2, run_dir=RunDir(tmp_path / "part"), data=data(2048)).run(max_steps=24)
+    again = flow(5)
+    Trainer(again, dw_energy, c2, run_dir=RunDir(tmp_path / "part"), data=data(2048)).run(resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(params(ref), params(again)))
+
+
+@pytest.mark.parametrize("restarts,steps", [((8, 4), 12), ((0,), 12), ((12,), 12), ((3, 3), 12)])
+def test_bad_restarts_are_config_errors(restarts, steps):
+    with pytest.raises(ConfigError, match="restarts"):
+        StageConfig(loss="klx", steps=steps, restarts=restarts)
+
+
+def test_restarts_are_for_finetuning_only():
+    with pytest.raises(ConfigError, match="finetune.restarts"):
+        cfg(pretrain=StageConfig(loss="klz", steps=10, restarts=(5,)))

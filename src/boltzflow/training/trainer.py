@@ -87,7 +87,10 @@ class StageConfig:
     frame's conformational state (for peptides the combination of every residue's backbone state, else the
     system's modes), so 0 draws uniformly (plain maximum likelihood) and 1 gives every state the same share of
     the gradient; rare states then get more of the flow's capacity (and more of its mass) than their Boltzmann
-    weight asks for (docs/peptides.md)."""
+    weight asks for (docs/peptides.md); restarts (fine-tuning only): steps into the stage where it starts over
+    (warm restarts): from the best state the ESS guard has seen (the current one without a guard), with a fresh
+    Adam, a fresh moving average and the schedule's warm-up and cosine over the next cycle, as a run given
+    ``init`` = the run so far would (measured on alanine tetrapeptide: docs/peptides.md)."""
 
     loss: str = "l2plus"
     steps: int = 0
@@ -97,8 +100,14 @@ class StageConfig:
     weight_power: float = 1.0
     ml_fraction: float = 0.0
     state_balance: float = 0.0
+    restarts: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "restarts", tuple(int(r) for r in self.restarts))
+        r = self.restarts
+        if any(b <= a for a, b in zip(r, r[1:])) or (r and not (0 < r[0] and r[-1] < self.steps)):
+            raise ConfigError(f"restarts are steps into the stage where it starts over, increasing and inside "
+                              f"(0, steps = {self.steps}), got {list(r)}")
         if not 0.0 <= self.state_balance <= 1.0:
             raise ConfigError(f"state_balance must be in [0, 1] (0: frames drawn uniformly, 1: every state the same "
                               f"share), got {self.state_balance}")
@@ -198,6 +207,9 @@ class TrainConfig:
         if self.conditioner_dtype not in CONDITIONER_DTYPES:
             raise ConfigError(f"conditioner_dtype must be one of {', '.join(CONDITIONER_DTYPES)}, got {self.conditioner_dtype!r}")
 
+        if self.pretrain.restarts:
+            raise ConfigError("pretrain.restarts: warm restarts are for fine-tuning (finetune.restarts); maximum "
+                              "likelihood's holdout guard already keeps its best state")
         if self.pretrain.loss != "klz":
             raise ConfigError(f"pretrain.loss must be 'klz' (maximum likelihood on data), got {self.pretrain.loss!r}")
         if self.finetune.loss not in LOSSES:
@@ -396,9 +408,11 @@ class Trainer:
         st = self._stage_cfg(stage)
         lr = st.lr if st.lr is not None else oc.lr
         self.optimizer = torch.optim.Adam(self.gen.parameters(), lr=lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
-        n_steps = max(st.steps, 1)
+        bounds = (0, *st.restarts, max(st.steps, 1))
 
         def factor(s: int) -> float:
+            i = max(j for j in range(len(bounds) - 1) if bounds[j] <= s) if s >= 0 else 0
+            s, n_steps = s - bounds[i], bounds[i + 1] - bounds[i]  # within the cycle (the stage without restarts)
             if oc.warmup_steps and s < oc.warmup_steps:
                 return (s + 1) / oc.warmup_steps
             if oc.schedule == "constant":
@@ -757,9 +771,10 @@ class Trainer:
                             bar.total = total
                 out, grad_norm, _ = self.train_step()
                 stage_end = self.step == cfg.pretrain.steps or self.step == total
+                restart = stage == "finetune" and self.step - cfg.pretrain.steps in cfg.finetune.restarts
                 nll_holdout = nll_raw = None
                 held_fit: dict[str, float] | None = None
-                checkpoint_step = self.step % cfg.checkpoint_every == 0 or stage_end
+                checkpoint_step = self.step % cfg.checkpoint_every == 0 or stage_end or restart
                 if stage == "pretrain" and cfg.holdout_guard and self.holdout is not None and checkpoint_step:
                     nll_holdout, nll_raw = self._holdout_check()
                 if (stage == "finetune" and self._stage_cfg(stage).loss in ENERGY_DATA_LOSSES
@@ -781,13 +796,15 @@ class Trainer:
                     self._ema_finish()
                     if nll_holdout is not None:
                         self._holdout_restore()  # before the checkpoint: a resume continues from the restored state
-                if stage == "finetune" and cfg.ess_guard > 0 and (self.step % cfg.checkpoint_every == 0 or stage_end):
+                if stage == "finetune" and cfg.ess_guard > 0 and checkpoint_step:
                     self._guard_check()
                 if stage == "finetune" and self.step == total:
                     self._ema_finish()
                     if cfg.ess_guard > 0:
                         self._guard_restore()
-                if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or stage_end or self.step == end):
+                if restart:
+                    self._warm_restart()
+                if self.run_dir is not None and (checkpoint_step or self.step == end):
                     self._checkpoint(t0)
                     t0 = time.perf_counter()
                 if stage_end and self.writes:
@@ -850,14 +867,14 @@ class Trainer:
             p.copy_(values[k])
 
     @torch.no_grad()
-    def _ema_finish(self) -> None:
+    def _ema_finish(self, label: str | None = None) -> None:
         """End of a stage: the generator takes the averaged parameters and the average is dropped (the next
         stage starts its own)."""
         if self._ema is None:
             return
         self._put_params(self._ema)
         if self.writes:
-            stage = "pre-training" if self.stage_of(self.step - 1) == "pretrain" else "fine-tuning"
+            stage = label or ("pre-training" if self.stage_of(self.step - 1) == "pretrain" else "fine-tuning")
             self.run_dir.log(f"{stage} ends with the moving average of its parameters (ema {self.config.ema:g}, "
                              f"{self._ema_updates} updates)")
         self._ema = None
@@ -1046,6 +1063,23 @@ class Trainer:
         if g and g["best_state"] is not None:
             self._restore_best(g, "ess_guard", f"ESS guard: restored the generator of step {g['best_step']} "
                                f"(Kish ESS {g['best_ess']:.4f}; later fine-tuning did not beat it)")
+
+    @torch.no_grad()
+    def _warm_restart(self) -> None:
+        """At a step of ``finetune.restarts``: the stage starts over from the best state the ESS guard has seen
+        (the averaged parameters without a guard), with a fresh Adam and moving average; the schedule's
+        warm-up and cosine start over by themselves (``_setup_stage``). Every rank does the same."""
+        self._ema_finish(label="the fine-tuning cycle")
+        g = self._guard
+        if g and g["best_state"] is not None and g["best_step"] != self.step:
+            self.gen.load_state_dict(g["best_state"])
+        self.optimizer.state.clear()
+        if self.writes:
+            at = "" if not g else f" from the generator of step {g['best_step']} (Kish ESS {g['best_ess']:.4f})"
+            nxt = [r for r in self.config.finetune.restarts if r > self.step - self.config.pretrain.steps]
+            end = self.config.pretrain.steps + (nxt[0] if nxt else self.config.finetune.steps)
+            self.run_dir.log(f"warm restart of fine-tuning at step {self.step}{at}: a fresh optimizer, warm-up and "
+                             f"cosine to step {end}")
 
     def _restore_best(self, record: dict[str, Any], summary_key: str, message: str) -> None:
         """Load a guard record's best state unless it is the current step's; log ``message`` when it was
