@@ -523,12 +523,12 @@ def test_diverged_maximum_likelihood_rolls_back_with_half_the_learning_rate(tmp_
 
 
 def test_warm_restarts_start_over_from_the_guards_best_state_and_resume_bitwise(tmp_path):
-    """finetune.restarts: at each restart the stage goes back to the ESS guard's best state with a fresh Adam,
+    """finetune.cycles: at each restart the stage goes back to the ESS guard's best state with a fresh Adam,
     and the learning rate's warm-up and cosine start over; a run stopped at a restart resumes bitwise."""
     from dataclasses import replace
 
     c = cfg("klx", pretrain=StageConfig(loss="klz", steps=150, batch=256),
-            finetune=StageConfig(loss="klx", steps=12, batch=256, lr=3.0, restarts=(4, 8)),
+            finetune=StageConfig(loss="klx", steps=12, batch=256, lr=3.0, cycles=(1, 1, 1)),
             optimizer=OptimConfig(lr=1e-2, warmup_steps=2), checkpoint_every=100, grad_clip=None, ess_guard=4000)
     gen = flow()
     tr = Trainer(gen, dw_energy, c, run_dir=RunDir(tmp_path / "w"), data=data(2048))
@@ -559,12 +559,20 @@ def test_warm_restarts_start_over_from_the_guards_best_state_and_resume_bitwise(
     assert all(torch.equal(a, b) for a, b in zip(params(ref), params(again)))
 
 
-@pytest.mark.parametrize("restarts,steps", [((8, 4), 12), ((0,), 12), ((12,), 12), ((3, 3), 12)])
-def test_bad_restarts_are_config_errors(restarts, steps):
-    with pytest.raises(ConfigError, match="restarts"):
-        StageConfig(loss="klx", steps=steps, restarts=restarts)
+@pytest.mark.parametrize("cycles", [(0, 1), (1, -2), (float("inf"),)])
+def test_bad_cycles_are_config_errors(cycles):
+    with pytest.raises(ConfigError, match="cycles"):
+        StageConfig(loss="klx", steps=12, cycles=cycles)
 
 
-def test_restarts_are_for_finetuning_only():
-    with pytest.raises(ConfigError, match="finetune.restarts"):
-        cfg(pretrain=StageConfig(loss="klz", steps=10, restarts=(5,)))
+def test_cycles_scale_with_the_stage_and_merge_when_too_short():
+    assert StageConfig(loss="klx", steps=44000, cycles=(20, 8, 16)).restarts == (20000, 28000)
+    assert StageConfig(loss="klx", steps=4400, cycles=[20, 8, 16]).restarts == (2000, 2800)
+    assert StageConfig(loss="klx", steps=2, cycles=(20, 8, 16)).restarts == (1,)
+    assert StageConfig(loss="klx", steps=1, cycles=(20, 8, 16)).restarts == ()
+    assert StageConfig(loss="klx", steps=100).restarts == ()
+
+
+def test_cycles_are_for_finetuning_only():
+    with pytest.raises(ConfigError, match="finetune.cycles"):
+        cfg(pretrain=StageConfig(loss="klz", steps=10, cycles=(1, 1)))

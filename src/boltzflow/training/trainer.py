@@ -87,10 +87,12 @@ class StageConfig:
     frame's conformational state (for peptides the combination of every residue's backbone state, else the
     system's modes), so 0 draws uniformly (plain maximum likelihood) and 1 gives every state the same share of
     the gradient; rare states then get more of the flow's capacity (and more of its mass) than their Boltzmann
-    weight asks for (docs/peptides.md); restarts (fine-tuning only): steps into the stage where it starts over
-    (warm restarts): from the best state the ESS guard has seen (the current one without a guard), with a fresh
-    Adam, a fresh moving average and the schedule's warm-up and cosine over the next cycle, as a run given
-    ``init`` = the run so far would (measured on alanine tetrapeptide: docs/peptides.md)."""
+    weight asks for (docs/peptides.md); cycles (fine-tuning only): the relative lengths of the stage's warm-restart
+    cycles, e.g. (20, 8, 16) splits 44 000 steps into 20 000 + 8 000 + 16 000 (and any other ``steps`` in the same
+    proportions; empty: one cycle). At each cycle's start the stage starts over from the best state the ESS guard
+    has seen (the current one without a guard), with a fresh Adam, a fresh moving average and the schedule's
+    warm-up and cosine over the cycle, as a run given ``init`` = the run so far would (measured on alanine
+    tetrapeptide: docs/peptides.md)."""
 
     loss: str = "l2plus"
     steps: int = 0
@@ -100,14 +102,25 @@ class StageConfig:
     weight_power: float = 1.0
     ml_fraction: float = 0.0
     state_balance: float = 0.0
-    restarts: tuple[int, ...] = ()
+    cycles: tuple[float, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "restarts", tuple(int(r) for r in self.restarts))
-        r = self.restarts
-        if any(b <= a for a, b in zip(r, r[1:])) or (r and not (0 < r[0] and r[-1] < self.steps)):
-            raise ConfigError(f"restarts are steps into the stage where it starts over, increasing and inside "
-                              f"(0, steps = {self.steps}), got {list(r)}")
+        object.__setattr__(self, "cycles", tuple(float(c) for c in self.cycles))
+        if not all(c > 0 and math.isfinite(c) for c in self.cycles):
+            raise ConfigError(f"cycles are the relative lengths of the stage's warm-restart cycles, all > 0 "
+                              f"(e.g. [20, 8, 16]; empty: one cycle), got {list(self.cycles)}")
+
+    @property
+    def restarts(self) -> tuple[int, ...]:
+        """Steps into the stage where a new cycle starts (``cycles`` scaled to ``steps``; cycles that round to no
+        step merge with the next)."""
+        total, acc, out = sum(self.cycles), 0.0, []
+        for c in self.cycles[:-1]:
+            acc += c
+            r = round(acc / total * self.steps)
+            if 0 < r < self.steps and (not out or r > out[-1]):
+                out.append(r)
+        return tuple(out)
         if not 0.0 <= self.state_balance <= 1.0:
             raise ConfigError(f"state_balance must be in [0, 1] (0: frames drawn uniformly, 1: every state the same "
                               f"share), got {self.state_balance}")
@@ -207,8 +220,8 @@ class TrainConfig:
         if self.conditioner_dtype not in CONDITIONER_DTYPES:
             raise ConfigError(f"conditioner_dtype must be one of {', '.join(CONDITIONER_DTYPES)}, got {self.conditioner_dtype!r}")
 
-        if self.pretrain.restarts:
-            raise ConfigError("pretrain.restarts: warm restarts are for fine-tuning (finetune.restarts); maximum "
+        if self.pretrain.cycles:
+            raise ConfigError("pretrain.cycles: warm restarts are for fine-tuning (finetune.cycles); maximum "
                               "likelihood's holdout guard already keeps its best state")
         if self.pretrain.loss != "klz":
             raise ConfigError(f"pretrain.loss must be 'klz' (maximum likelihood on data), got {self.pretrain.loss!r}")
