@@ -369,7 +369,7 @@ def train(system, config: RunConfig, run_dir: str | Path, resume: bool = False, 
         f"({len(train_x)} training frames from {ref_path}"
         f"{f', Langevin from {len(train_idx)} reference frames' if aug else ''})")
     if config.recipe == "peptide" and not dist.active and not resume:
-        log("the peptide recipe is sized for both cores of a 2-core machine (~3.4 h for the alanine tetrapeptide); "
+        log("the peptide recipe is sized for both cores of a 2-core machine (~5 h for the alanine tetrapeptide); "
             "one process takes 1.5-2x as long per step: `torchrun --nproc_per_node 2 -m boltzflow train ...` "
             "shares the steps, and `boltzflow train --resume RUN` can move a run onto two ranks (docs/scaling.md)")
     if config.generator.pipeline == "hnet" and not resume and config.hydrogen.steps > 0:

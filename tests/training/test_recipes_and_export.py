@@ -51,6 +51,8 @@ def test_peptide_recipe_trains_a_tetrapeptide_at_toy_size(tmp_path):
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "frames drawn by state" in log  # state_balance acted
     assert "torchrun --nproc_per_node 2" in log  # one process: the log points at both cores
+    # the recipe's three logvar_data cycles, scaled to the toy stage's 20 steps: restarts at its steps 9 and 13
+    assert "warm restart of fine-tuning at step 49" in log and "warm restart of fine-tuning at step 53" in log
 
 
 def test_energy_recipe_trains_from_the_structure_and_export_samples_anywhere(tmp_path):
