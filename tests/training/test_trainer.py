@@ -576,3 +576,10 @@ def test_cycles_scale_with_the_stage_and_merge_when_too_short():
 def test_cycles_are_for_finetuning_only():
     with pytest.raises(ConfigError, match="finetune.cycles"):
         cfg(pretrain=StageConfig(loss="klz", steps=10, cycles=(1, 1)))
+
+
+@pytest.mark.parametrize("field", ["state_balance", "weight_power", "ml_fraction"])
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_stage_shares_outside_zero_one_are_config_errors(field, value):
+    with pytest.raises(ConfigError, match=field):
+        StageConfig(loss="logvar_data", steps=10, cycles=(1, 1), **{field: value})

@@ -109,6 +109,15 @@ class StageConfig:
         if not all(c > 0 and math.isfinite(c) for c in self.cycles):
             raise ConfigError(f"cycles are the relative lengths of the stage's warm-restart cycles, all > 0 "
                               f"(e.g. [20, 8, 16]; empty: one cycle), got {list(self.cycles)}")
+        if not 0.0 <= self.state_balance <= 1.0:
+            raise ConfigError(f"state_balance must be in [0, 1] (0: frames drawn uniformly, 1: every state the same "
+                              f"share), got {self.state_balance}")
+        if not 0.0 <= self.weight_power <= 1.0:
+            raise ConfigError(f"weight_power must be in [0, 1] (1: chi-square divergence, 0: maximum likelihood), "
+                              f"got {self.weight_power}")
+        if not 0.0 <= self.ml_fraction <= 1.0:
+            raise ConfigError(f"ml_fraction must be in [0, 1] (the share of maximum likelihood in the "
+                              f"gradient of chi2_data / logvar_data; 0: none), got {self.ml_fraction}")
 
     @property
     def restarts(self) -> tuple[int, ...]:
@@ -121,15 +130,6 @@ class StageConfig:
             if 0 < r < self.steps and (not out or r > out[-1]):
                 out.append(r)
         return tuple(out)
-        if not 0.0 <= self.state_balance <= 1.0:
-            raise ConfigError(f"state_balance must be in [0, 1] (0: frames drawn uniformly, 1: every state the same "
-                              f"share), got {self.state_balance}")
-        if not 0.0 <= self.weight_power <= 1.0:
-            raise ConfigError(f"weight_power must be in [0, 1] (1: chi-square divergence, 0: maximum likelihood), "
-                              f"got {self.weight_power}")
-        if not 0.0 <= self.ml_fraction <= 1.0:
-            raise ConfigError(f"ml_fraction must be in [0, 1] (the share of maximum likelihood in the "
-                              f"gradient of chi2_data / logvar_data; 0: none), got {self.ml_fraction}")
 
 
 @dataclass(frozen=True)
