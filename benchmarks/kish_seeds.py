@@ -7,7 +7,7 @@ the per-seed Kish ESS fractions, the pooled one, the pooled one with the top 1e-
 (the published tables' way), the tail's Pareto k, and the per-seed and pooled Kish ESS of the Pareto-smoothed
 weights (what the trainer's ESS guard ranks by; ``kish_ess(log_w, smooth=True)``).
 
-    python benchmarks/kish_seeds.py RUN -n 100000 [--seeds 1 2 3 4] [--save-log-weights FILE.npz] [CHECKPOINT[:ema] ...]
+    python benchmarks/kish_seeds.py RUN -n 100000 [--seeds 1 2 3 4 | --seeds 1..16] [--save-log-weights FILE.npz] [CHECKPOINT[:ema] ...]
 
 RUN: a training run directory (its system and generator architecture; with no CHECKPOINT its generator.pt is
 measured). CHECKPOINT: a training checkpoint of a run with the same architecture (e.g. RUN/checkpoints/latest.pt);
@@ -67,15 +67,29 @@ def measure(gen, energy, n: int, seeds: list[int]) -> tuple[dict, np.ndarray]:
             "pooled_smoothed": kish_ess(lw, smooth=True) / len(lw)}, np.stack(lws)
 
 
+def _seeds(text: str) -> list[int]:
+    """One --seeds item: "7" -> [7], "1..16" -> [1, ..., 16]."""
+    lo, sep, hi = text.partition("..")
+    try:
+        seeds = list(range(int(lo), int(hi) + 1)) if sep else [int(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed or a range A..B") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r}: empty range (A..B needs A <= B)")
+    return seeds
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="training run directory")
     ap.add_argument("checkpoints", nargs="*", help="CHECKPOINT[:ema] (none: the run's generator.pt)")
     ap.add_argument("-n", type=int, default=100_000, help="draws per seed (default 1e5)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--seeds", type=_seeds, nargs="+", default=[[1, 2, 3, 4]],
+                    help="seeds, each a number or a range A..B (both ends included); default 1 2 3 4")
     ap.add_argument("--save-log-weights", metavar="FILE", help="write every generator's log weights (generators x seeds x n) "
                     "to this .npz (refused if it exists)")
     args = ap.parse_args(argv)
+    args.seeds = [seed for group in args.seeds for seed in group]
     torch.set_num_threads(1)
     if args.save_log_weights and Path(args.save_log_weights).exists():
         raise InputError(f"{args.save_log_weights} exists; pass another file name")
