@@ -26,7 +26,7 @@ from boltzflow.training.trainer import OptimConfig, StageConfig, TrainConfig, Tr
 
 def config(loss: str = "l2plus", pretrain: int = 12, finetune: int = 6) -> TrainConfig:
     return TrainConfig(pretrain=StageConfig(loss="klz", steps=pretrain, batch=128),
-                       finetune=StageConfig(loss=loss, steps=finetune, batch=128),
+                       finetune=StageConfig(loss=loss, steps=finetune, batch=128, cycles=(1, 1)),  # a warm restart
                        optimizer=OptimConfig(lr=3e-3), log_every=1, checkpoint_every=4, progress=False,
                        eval_batch=64, seed=11, ess_guard=256 if finetune else 0,
                        pool=PoolConfig(size=4096, resample=4096, refresh=3, batch_size=2048))

@@ -71,6 +71,7 @@ def test_two_ranks_give_the_one_process_loss_curve(tmp_path, two_rank_run):
     assert one["energy_evals"] == two["energy_evals"]  # global counts: shards summed over ranks
     log = (d / "run" / "log.txt").read_text()
     assert log.count("ESS guard at step 12") == 1  # rank 1 wrote nothing
+    assert log.count("warm restart of fine-tuning at step 15") == 1  # finetune.cycles under DDP
 
 
 def test_two_rank_run_resumes_to_the_same_parameters(two_rank_run):
@@ -167,7 +168,7 @@ def test_two_ranks_rwml_pools_are_sharded_and_resume_exactly(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in full["rows"])
     # 6 fine-tuning steps (12-17), refresh every 3: pools at steps 12 and 15, 4096 draws each over both ranks
     pools = 2 * 4096
-    guard = 256 * 3  # before fine-tuning, at step 16 (a checkpoint) and at the stage end
+    guard = 256 * 4  # before fine-tuning, at the warm restart (step 15), at step 16 (a checkpoint), at the stage end
     logging = 64 * 12  # the pre-training rows' evaluation batches (fine-tuning rows reuse no samples)
     assert full["energy_evals"] >= pools and full["energy_evals"] <= pools + guard + logging + 64 * 6
     assert resumed["params"] == full["params"]
