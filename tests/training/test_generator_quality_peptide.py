@@ -88,10 +88,12 @@ def test_estimate_cli_reports_residue_states_with_block_errors(tetra, capsys):
 
 
 def test_generator_quality_quick_tetrapeptide(tmp_path, capsys):
-    out = gq.main(["--system", "alanine-tetrapeptide", "--route", "energy", "--quick", "--seeds", "0",
-                   "--samples", "300", "--curve-samples", "100", "--out", str(tmp_path), "--json"])
+    # the peptide recipe (the default for the tetrapeptide) at toy size
+    out = gq.main(["--system", "alanine-tetrapeptide", "--route", "peptide", "--quick", "--seeds", "0",
+                   "--samples", "300", "--curve-samples", "100", "--out", str(tmp_path), "--json",
+                   "--set", "generator.lead_blocks=1"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert printed["system"] == "alanine-tetrapeptide" and len(out["seeds"]) == 1
+    assert printed["system"] == "alanine-tetrapeptide" and printed["route"] == "peptide" and len(out["seeds"]) == 1
     s = out["seeds"][0]
     assert {"seed", "ess", "any_alpha_L", "log_z", "energy_evals", "wall_s", "curve", "n_samples",
             "curve_checkpoints", "residue_populations", "residue_max_abs_z"} <= set(s)
